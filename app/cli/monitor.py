@@ -1,0 +1,136 @@
+"""`app events`, `app workers`, `app queues`, `app health`: what operators look at."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from app.cli.common import print_json, run, settings
+from app.components.worker.api import WorkerClient
+from app.components.worker.events import read_events
+from app.components.worker.health import Thresholds, list_workers
+from app.components.worker.keys import Keys
+
+JSON = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def events(
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
+    queue: Annotated[Optional[str], typer.Option(help="Only this queue.")] = None,
+    type_: Annotated[Optional[str], typer.Option("--type", help="Only this type (job.failed) or family (job).")] = None,
+    job: Annotated[Optional[str], typer.Option(help="Only this job id.")] = None,
+    as_json: JSON = False,
+) -> None:
+    """Lifecycle events, oldest first; with --follow, new ones as they happen."""
+    from app.core.redis import async_client, ping
+
+    cfg = settings()
+
+    async def body() -> int:
+        redis = async_client(cfg)
+        await ping(redis, cfg)
+        try:
+            async for event in read_events(redis, Keys(cfg.worker_key_prefix), queue=queue, type_=type_,
+                                           job_id=job, follow=follow, start="$" if follow else "0"):
+                if as_json:
+                    print_json({k: v for k, v in event.items() if k != "id"})
+                else:
+                    extra = f" {event['duration_ms']}ms" if event.get("duration_ms") else ""
+                    err = f" {event['error']}" if event.get("error") else ""
+                    typer.echo(f"{event['ts']} {event['type']:<15} {event['queue']:<10} {event['backend']:<8} "
+                               f"{event['job_id'] or '-'} {event['task'] or ''} #{event['attempt'] or '-'}"
+                               f" {event['worker_id']}{extra}{err}")
+        finally:
+            await redis.aclose()
+        return 0
+
+    try:
+        raise typer.Exit(run(body))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+def workers(
+    queue: Annotated[Optional[str], typer.Option(help="Only this queue.")] = None,
+    as_json: JSON = False,
+) -> None:
+    """Workers seen recently, with their health state by heartbeat age."""
+    cfg = settings()
+
+    async def body() -> list[dict]:
+        from app.core.redis import async_client, ping
+
+        redis = async_client(cfg)
+        try:
+            await ping(redis, cfg)
+            return await list_workers(redis, Keys(cfg.worker_key_prefix), Thresholds.from_settings(cfg), queue)
+        finally:
+            await redis.aclose()
+
+    rows = run(body)
+    if as_json:
+        keys = ("worker_id", "queue", "engine", "state", "labels", "last_beat_age_s", "running", "done", "failed")
+        print_json([{k: r[k] for k in keys} for r in rows])
+        return
+    table = Table("worker", "queue", "engine", "state", "beat age", "running", "done", "failed", "labels")
+    for r in rows:
+        labels = ",".join(f"{k}={v}" for k, v in r["labels"].items())
+        table.add_row(r["worker_id"], r["queue"], r["engine"], r["state"], f"{r['last_beat_age_s']:.1f}s",
+                      str(r["running"]), str(r["done"]), str(r["failed"]), labels)
+    Console().print(table)
+
+
+def queues(as_json: JSON = False) -> None:
+    """Each queue: engine, ready, delayed, running, failed (dead), rate, healthy workers."""
+    from app.components.worker.metrics import queue_metrics
+
+    async def body() -> list[dict]:
+        client = WorkerClient(settings())
+        try:
+            from app.core.redis import ping
+
+            await ping(client.redis, client.settings)
+            return await queue_metrics(client)
+        finally:
+            await client.close()
+
+    rows = run(body)
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("queue", "engine", "ready", "delayed", "running", "failed", "done/min", "failed/min", "workers")
+    for r in rows:
+        table.add_row(r["queue"], r["engine"], str(r["ready"]), str(r["delayed"]), str(r["running"]),
+                      str(r["failed"]), str(r["per_minute"]["completed"]), str(r["per_minute"]["failed"]),
+                      str(r["workers"]))
+    Console().print(table)
+
+
+def health(queue: Annotated[str, typer.Argument(help="Queue to check.")]) -> None:
+    """Exit 0 when at least one healthy worker serves QUEUE, else 1 with the reason (for health checks)."""
+    cfg = settings()
+
+    async def body() -> list[dict]:
+        from app.core.redis import async_client, ping
+
+        redis = async_client(cfg)
+        try:
+            await ping(redis, cfg)
+            return await list_workers(redis, Keys(cfg.worker_key_prefix), Thresholds.from_settings(cfg), queue)
+        finally:
+            await redis.aclose()
+
+    rows = run(body)
+    healthy = [r for r in rows if r["state"] == "healthy"]
+    if healthy:
+        typer.echo(f"{queue}: {len(healthy)} healthy worker(s)")
+        raise typer.Exit(0)
+    if not rows:
+        typer.echo(f"{queue}: no worker has a heartbeat: start one with `app worker {queue}`", err=True)
+    else:
+        states = ", ".join(f"{r['worker_id']} {r['state']} ({r['last_beat_age_s']:.0f}s)" for r in rows)
+        typer.echo(f"{queue}: no healthy worker: {states}", err=True)
+    raise typer.Exit(1)

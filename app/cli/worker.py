@@ -1,0 +1,51 @@
+"""`app worker QUEUE`: serve one queue, in this process or under a supervisor."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from app.cli.common import fail, guarded, settings
+from app.core.logging import setup_logging
+from app.core.settings import ENGINES, parse_labels
+from app.components.worker.config import resolve
+from app.components.worker.registry import Registry
+
+
+@guarded
+def worker(
+    queue: Annotated[Optional[str], typer.Argument(help="Queue to serve (default: WORKER_QUEUE_TYPE).")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="Engine: arq, dramatiq or taskiq.")] = None,
+    processes: Annotated[Optional[int], typer.Option(min=1, help="Worker processes (WORKER_PROCESSES).")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Job slots per process (WORKER_THREADS).")] = None,
+    worker_id: Annotated[Optional[str], typer.Option("--id", help="Worker id (default hostname@pid).")] = None,
+    label: Annotated[Optional[list[str]], typer.Option(help="Label k=v; repeatable.")] = None,
+    reload: Annotated[bool, typer.Option(help="Restart when code changes (development).")] = False,
+) -> None:
+    """Serve one queue: PROCESSES x THREADS concurrent jobs on the queue's engine."""
+    cfg = settings()
+    if backend is not None and backend.lower() not in ENGINES:
+        fail(f"--backend {backend!r} is invalid: use one of {', '.join(ENGINES)}")
+    backend = backend.lower() if backend else None
+    queue_name = queue or cfg.worker_queue_type
+    registry = Registry.discover(cfg.queue_packages)
+    spec = registry.queue(queue_name)
+    labels = parse_labels(label or [])
+    effective = resolve(spec, cfg, backend=backend, processes=processes, threads=threads)
+    setup_logging()
+    if reload:
+        from app.components.worker.reload import run_with_reload
+
+        run_with_reload()
+        return
+    from app.components.worker.process import WorkerOptions, run
+
+    options = WorkerOptions(queue=spec.name, backend=effective.engine, threads=effective.threads,
+                            worker_id=worker_id, labels=labels)
+    if effective.processes == 1:
+        run(cfg, registry, options)
+    else:
+        from app.components.worker.supervisor import supervise
+
+        supervise(options, effective.processes)

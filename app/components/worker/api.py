@@ -1,0 +1,265 @@
+"""What application code imports: enqueue from async or sync code, and job handles.
+
+    from app.components.worker import enqueue, enqueue_sync
+
+    job = await enqueue(send_email, "a@b.c")                   # by function
+    job = await enqueue("cleanup_temp_files", days_old=3)      # by name
+    job = await enqueue("io_simulation_task", _queue="load_test", _job_id="nightly", _delay=60)
+    value = await job.result(timeout=30)                        # raises JobFailed on failure
+
+    job = enqueue_sync("cleanup_temp_files", days_old=3)        # a script, a Django view
+    job.result(timeout=30)
+
+Options take a leading underscore so they never collide with a task's own parameters.
+The engine behind each queue is the operator's choice; this code does not change with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import weakref
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from redis.exceptions import RedisError
+
+from app.core.errors import DuplicateJob, EngineMismatch, JobFailed, JobNotFound, PayloadError, ResultTimeout
+from app.core.redis import async_client, explain
+from app.core.settings import Settings, get_settings
+from app.components.worker import config as queue_config
+from app.components.worker.engines import engine_class
+from app.components.worker.engines.base import EngineAdapter
+from app.components.worker.envelope import Envelope, new_job_id, now_ms
+from app.components.worker.health import live_engines
+from app.components.worker.keys import Keys
+from app.components.worker.registry import Registry
+from app.components.worker.runtime import scripts
+from app.components.worker.runtime.store import read_result, read_status
+
+T = TypeVar("T")
+ENGINE_CHECK_TTL_S = 2.0
+
+
+class WorkerClient:
+    """Enqueues jobs and reads their state; one per event loop."""
+
+    def __init__(self, settings: Settings | None = None, registry: Registry | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.registry = registry or Registry.discover(self.settings.queue_packages)
+        self.keys = Keys(self.settings.worker_key_prefix)
+        self.redis = async_client(self.settings)
+        self._enqueue_script = self.redis.register_script(scripts.source("enqueue"))
+        self._adapters: dict[str, EngineAdapter] = {}
+        self._engine_checked: dict[str, float] = {}
+
+    def engine_of(self, queue: str) -> str:
+        return queue_config.engine_for(self.registry.queue(queue), self.settings)
+
+    def _adapter(self, queue: str) -> EngineAdapter:
+        if queue not in self._adapters:
+            spec = self.registry.queue(queue)
+            cfg = queue_config.resolve(spec, self.settings)
+            self._adapters[queue] = engine_class(cfg.engine)(self.settings, self.keys, cfg)
+        return self._adapters[queue]
+
+    async def _check_engine(self, queue: str, engine: str) -> None:
+        """Refuse to write into keys no live worker of this queue reads."""
+        checked = self._engine_checked.get(queue)
+        if checked is not None and time.monotonic() - checked < ENGINE_CHECK_TTL_S:
+            return
+        live = await live_engines(self.redis, self.keys, queue, self.settings.worker_offline_after)
+        if live and engine not in live:
+            served = ", ".join(sorted(live))
+            var = "WORKER_BACKEND_" + queue.upper().replace("-", "_")
+            raise EngineMismatch(
+                f"queue {queue!r} is served by {served} workers, but this producer is set to {engine}: "
+                f"set {var}={served} here, or restart the workers with --backend {engine}"
+            )
+        self._engine_checked[queue] = time.monotonic()
+
+    def _envelope(self, task: str | Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                  queue: str | None, job_id: str | None) -> tuple[Envelope, str]:
+        spec = self.registry.task(task, queue)
+        env = Envelope(job_id or new_job_id(), spec.name, spec.queue, list(args), kwargs, 1, now_ms())
+        raw = env.encode()
+        if len(raw) > self.settings.worker_max_payload_bytes:
+            raise PayloadError(
+                f"job for {spec.name!r} is {len(raw)} bytes, over WORKER_MAX_PAYLOAD_BYTES="
+                f"{self.settings.worker_max_payload_bytes}: pass a reference (a key, a path) instead of the data"
+            )
+        return env, raw
+
+    async def enqueue(
+        self, task: str | Callable[..., Any], *args: Any, _queue: str | None = None,
+        _job_id: str | None = None, _delay: float | None = None, **kwargs: Any,
+    ) -> "Job":
+        env, raw = self._envelope(task, args, kwargs, _queue, _job_id)
+        engine = self.engine_of(env.queue)
+        due = now_ms() + int(_delay * 1000) if _delay and _delay > 0 else 0
+        try:
+            await self._check_engine(env.queue, engine)
+            recorded = await self._enqueue_script(
+                keys=[self.keys.job(env.id), self.keys.delayed(env.queue), self.keys.events],
+                args=[env.id, raw, env.queue, env.task, env.enqueued_at, due,
+                      self.settings.worker_events_maxlen, engine],
+            )
+            if not int(recorded):
+                raise DuplicateJob(
+                    f"job id {env.id!r} is already queued or running: not enqueued again "
+                    "(wait for it to finish or choose another id)"
+                )
+            if not due:
+                try:
+                    await self._adapter(env.queue).send([(env.message_id, raw)])
+                except BaseException:
+                    await self.redis.delete(self.keys.job(env.id))
+                    raise
+        except RedisError as exc:
+            raise explain(exc, self.settings) from None
+        return Job(self, env.id, env.queue, env.task)
+
+    def job(self, job_id: str) -> "Job":
+        return Job(self, job_id)
+
+    async def close(self) -> None:
+        for adapter in self._adapters.values():
+            try:
+                await adapter.close()
+            except Exception:  # noqa: BLE001
+                pass
+        await self.redis.aclose()
+
+
+class Job:
+    """A handle on one job, by id."""
+
+    def __init__(self, client: WorkerClient, job_id: str, queue: str | None = None, task: str | None = None) -> None:
+        self.client = client
+        self.job_id = job_id
+        self.queue = queue
+        self.task = task
+
+    def __repr__(self) -> str:
+        return f"<Job {self.job_id} {self.task or ''} on {self.queue or '?'}>"
+
+    async def status(self) -> str:
+        """queued, delayed, running, completed, failed, cancelled, or unknown."""
+        status = await read_status(self.client.redis, self.client.keys, self.job_id)
+        if status is None:
+            record = await self.info()
+            return record["status"] if record else "unknown"
+        return status
+
+    async def info(self) -> dict[str, Any] | None:
+        """The result record (status, result or error, attempts, timings), once finished."""
+        return await read_result(self.client.redis, self.client.keys, self.job_id)
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """The job's return value; raises JobFailed with the job's error, ResultTimeout, or
+        JobNotFound for an unknown or expired id."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.005
+        while True:
+            record = await self.info()
+            if record is not None:
+                if record["status"] == "completed":
+                    return record["result"]
+                raise JobFailed(self.job_id, record.get("error_type") or "Error", record.get("error") or "")
+            if await read_status(self.client.redis, self.client.keys, self.job_id) is None:
+                raise JobNotFound(f"no job {self.job_id!r}: unknown id, or its result expired")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeout(f"job {self.job_id} did not finish within {timeout:g}s")
+            wait = pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic()))
+            await asyncio.sleep(wait)
+            pause = min(pause * 1.5, 0.25)
+
+
+class _Portal:
+    """A private event loop on a daemon thread, so sync code can use the async client."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="worker-client", daemon=True)
+        self.thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+
+class SyncWorkerClient:
+    """The same client for sync code (scripts, Django views, the CLI)."""
+
+    def __init__(self, settings: Settings | None = None, registry: Registry | None = None) -> None:
+        self._portal = _Portal()
+
+        async def build() -> WorkerClient:
+            return WorkerClient(settings, registry)
+
+        self.client = self._portal.call(build())
+
+    def enqueue(self, task: str | Callable[..., Any], *args: Any, **kwargs: Any) -> "SyncJob":
+        return SyncJob(self, self._portal.call(self.client.enqueue(task, *args, **kwargs)))
+
+    def job(self, job_id: str) -> "SyncJob":
+        return SyncJob(self, self.client.job(job_id))
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._portal.call(coro)
+
+    def close(self) -> None:
+        self._portal.call(self.client.close())
+        self._portal.loop.call_soon_threadsafe(self._portal.loop.stop)
+
+
+class SyncJob:
+    def __init__(self, owner: SyncWorkerClient, job: Job) -> None:
+        self._owner = owner
+        self.job = job
+        self.job_id = job.job_id
+
+    def status(self) -> str:
+        return self._owner.call(self.job.status())
+
+    def info(self) -> dict[str, Any] | None:
+        return self._owner.call(self.job.info())
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self._owner.call(self.job.result(timeout))
+
+
+_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, WorkerClient]" = weakref.WeakKeyDictionary()
+_sync_client: SyncWorkerClient | None = None
+_sync_lock = threading.Lock()
+
+
+def default_client() -> WorkerClient:
+    """The client of the running event loop, built from settings on first use."""
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
+    if client is None:
+        client = _clients[loop] = WorkerClient()
+    return client
+
+
+def default_sync_client() -> SyncWorkerClient:
+    global _sync_client
+    with _sync_lock:
+        if _sync_client is None:
+            _sync_client = SyncWorkerClient()
+        return _sync_client
+
+
+async def enqueue(task: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Job:
+    return await default_client().enqueue(task, *args, **kwargs)
+
+
+def enqueue_sync(task: str | Callable[..., Any], *args: Any, **kwargs: Any) -> SyncJob:
+    return default_sync_client().enqueue(task, *args, **kwargs)
+
+
+__all__ = [
+    "DuplicateJob", "EngineMismatch", "Job", "JobFailed", "JobNotFound", "PayloadError", "ResultTimeout",
+    "SyncJob", "SyncWorkerClient", "WorkerClient", "default_client", "enqueue", "enqueue_sync",
+]

@@ -1,0 +1,105 @@
+"""arq: a sorted set per queue, async slots per process, polled.
+
+Native behaviour the layer neutralises: pickle (JSON serializers on pool and worker),
+arq's own tries and result keys (tries set very high, ``keep_result=0``: the runtime owns
+both), per-job INFO logs (``log_results=False``, logger quietened).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import redis.asyncio as aioredis
+from arq import Worker
+from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix
+from arq.worker import func
+
+from app.core.redis import connection_kwargs, redis_url
+from app.components.worker.envelope import DISPATCH_NAME, now_ms
+from app.components.worker.engines.base import EngineAdapter, EngineStats, Handle
+
+POLL_DELAY = 0.01
+NATIVE_TRIES = 1_000_000
+EXPIRES_EXTRA_MS = 7 * 24 * 3600 * 1000
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+class Adapter(EngineAdapter):
+    name = "arq"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue_key = f"{self.keys.engine_namespace('arq')}:{self.config.name}"
+        self._pool: ArqRedis | None = None
+        self._worker: Worker | None = None
+        self._main: asyncio.Task[None] | None = None
+
+    @property
+    def pool(self) -> ArqRedis:
+        if self._pool is None:
+            connection_pool = aioredis.ConnectionPool.from_url(redis_url(self.settings), **connection_kwargs(self.settings))
+            self._pool = ArqRedis(
+                connection_pool, job_serializer=_dumps, job_deserializer=json.loads,
+                default_queue_name=self.queue_key, expires_extra_ms=EXPIRES_EXTRA_MS,
+            )
+        return self._pool
+
+    async def send(self, messages: list[tuple[str, str]]) -> None:
+        for message_id, raw in messages:
+            # None means arq holds that id already: the same delivery is queued, nothing to do.
+            await self.pool.enqueue_job(DISPATCH_NAME, raw, _job_id=message_id, _queue_name=self.queue_key)
+
+    async def start(self, handle: Handle) -> None:
+        async def run(ctx: dict[str, Any], raw: str) -> None:
+            await handle(raw)
+
+        self._worker = Worker(
+            functions=[func(run, name=DISPATCH_NAME, max_tries=NATIVE_TRIES)],
+            queue_name=self.queue_key,
+            redis_pool=self.pool,
+            max_jobs=self.config.threads,
+            # The runtime enforces the job's own timeout; arq's is only a backstop.
+            job_timeout=self.config.timeout + self.settings.worker_shutdown_timeout + 60,
+            keep_result=0,
+            max_tries=NATIVE_TRIES,
+            poll_delay=POLL_DELAY,
+            handle_signals=False,
+            job_serializer=_dumps,
+            job_deserializer=json.loads,
+            health_check_interval=60,
+            log_results=False,
+            expires_extra_ms=EXPIRES_EXTRA_MS,
+        )
+        self._main = asyncio.create_task(self._worker.async_run(), name="arq-worker")
+
+    async def stop_fetching(self) -> None:
+        if self._worker is not None:
+            self._worker.allow_pick_jobs = False
+
+    async def close(self) -> None:
+        if self._main is not None:
+            self._main.cancel()
+            await asyncio.gather(self._main, return_exceptions=True)
+        if self._worker is not None:
+            tasks = [t for t in self._worker.tasks.values() if not t.done()]
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._pool is not None:
+            await self._pool.aclose(close_connection_pool=True)
+            self._pool = None
+
+    async def stats(self) -> EngineStats:
+        now = now_ms()
+        async with self.pool.pipeline(transaction=False) as pipe:
+            pipe.zcount(self.queue_key, "-inf", now)
+            pipe.zrange(self.queue_key, 0, -1)
+            ready_and_running, ids = await pipe.execute()
+        running = 0
+        if ids:
+            running = sum(await asyncio.gather(*(self.pool.exists(in_progress_key_prefix + i.decode()) for i in ids)))
+        return EngineStats(ready=max(0, ready_and_running - running), running=running, dead=0)

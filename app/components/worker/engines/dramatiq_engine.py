@@ -1,0 +1,100 @@
+"""Dramatiq: a Redis list per queue, worker threads per process, prefetch per consumer.
+
+The layer builds its own ``RedisBroker`` with no default middleware: no Retries (the
+runtime retries), no TimeLimit (the runtime times out), no AgeLimit/Callbacks/Pipelines.
+The dispatcher actor is sync (Dramatiq runs actors on its threads) and hands each message
+to the runtime on the process's event loop, blocking its thread until the job ends, so
+``threads`` means the same as on the other engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+
+from app.core.redis import sync_client
+from app.components.worker.envelope import DISPATCH_NAME
+from app.components.worker.engines.base import EngineAdapter, EngineStats, Handle
+
+logger = logging.getLogger(__name__)
+
+STOP_TIMEOUT_MS = 10_000
+
+
+class Adapter(EngineAdapter):
+    name = "dramatiq"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue_name = self.config.name
+        self.namespace = self.keys.engine_namespace("dramatiq")
+        self.broker = RedisBroker(client=sync_client(self.settings), namespace=self.namespace, middleware=[])
+        self.broker.declare_queue(self.queue_name)
+        self._worker: dramatiq.Worker | None = None
+        self._handle: Handle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        dramatiq.Actor(
+            self._run, broker=self.broker, actor_name=DISPATCH_NAME, queue_name=self.queue_name,
+            priority=0, options={"max_retries": 0},
+        )
+
+    def _run(self, raw: str) -> None:
+        """The dispatcher actor, on a Dramatiq worker thread."""
+        assert self._loop is not None and self._handle is not None
+        future = asyncio.run_coroutine_threadsafe(self._handle(raw), self._loop)
+        try:
+            future.result()
+        except asyncio.CancelledError:
+            # The runtime handed the job back during shutdown; ack this delivery.
+            return
+
+    def _send_sync(self, messages: list[tuple[str, str]]) -> None:
+        for message_id, raw in messages:
+            message = dramatiq.Message(
+                queue_name=self.queue_name, actor_name=DISPATCH_NAME, args=(raw,), kwargs={},
+                options={}, message_id=message_id,
+            )
+            self.broker.enqueue(message)
+
+    async def send(self, messages: list[tuple[str, str]]) -> None:
+        await asyncio.to_thread(self._send_sync, messages)
+
+    async def start(self, handle: Handle) -> None:
+        self._handle = handle
+        self._loop = asyncio.get_running_loop()
+        # Without process_boot, Dramatiq middleware that depends on it silently does nothing.
+        self.broker.emit_after("process_boot")
+        self._worker = dramatiq.Worker(
+            self.broker, queues={self.queue_name}, worker_threads=self.config.threads, worker_timeout=100,
+        )
+        self._worker.start()
+
+    async def stop_fetching(self) -> None:
+        if self._worker is not None:
+            for consumer in self._worker.consumers.values():
+                consumer.pause()
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            # Stops worker threads, then consumers, which requeue what they prefetched.
+            await asyncio.to_thread(self._worker.stop, STOP_TIMEOUT_MS)
+            self._worker = None
+        self.broker.close()
+
+    async def stats(self) -> EngineStats:
+        client = self.broker.client
+        base = f"{self.namespace}:{self.queue_name}"
+
+        def read() -> list[int]:
+            pipe = client.pipeline(transaction=False)
+            pipe.llen(base)
+            pipe.hlen(f"{base}.msgs")
+            pipe.zcard(f"{base}.XQ")
+            return pipe.execute()  # type: ignore[no-any-return]
+
+        ready, stored, dead = await asyncio.to_thread(read)
+        return EngineStats(ready=ready, running=max(0, stored - ready), dead=dead)

@@ -1,0 +1,186 @@
+"""Lifecycle events in one Redis Stream: the publisher, its middleware, and a reader.
+
+Publishing never costs the job a round trip: ``emit`` appends to an in-memory buffer that
+a background task writes in batches (one pipeline for many XADDs). When Redis is down the
+buffer keeps up to ``max_buffer`` events and retries with backoff; events that still cannot
+be written are counted in ``dropped`` and logged, never lost silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from app.components.worker.envelope import now_ms
+from app.components.worker.keys import Keys
+from app.components.worker.middleware import Middleware
+from app.components.worker.runtime.context import JobContext, WorkerContext
+from app.components.worker.runtime.policy import describe_error
+
+logger = logging.getLogger(__name__)
+
+FIELDS = ("type", "ts", "queue", "backend", "job_id", "task", "attempt", "worker_id", "duration_ms", "error")
+TYPES = ("worker.started", "worker.stopped", "job.enqueued", "job.started", "job.completed",
+         "job.retried", "job.failed")
+
+
+class EventPublisher:
+    def __init__(
+        self, redis: aioredis.Redis, keys: Keys, maxlen: int, *, batch: int = 500,
+        interval: float = 0.01, max_buffer: int = 100_000,
+    ) -> None:
+        self.redis = redis
+        self.stream = keys.events
+        self.maxlen = maxlen
+        self.batch = batch
+        self.interval = interval
+        self.max_buffer = max_buffer
+        self.buffer: deque[dict[str, str]] = deque()
+        self.sent = 0
+        self.dropped = 0
+        self.failures = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def emit(self, type_: str, **fields: Any) -> None:
+        event = {name: "" for name in FIELDS}
+        event["type"] = type_
+        event["ts"] = str(now_ms())
+        for name, value in fields.items():
+            event[name] = "" if value is None else str(value)
+        if len(self.buffer) >= self.max_buffer:
+            self.buffer.popleft()
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                logger.error("event buffer full: %d events dropped so far (Redis unreachable?)", self.dropped)
+        self.buffer.append(event)
+        if len(self.buffer) >= self.batch:
+            self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="event-publisher")
+
+    async def _run(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                while self.buffer:
+                    await self._flush_batch()
+                delay = 0.5
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis trouble must not stop the publisher
+                self.failures += 1
+                logger.warning("cannot publish %d events (%s); retrying in %.1fs", len(self.buffer), exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 15.0)
+            if self._closing and not self.buffer:
+                return
+
+    async def _flush_batch(self) -> None:
+        chunk = [self.buffer[i] for i in range(min(self.batch, len(self.buffer)))]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for event in chunk:
+                pipe.xadd(self.stream, event, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+            await pipe.execute()
+        for _ in chunk:
+            self.buffer.popleft()
+        self.sent += len(chunk)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Write what is buffered (within ``timeout``), then stop."""
+        self._closing = True
+        self._wake.set()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        except asyncio.TimeoutError:
+            self._task.cancel()
+            if self.buffer:
+                self.dropped += len(self.buffer)
+                logger.error("%d events could not be written before exit", len(self.buffer))
+
+
+class EventPublishMiddleware(Middleware):
+    """Turns the lifecycle hooks into events; the first user of the middleware API."""
+
+    def __init__(self, publisher: EventPublisher) -> None:
+        self.publisher = publisher
+
+    def _job(self, type_: str, job: JobContext, **extra: Any) -> None:
+        self.publisher.emit(
+            type_, queue=job.queue, backend=job.engine, job_id=job.job_id, task=job.task,
+            attempt=job.attempt, worker_id=job.worker_id, **extra,
+        )
+
+    def worker_start(self, worker: WorkerContext) -> None:
+        self.publisher.emit("worker.started", queue=worker.queue, backend=worker.engine, worker_id=worker.worker_id)
+
+    def worker_stop(self, worker: WorkerContext) -> None:
+        self.publisher.emit("worker.stopped", queue=worker.queue, backend=worker.engine, worker_id=worker.worker_id)
+
+    def before_process(self, job: JobContext) -> None:
+        self._job("job.started", job)
+
+    def after_process(self, job: JobContext, result: Any) -> None:
+        self._job("job.completed", job, duration_ms=job.duration_ms())
+
+    def on_retry(self, job: JobContext, error: BaseException, delay: float) -> None:
+        self._job("job.retried", job, duration_ms=job.duration_ms(), error=_error(error))
+
+    def on_failure(self, job: JobContext, error: BaseException) -> None:
+        self._job("job.failed", job, duration_ms=job.duration_ms(), error=_error(error))
+
+
+def _error(exc: BaseException) -> str:
+    kind, message = describe_error(exc)
+    return f"{kind}: {message}"
+
+
+def _decode(fields: dict[Any, Any]) -> dict[str, str]:
+    return {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in fields.items()
+    }
+
+
+async def read_events(
+    redis: aioredis.Redis, keys: Keys, *, queue: str | None = None, type_: str | None = None,
+    job_id: str | None = None, start: str = "0", follow: bool = False, block_ms: int = 1000,
+    count: int = 500,
+) -> AsyncIterator[dict[str, str]]:
+    """Events oldest first from stream id ``start`` (exclusive), filtered; with ``follow``,
+    keeps waiting for new ones. Each event carries its stream id under ``id``."""
+    last = start
+    while True:
+        if follow:
+            batches = await redis.xread({keys.events: last}, count=count, block=block_ms)
+            entries = batches[0][1] if batches else []
+        else:
+            lower = "-" if last == "0" else f"({last}"
+            entries = await redis.xrange(keys.events, min=lower, max="+", count=count)
+        for entry_id, fields in entries:
+            last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            event = _decode(fields)
+            if queue and event.get("queue") != queue:
+                continue
+            if type_ and event.get("type") != type_ and not event.get("type", "").startswith(type_ + "."):
+                continue
+            if job_id and event.get("job_id") != job_id:
+                continue
+            event["id"] = last
+            yield event
+        if not follow and len(entries) < count:
+            return

@@ -1,0 +1,53 @@
+"""Every Redis key the layer writes, in one place (prefix ``WORKER_KEY_PREFIX``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "worker"
+
+    @property
+    def events(self) -> str:
+        """The lifecycle event stream."""
+        return f"{self.prefix}:events"
+
+    def job(self, job_id: str) -> str:
+        """Hash: status, attempt, queue, task, envelope, owner worker."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def result(self, job_id: str) -> str:
+        """JSON result of a finished job, with a TTL."""
+        return f"{self.prefix}:result:{job_id}"
+
+    def delayed(self, queue: str) -> str:
+        """Sorted set of envelopes scored by the unix ms at which they become due."""
+        return f"{self.prefix}:delayed:{queue}"
+
+    def heartbeat(self, queue: str, worker_id: str) -> str:
+        return f"{self.prefix}:heartbeat:{queue}:{worker_id}"
+
+    def heartbeat_prefix(self, queue: str) -> str:
+        return f"{self.prefix}:heartbeat:{queue}:"
+
+    @property
+    def workers(self) -> str:
+        """Sorted set of '<queue>|<worker_id>' scored by last beat (ms): who has been seen."""
+        return f"{self.prefix}:workers"
+
+    def engines(self, queue: str) -> str:
+        """Hash engine -> last beat (ms) of any worker serving the queue on that engine."""
+        return f"{self.prefix}:engines:{queue}"
+
+    def held(self, worker_id: str) -> str:
+        """Set of job ids a worker process is running now (for crash recovery)."""
+        return f"{self.prefix}:held:{worker_id}"
+
+    def lock(self, name: str) -> str:
+        return f"{self.prefix}:lock:{name}"
+
+    def engine_namespace(self, engine: str) -> str:
+        """Where an engine keeps its own keys, so one prefix isolates a whole deployment."""
+        return f"{self.prefix}:{engine}"

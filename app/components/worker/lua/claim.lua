@@ -1,0 +1,25 @@
+-- claim: a worker takes one delivery of a job, or learns it must skip it.
+-- KEYS[1] job hash   KEYS[2] held set of this worker
+-- ARGV[1] job id  ARGV[2] try (attempt this delivery is for)  ARGV[3] worker id  ARGV[4] now ms
+-- ARGV[5] envelope JSON  ARGV[6] queue  ARGV[7] task
+-- Returns {1, attempt} to run, or {0, reason}: completed|failed|cancelled|running|stale.
+-- A delivery runs only when the job waits (queued/delayed) for exactly this attempt, so a
+-- duplicate delivery (engine redelivery racing a completion, taskiq's double read) is skipped.
+local try = tonumber(ARGV[2])
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then
+  redis.call('HSET', KEYS[1], 'status', 'running', 'attempt', try, 'queue', ARGV[6], 'task', ARGV[7],
+    'envelope', ARGV[5], 'enqueued_at', ARGV[4], 'worker', ARGV[3], 'started_at', ARGV[4])
+  redis.call('SADD', KEYS[2], ARGV[1])
+  return {1, try}
+end
+if status ~= 'queued' and status ~= 'delayed' then
+  return {0, status}
+end
+local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
+if attempt ~= try - 1 then
+  return {0, 'stale'}
+end
+redis.call('HSET', KEYS[1], 'status', 'running', 'attempt', try, 'worker', ARGV[3], 'started_at', ARGV[4])
+redis.call('SADD', KEYS[2], ARGV[1])
+return {1, try}

@@ -1,0 +1,124 @@
+"""One worker process serving one queue on one engine, until asked to stop.
+
+Order of a life: connect, start the trail (events, heartbeat), run ``on_startup``, start
+the engine and the delayed-job mover; on stop: stop fetching, let running jobs finish
+within the grace, hand back the rest, run ``on_shutdown``, publish ``worker.stopped``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.core.redis import async_client, ping
+from app.core.settings import Settings
+from app.components.worker.config import resolve
+from app.components.worker.engines import engine_class
+from app.components.worker.events import EventPublisher, EventPublishMiddleware
+from app.components.worker.health import Heartbeat, default_worker_id
+from app.components.worker.keys import Keys
+from app.components.worker.middleware import MiddlewareChain
+from app.components.worker.registry import Registry
+from app.components.worker.runtime.context import WorkerContext
+from app.components.worker.runtime.delayed import DelayedMover
+from app.components.worker.runtime.store import JobStore
+from app.components.worker.runtime.wrapper import JobRuntime
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerOptions:
+    queue: str
+    backend: str | None = None
+    threads: int | None = None
+    worker_id: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+async def _call_hook(hook: Any, ctx: WorkerContext) -> None:
+    result = hook(ctx)
+    if inspect.isawaitable(result):
+        await result
+
+
+async def serve(settings: Settings, registry: Registry, options: WorkerOptions, stop: asyncio.Event) -> None:
+    spec = registry.queue(options.queue)
+    config = resolve(spec, settings, backend=options.backend, threads=options.threads, processes=1)
+    worker_id = options.worker_id or settings.worker_id or default_worker_id()
+    keys = Keys(settings.worker_key_prefix)
+    redis = async_client(settings)
+    await ping(redis, settings)
+
+    publisher = EventPublisher(redis, keys, settings.worker_events_maxlen)
+    publisher.start()
+    worker = WorkerContext(queue=spec.name, engine=config.engine, worker_id=worker_id)
+    chain = MiddlewareChain([EventPublishMiddleware(publisher), *spec.middleware])
+    store = JobStore(redis, keys)
+    runtime = JobRuntime(spec, config, store, chain, worker)
+    adapter = engine_class(config.engine)(settings, keys, config)
+    heartbeat = Heartbeat(
+        redis, keys, settings, queue=spec.name, engine=config.engine, worker_id=worker_id,
+        labels={**settings.labels, **options.labels}, concurrency=config.threads,
+        counters=lambda: {"running": runtime.running, "done": runtime.done, "failed": runtime.failed},
+    )
+    mover = DelayedMover(store, spec.name, adapter.send, settings.worker_delay_poll_seconds)
+
+    if spec.on_startup is not None:
+        await _call_hook(spec.on_startup, worker)
+    await heartbeat.beat()
+    heartbeat.start()
+    await chain.call("worker_start", worker)
+    await adapter.start(runtime.execute)
+    mover.start()
+    logger.info("worker %s serving queue %s on %s with %d slots (pid %d)",
+                worker_id, spec.name, config.engine, config.threads, os.getpid())
+    try:
+        await stop.wait()
+    finally:
+        logger.info("worker %s stopping: finishing running jobs (grace %gs)", worker_id, settings.worker_shutdown_timeout)
+        runtime.stopping = True
+        await mover.stop()
+        await adapter.stop_fetching()
+        await runtime.drain(settings.worker_shutdown_timeout)
+        await adapter.close()
+        if spec.on_shutdown is not None:
+            try:
+                await _call_hook(spec.on_shutdown, worker)
+            except Exception:  # noqa: BLE001
+                logger.exception("on_shutdown of queue %s failed", spec.name)
+        await chain.call("worker_stop", worker)
+        await heartbeat.stop()
+        await publisher.close()
+        runtime.close()
+        await redis.aclose()
+        logger.info("worker %s stopped: %d done, %d failed", worker_id, runtime.done, runtime.failed)
+
+
+def run(settings: Settings, registry: Registry, options: WorkerOptions) -> None:
+    """Serve in this process; the first SIGTERM/SIGINT stops gracefully, a second exits at once."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        signals_seen = 0
+
+        def on_signal(signum: int) -> None:
+            nonlocal signals_seen
+            signals_seen += 1
+            if signals_seen > 1:
+                logger.warning("second %s: exiting now; running jobs return through crash recovery",
+                               signal.Signals(signum).name)
+                os._exit(1)
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+        await serve(settings, registry, options, stop)
+
+    asyncio.run(main())

@@ -1,0 +1,1 @@
+"""One module per queue, each holding a ``WorkerSettings`` class (arq's style)."""

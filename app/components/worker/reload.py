@@ -1,0 +1,20 @@
+"""`app worker --reload`: restart the worker when Python files change (development only).
+
+Uses watchfiles; set ``WATCHFILES_FORCE_POLLING=1`` on bind mounts where inotify is blind.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import watchfiles
+
+
+def run_with_reload() -> None:
+    argv = [a for a in sys.argv[1:] if a != "--reload"]
+    command = shlex.join([sys.executable, "-m", "app", *argv])
+    root = Path(__file__).resolve().parents[2]
+    watchfiles.run_process(root, target=command, target_type="command",
+                           watch_filter=watchfiles.PythonFilter(), sigint_timeout=30)

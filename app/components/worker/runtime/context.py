@@ -1,0 +1,60 @@
+"""What a running task may know about itself, without importing any engine."""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class WorkerContext:
+    """One per worker process; ``state`` is where ``on_startup`` keeps shared resources."""
+
+    queue: str
+    engine: str
+    worker_id: str
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.state[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.state[key] = value
+
+
+@dataclass
+class JobContext:
+    job_id: str
+    task: str
+    queue: str
+    engine: str
+    attempt: int
+    max_tries: int
+    enqueued_at: int
+    worker_id: str
+    worker: WorkerContext
+    started_ms: int = 0
+
+    def duration_ms(self) -> int:
+        return int(time.time() * 1000) - self.started_ms
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return self.worker.state
+
+
+_current: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar("current_job", default=None)
+
+
+def current_job() -> JobContext:
+    """The context of the job running in this task (or its thread, for sync tasks)."""
+    ctx = _current.get()
+    if ctx is None:
+        raise RuntimeError("current_job() is only available inside a running task")
+    return ctx
+
+
+def set_current(ctx: JobContext | None) -> contextvars.Token[JobContext | None]:
+    return _current.set(ctx)

@@ -1,0 +1,212 @@
+"""The shared job wrapper: what happens around every job, on every engine.
+
+An engine adapter hands each message to ``JobRuntime.execute`` and acks it when that
+returns. ``execute`` never raises for a job's own failure: it claims the delivery (skipping
+duplicates and stale redeliveries), counts the attempt, runs the task under its timeout,
+writes the result, decides the retry and calls the middleware (which publishes events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from app.components.worker.config import QueueConfig
+from app.components.worker.envelope import Envelope, now_ms
+from app.components.worker.middleware import MiddlewareChain, SkipJob
+from app.components.worker.registry import QueueSpec, TaskSpec
+from app.components.worker.runtime.context import JobContext, WorkerContext, set_current
+from app.components.worker.runtime.policy import JobTimeout, NonRetryable, RetryPolicy, describe_error
+from app.components.worker.runtime.store import JobStore
+
+logger = logging.getLogger(__name__)
+
+
+class UnknownTaskError(NonRetryable):
+    pass
+
+
+class BadArguments(NonRetryable):
+    pass
+
+
+class ResultNotSerializable(NonRetryable):
+    pass
+
+
+class JobRuntime:
+    def __init__(
+        self,
+        queue: QueueSpec,
+        config: QueueConfig,
+        store: JobStore,
+        middleware: MiddlewareChain,
+        worker: WorkerContext,
+    ) -> None:
+        self.queue = queue
+        self.config = config
+        self.store = store
+        self.middleware = middleware
+        self.worker = worker
+        self.executor = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix=f"job-{queue.name}")
+        self.inflight: set[asyncio.Task[Any]] = set()
+        self.done = 0
+        self.failed = 0
+        self.stopping = False
+
+    @property
+    def running(self) -> int:
+        return len(self.inflight)
+
+    async def execute(self, raw: str | bytes) -> None:
+        """Run one delivery. Returns normally when the engine may ack the message."""
+        if isinstance(raw, bytes):
+            raw = raw.decode()
+        try:
+            env = Envelope.decode(raw)
+        except (ValueError, TypeError) as exc:
+            # Nothing to attach it to: no job id. Logged loudly and acked so it cannot jam the queue.
+            logger.error("queue %s: dropping malformed message (%s): %.200s", self.queue.name, exc, raw)
+            self.failed += 1
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self.inflight.add(task)
+        try:
+            await self._execute(env, raw)
+        finally:
+            if task is not None:
+                self.inflight.discard(task)
+
+    async def _execute(self, env: Envelope, raw: str) -> None:
+        claimed, value = await self.store.claim(env, raw, self.worker.worker_id)
+        if not claimed:
+            logger.debug("job %s: delivery for try %d skipped (%s)", env.id, env.try_, value)
+            return
+        attempt = int(value)
+        if self.stopping:
+            # A message prefetched before the stop: give it back rather than start it now.
+            await self._hand_back(env, attempt)
+            return
+        spec = self.queue.tasks.get(env.task)
+        policy = self._policy(spec)
+        job = JobContext(
+            job_id=env.id, task=env.task, queue=env.queue, engine=self.config.engine, attempt=attempt,
+            max_tries=policy.max_tries, enqueued_at=env.enqueued_at, worker_id=self.worker.worker_id,
+            worker=self.worker, started_ms=now_ms(),
+        )
+        try:
+            await self.middleware.call("before_process", job, job_id=env.id, allow_skip=True)
+            if spec is None:
+                raise UnknownTaskError(
+                    f"task {env.task!r} is not in queue {env.queue!r} on this worker (deploy the code that defines it)"
+                )
+            result = await self._invoke(spec, env, job)
+            try:
+                json.dumps(result, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise ResultNotSerializable(f"result of {env.task!r} is not JSON ({exc}): return JSON types") from None
+        except asyncio.CancelledError:
+            await self._hand_back(env, attempt)
+            return
+        except SkipJob as exc:
+            await self._finish(env, job, "cancelled", error=exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - a job's failure is data, not a crash
+            await self._failed(env, job, policy, exc)
+            return
+        await self._finish(env, job, "completed", result=result)
+
+    def _policy(self, spec: TaskSpec | None) -> RetryPolicy:
+        cfg = self.config
+        if spec is None:
+            return RetryPolicy(cfg.max_tries, cfg.backoff, cfg.backoff_max)
+        return RetryPolicy(
+            spec.max_tries or cfg.max_tries,
+            spec.retry_backoff if spec.retry_backoff is not None else cfg.backoff,
+            cfg.backoff_max,
+        )
+
+    async def _invoke(self, spec: TaskSpec, env: Envelope, job: JobContext) -> Any:
+        try:
+            inspect.signature(spec.func).bind(*env.args, **env.kwargs)
+        except TypeError as exc:
+            raise BadArguments(f"arguments do not match {spec.name}(): {exc}") from None
+        timeout = spec.timeout or self.config.timeout
+        token = set_current(job)
+        try:
+            if spec.is_async:
+                coro = spec.func(*env.args, **env.kwargs)
+            else:
+                loop = asyncio.get_running_loop()
+                call = functools.partial(contextvars.copy_context().run, spec.func, *env.args, **env.kwargs)
+                coro = loop.run_in_executor(self.executor, call)
+            try:
+                return await asyncio.wait_for(coro, timeout)
+            except asyncio.TimeoutError:
+                raise JobTimeout(f"job exceeded its {timeout:g}s timeout") from None
+        finally:
+            set_current(None)
+            del token
+
+    async def _failed(self, env: Envelope, job: JobContext, policy: RetryPolicy, exc: Exception) -> None:
+        if policy.should_retry(job.attempt, exc):
+            delay = policy.delay(job.attempt, exc)
+            kind, message = describe_error(exc)
+            logger.info("job %s: %s attempt %d/%d failed (%s: %s), retry in %.2fs",
+                        env.id, env.task, job.attempt, policy.max_tries, kind, message, delay)
+            await self.store.schedule(env.next_try(job.attempt), now_ms() + int(delay * 1000),
+                                      self.worker.worker_id, attempt=job.attempt)
+            await self.middleware.call("on_retry", job, exc, delay, job_id=env.id)
+            return
+        await self._finish(env, job, "failed", error=exc)
+
+    async def _finish(
+        self, env: Envelope, job: JobContext, status: str, *, result: Any = None, error: BaseException | None = None
+    ) -> None:
+        record: dict[str, Any] = {
+            "job_id": env.id, "queue": env.queue, "task": env.task, "status": status,
+            "attempts": job.attempt, "engine": job.engine, "worker_id": job.worker_id,
+            "enqueued_at": env.enqueued_at, "started_at": job.started_ms, "finished_at": now_ms(),
+            "result": result, "error": None, "error_type": None,
+        }
+        if error is not None:
+            record["error_type"], record["error"] = describe_error(error)
+        await self.store.finish(env, self.worker.worker_id, status, record, self.config.keep_result)
+        if status == "completed":
+            self.done += 1
+            await self.middleware.call("after_process", job, result, job_id=env.id)
+        else:
+            self.failed += 1
+            logger.warning("job %s: %s failed after %d attempt(s): %s: %s",
+                           env.id, env.task, job.attempt, record["error_type"], record["error"])
+            await self.middleware.call("on_failure", job, error, job_id=env.id)
+
+    async def _hand_back(self, env: Envelope, attempt: int) -> None:
+        """The worker is stopping and this job did not finish in the grace period: put it back
+        to wait for the same attempt (a shutdown is not the job's fault)."""
+        logger.warning("job %s: interrupted by shutdown, handed back to queue %s", env.id, env.queue)
+        try:
+            await asyncio.shield(self.store.schedule(env, now_ms(), self.worker.worker_id, attempt=attempt - 1))
+        except Exception:  # noqa: BLE001
+            logger.exception("job %s: hand-back failed; crash recovery will redeliver it", env.id)
+
+    async def drain(self, grace: float) -> None:
+        """Wait up to ``grace`` seconds for running jobs, then interrupt and hand back the rest."""
+        if self.inflight:
+            logger.info("waiting up to %gs for %d running job(s)", grace, len(self.inflight))
+            await asyncio.wait(set(self.inflight), timeout=grace)
+        leftover = [t for t in self.inflight if not t.done()]
+        for task in leftover:
+            task.cancel()
+        if leftover:
+            await asyncio.wait(leftover, timeout=5)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)

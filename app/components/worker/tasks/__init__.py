@@ -1,0 +1,1 @@
+"""Plain task functions (async or sync). No engine imports here, ever."""
