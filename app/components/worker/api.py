@@ -101,7 +101,7 @@ class WorkerClient:
         try:
             await self._check_engine(env.queue, engine)
             recorded = await self._enqueue_script(
-                keys=[self.keys.job(env.id), self.keys.delayed(env.queue), self.keys.events],
+                keys=[self.keys.job(env.id), self.keys.delayed(env.queue), self.keys.events, self.keys.result(env.id)],
                 args=[env.id, raw, env.queue, env.task, env.enqueued_at, due,
                       self.settings.worker_events_maxlen, engine],
             )

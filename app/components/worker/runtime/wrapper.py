@@ -32,6 +32,10 @@ class UnknownTaskError(NonRetryable):
     pass
 
 
+class MalformedMessage(NonRetryable):
+    pass
+
+
 class BadArguments(NonRetryable):
     pass
 
@@ -71,9 +75,14 @@ class JobRuntime:
         try:
             env = Envelope.decode(raw)
         except (ValueError, TypeError) as exc:
-            # Nothing to attach it to: no job id. Logged loudly and acked so it cannot jam the queue.
-            logger.error("queue %s: dropping malformed message (%s): %.200s", self.queue.name, exc, raw)
+            # No job id to attach it to: acked so it cannot jam the queue, but never silently:
+            # it is logged and leaves a job.failed event with the reason.
+            logger.error("queue %s: malformed message removed (%s): %.200s", self.queue.name, exc, raw)
             self.failed += 1
+            job = JobContext(job_id="", task="", queue=self.queue.name, engine=self.config.engine, attempt=0,
+                             max_tries=0, enqueued_at=0, worker_id=self.worker.worker_id, worker=self.worker,
+                             started_ms=now_ms())
+            await self.middleware.call("on_failure", job, MalformedMessage(f"{exc}: {raw[:200]!r}"))
             return
         task = asyncio.current_task()
         if task is not None:

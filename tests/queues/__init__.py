@@ -1,0 +1,1 @@
+"""Queues used only by the test suite (WORKER_QUEUE_PACKAGES=tests.queues)."""

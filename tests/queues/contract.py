@@ -1,0 +1,100 @@
+"""The engine-contract queue: small tasks whose behaviour the suite checks on every engine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from app.components.worker import PermanentError, current_job, task
+
+
+async def add(a: int, b: int) -> int:
+    return a + b
+
+
+def multiply(a: int, b: int) -> int:
+    return a * b
+
+
+async def echo(*args: object, **kwargs: object) -> dict[str, object]:
+    return {"args": list(args), "kwargs": kwargs}
+
+
+async def whoami() -> dict[str, object]:
+    job = current_job()
+    return {"job_id": job.job_id, "attempt": job.attempt, "queue": job.queue, "engine": job.engine,
+            "enqueued_at": job.enqueued_at}
+
+
+def whoami_sync() -> dict[str, object]:
+    job = current_job()
+    return {"job_id": job.job_id, "attempt": job.attempt, "engine": job.engine}
+
+
+async def always_fails(message: str = "boom") -> None:
+    raise ValueError(message)
+
+
+@task(max_tries=4)
+async def always_fails_4() -> None:
+    raise ValueError("four times")
+
+
+async def permanent() -> None:
+    raise PermanentError("cannot work, do not retry")
+
+
+async def flaky(succeed_on: int) -> int:
+    attempt = current_job().attempt
+    if attempt < succeed_on:
+        raise RuntimeError(f"attempt {attempt} fails")
+    return attempt
+
+
+@task(timeout=0.3)
+async def slow_async(seconds: float = 5.0) -> str:
+    await asyncio.sleep(seconds)
+    return "finished"
+
+
+@task(timeout=0.3, max_tries=1)
+def slow_sync(seconds: float = 2.0) -> str:
+    time.sleep(seconds)
+    return "finished"
+
+
+async def returns_unserialisable() -> object:
+    return {1, 2, 3}
+
+
+async def started_at() -> float:
+    return time.time()
+
+
+async def touch(path: str) -> int:
+    """Append one line to ``path``: lets a test count executions."""
+    with open(path, "a") as fh:
+        fh.write(f"{os.getpid()}\n")
+    return len(Path(path).read_text().splitlines())
+
+
+async def wait_for_file(path: str, timeout: float = 30.0) -> str:
+    """Block until ``path`` exists: a job a test controls (no sleeps in the test)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        await asyncio.sleep(0.01)
+    return "released"
+
+
+class WorkerSettings:
+    functions = [add, multiply, echo, whoami, whoami_sync, always_fails, always_fails_4, permanent, flaky,
+                 slow_async, slow_sync, returns_unserialisable, started_at, touch, wait_for_file]
+    queue_name = "contract"
+    max_jobs = 8
+    job_timeout = 30
+    max_tries = 3
+    keep_result = 120
