@@ -87,9 +87,10 @@ class WorkerProcess:
         self.env = env
         self.proc = subprocess.Popen([sys.executable, "-m", "app", "worker", *args], env=env, cwd=ROOT)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+    def stop(self, sig: int | None = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            if sig is not None:
+                self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -129,5 +130,5 @@ def start_worker(env: dict[str, str], redis_url: str, prefix: str) -> Iterator[C
         if worker.proc.poll() is None:
             worker.proc.send_signal(signal.SIGTERM)
     for worker in started:
-        worker.stop()
+        worker.stop(sig=None)
     client.close()

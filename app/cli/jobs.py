@@ -58,7 +58,6 @@ def enqueue(
             if not wait:
                 typer.echo(job.job_id)
                 return 0
-            typer.echo(f"enqueued {job.job_id} ({job.task} on {job.queue}); waiting...", err=True)
             return await _report(job, timeout)
         finally:
             await client.close()
