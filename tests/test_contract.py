@@ -237,3 +237,17 @@ async def test_event_trail_of_a_job(engine: str, client: WorkerClient, start_wor
     assert int(events[2]["duration_ms"]) >= 0
     assert set(events[0]) >= {"type", "ts", "queue", "backend", "job_id", "task", "attempt", "worker_id",
                               "duration_ms", "error"}
+
+
+async def test_enqueue_many_in_bulk(engine: str, client: WorkerClient, start_worker: Any) -> None:
+    from app.components.worker import JobRequest
+
+    start_worker("contract", engine)
+    await client.enqueue("add", 0, 0, _job_id="taken", _delay=60)
+    requests = [JobRequest("add", (i, 1)) for i in range(50)]
+    requests.append(JobRequest("add", (1, 1), job_id="taken"))
+    requests.append(JobRequest("started_at", delay=0.5))
+    jobs = await client.enqueue_many(requests)
+    assert jobs[50] is None
+    assert [await j.result(RESULT_TIMEOUT) for j in jobs[:50]] == [i + 1 for i in range(50)]
+    assert await jobs[51].result(RESULT_TIMEOUT) > 0

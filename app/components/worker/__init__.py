@@ -2,6 +2,7 @@
 
 from app.components.worker.api import (
     Job,
+    JobRequest,
     SyncJob,
     SyncWorkerClient,
     WorkerClient,
@@ -13,6 +14,6 @@ from app.components.worker.runtime.context import JobContext, WorkerContext, cur
 from app.components.worker.task import PermanentError, Retry, task
 
 __all__ = [
-    "Job", "JobContext", "Middleware", "PermanentError", "Retry", "SkipJob", "SyncJob", "SyncWorkerClient",
+    "Job", "JobContext", "JobRequest", "Middleware", "PermanentError", "Retry", "SkipJob", "SyncJob", "SyncWorkerClient",
     "WorkerClient", "WorkerContext", "current_job", "enqueue", "enqueue_sync", "task",
 ]

@@ -20,7 +20,8 @@ import asyncio
 import threading
 import time
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
@@ -120,6 +121,42 @@ class WorkerClient:
             raise explain(exc, self.settings) from None
         return Job(self, env.id, env.queue, env.task)
 
+    async def enqueue_many(self, requests: "Iterable[JobRequest]") -> "list[Job | None]":
+        """Enqueue many jobs with one pipeline for the records and one batch per engine.
+
+        Returns a handle per request, in order; ``None`` where a caller-chosen id was
+        refused because that job is still queued or running. Raises before writing anything
+        when any request is invalid (unknown task, bad arguments, oversized payload).
+        """
+        prepared = []
+        for req in requests:
+            env, raw = self._envelope(req.task, tuple(req.args), dict(req.kwargs), req.queue, req.job_id)
+            due = now_ms() + int(req.delay * 1000) if req.delay and req.delay > 0 else 0
+            prepared.append((env, raw, due, self.engine_of(env.queue)))
+        try:
+            for queue, engine in {(p[0].queue, p[3]) for p in prepared}:
+                await self._check_engine(queue, engine)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for env, raw, due, engine in prepared:
+                    await self._enqueue_script(
+                        keys=[self.keys.job(env.id), self.keys.delayed(env.queue), self.keys.events,
+                              self.keys.result(env.id)],
+                        args=[env.id, raw, env.queue, env.task, env.enqueued_at, due,
+                              self.settings.worker_events_maxlen, engine],
+                        client=pipe,
+                    )
+                recorded = await pipe.execute()
+            by_queue: dict[str, list[tuple[str, str]]] = {}
+            for (env, raw, due, _), ok in zip(prepared, recorded):
+                if int(ok) and not due:
+                    by_queue.setdefault(env.queue, []).append((env.message_id, raw))
+            for queue, messages in by_queue.items():
+                await self._adapter(queue).send(messages)
+        except RedisError as exc:
+            raise explain(exc, self.settings) from None
+        return [Job(self, env.id, env.queue, env.task) if int(ok) else None
+                for (env, _, _, _), ok in zip(prepared, recorded)]
+
     def job(self, job_id: str) -> "Job":
         return Job(self, job_id)
 
@@ -130,6 +167,18 @@ class WorkerClient:
             except Exception:  # noqa: BLE001
                 pass
         await self.redis.aclose()
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """One job for ``enqueue_many``."""
+
+    task: str | Callable[..., Any]
+    args: Sequence[Any] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    queue: str | None = None
+    job_id: str | None = None
+    delay: float | None = None
 
 
 class Job:
@@ -260,6 +309,6 @@ def enqueue_sync(task: str | Callable[..., Any], *args: Any, **kwargs: Any) -> S
 
 
 __all__ = [
-    "DuplicateJob", "EngineMismatch", "Job", "JobFailed", "JobNotFound", "PayloadError", "ResultTimeout",
+    "DuplicateJob", "EngineMismatch", "Job", "JobRequest", "JobFailed", "JobNotFound", "PayloadError", "ResultTimeout",
     "SyncJob", "SyncWorkerClient", "WorkerClient", "default_client", "enqueue", "enqueue_sync",
 ]
