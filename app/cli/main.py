@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from app.cli import dev, jobs, monitor, worker
+from app.cli import dev, jobs, loadtest, monitor, worker
 from app.cli.common import fail
 from app.core.errors import AppError
 from app.core.settings import get_settings
@@ -36,6 +36,7 @@ cli.command()(monitor.workers)
 cli.command()(monitor.events)
 cli.command()(monitor.health)
 cli.command()(dev.dev)
+cli.command()(loadtest.loadtest)
 
 
 def main() -> None:

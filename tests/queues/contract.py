@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -90,9 +91,15 @@ async def wait_for_file(path: str, timeout: float = 30.0) -> str:
     return "released"
 
 
+def kill_my_worker() -> None:
+    """Dies the hard way, like an OOM kill: the job must not loop forever."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 class WorkerSettings:
     functions = [add, multiply, echo, whoami, whoami_sync, always_fails, always_fails_4, permanent, flaky,
-                 slow_async, slow_sync, returns_unserialisable, started_at, touch, wait_for_file]
+                 slow_async, slow_sync, returns_unserialisable, started_at, touch, wait_for_file,
+                 kill_my_worker]
     queue_name = "contract"
     max_jobs = 8
     job_timeout = 30

@@ -63,6 +63,19 @@ class EventPublisher:
         if len(self.buffer) >= self.batch:
             self._wake.set()
 
+    def take(self) -> list[dict[str, str]]:
+        """Hand every buffered event to a caller that writes them in its own pipeline
+        (the job's state change); on failure it must ``restore`` them."""
+        events = list(self.buffer)
+        self.buffer.clear()
+        return events
+
+    def restore(self, events: list[dict[str, str]]) -> None:
+        self.buffer.extendleft(reversed(events))
+
+    def wrote(self, events: list[dict[str, str]]) -> None:
+        self.sent += len(events)
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="event-publisher")
 
@@ -114,7 +127,13 @@ class EventPublisher:
 
 
 class EventPublishMiddleware(Middleware):
-    """Turns the lifecycle hooks into events; the first user of the middleware API."""
+    """Turns the lifecycle hooks into events; the first user of the middleware API.
+
+    ``job.started`` is not emitted here: the claim script writes it together with the
+    attempt count, so a worker killed mid-job can never leave an attempt without it.
+    Terminal and retry events are buffered by these hooks and written by the runtime in
+    the same MULTI as the job's state change (see ``runtime.store``).
+    """
 
     def __init__(self, publisher: EventPublisher) -> None:
         self.publisher = publisher
@@ -130,9 +149,6 @@ class EventPublishMiddleware(Middleware):
 
     def worker_stop(self, worker: WorkerContext) -> None:
         self.publisher.emit("worker.stopped", queue=worker.queue, backend=worker.engine, worker_id=worker.worker_id)
-
-    def before_process(self, job: JobContext) -> None:
-        self._job("job.started", job)
 
     def after_process(self, job: JobContext, result: Any) -> None:
         self._job("job.completed", job, duration_ms=job.duration_ms())

@@ -60,7 +60,8 @@ class Heartbeat:
 
     def __init__(
         self, redis: aioredis.Redis, keys: Keys, settings: Settings, *, queue: str, engine: str,
-        worker_id: str, labels: dict[str, str], concurrency: int, counters: Callable[[], dict[str, int]],
+        worker_id: str, instance: str, labels: dict[str, str], concurrency: int,
+        counters: Callable[[], dict[str, int]],
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -69,6 +70,7 @@ class Heartbeat:
         self.queue = queue
         self.engine = engine
         self.worker_id = worker_id
+        self.instance = instance
         self.labels = labels
         self.concurrency = concurrency
         self.counters = counters
@@ -77,7 +79,7 @@ class Heartbeat:
 
     def payload(self, state: str | None = None) -> dict[str, Any]:
         data: dict[str, Any] = {
-            "worker_id": self.worker_id, "queue": self.queue, "engine": self.engine,
+            "worker_id": self.worker_id, "instance": self.instance, "queue": self.queue, "engine": self.engine,
             "hostname": socket.gethostname(), "pid": os.getpid(), "labels": self.labels,
             "started_at": self.started_at, "last_beat": time.time(), "concurrency": self.concurrency,
             **self.counters(),
@@ -92,6 +94,12 @@ class Heartbeat:
             pipe.set(self.keys.heartbeat(self.queue, self.worker_id), json.dumps(self.payload(state)), ex=self.ttl)
             pipe.zadd(self.keys.workers, {f"{self.queue}|{self.worker_id}": now})
             pipe.hset(self.keys.engines(self.queue), self.engine, now)
+            if state == "stopped":
+                # Stopped on purpose, running jobs drained or handed back: nothing to recover.
+                pipe.zrem(self.keys.instances, f"{self.queue}|{self.instance}")
+                pipe.delete(self.keys.held(self.instance))
+            else:
+                pipe.zadd(self.keys.instances, {f"{self.queue}|{self.instance}": now})
             await pipe.execute()
 
     def start(self) -> None:

@@ -41,9 +41,17 @@ class Keys:
         """Hash engine -> last beat (ms) of any worker serving the queue on that engine."""
         return f"{self.prefix}:engines:{queue}"
 
-    def held(self, worker_id: str) -> str:
-        """Set of job ids a worker process is running now (for crash recovery)."""
-        return f"{self.prefix}:held:{worker_id}"
+    def held(self, instance: str) -> str:
+        """Set of job ids one worker process (instance) is running now, for crash recovery."""
+        return f"{self.prefix}:held:{instance}"
+
+    @property
+    def instances(self) -> str:
+        """Sorted set of '<queue>|<instance>' scored by last beat (ms): what the reaper watches.
+
+        An instance is one life of one worker process (worker id + a random suffix), so a
+        process restarted under the same ``--id`` never inherits, or hides, a dead one's jobs."""
+        return f"{self.prefix}:instances"
 
     def lock(self, name: str) -> str:
         return f"{self.prefix}:lock:{name}"

@@ -1,4 +1,15 @@
-"""Queue metrics: what waits and runs, read from the engine's own keys and the layer's."""
+"""Queue metrics: what waits and runs, read from the engine's own keys and the layer's.
+
+``ready`` and ``failed`` (dead) come from the engine's keys, ``delayed`` from the layer's
+delayed set, ``per_minute`` from the event stream. ``running`` comes from the layer, not the
+engine: the engines cannot tell a running job from one a worker has only taken off the queue
+(Dramatiq prefetches ``2 x threads`` messages per consumer into its ``.msgs`` hash; TaskIQ's
+pending entries include what the receiver read ahead; arq's in-progress keys also outlive a
+SIGKILLed worker). So ``running`` is the sum of ``running`` in the heartbeats of the queue's
+live workers (not offline, not stopped); messages an engine holds beyond that are still
+waiting and are counted in ``ready``. The heartbeat is refreshed every
+``WORKER_HEARTBEAT_INTERVAL``, so the figure may lag by one interval.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +39,14 @@ async def rates_last_minute(redis: Any, keys: Keys) -> dict[str, dict[str, int]]
     return rates
 
 
+def running_jobs(workers: list[dict[str, Any]], queue: str) -> int:
+    """Jobs running now on ``queue``, as its live workers last reported in their heartbeats."""
+    return sum(
+        int(w.get("running") or 0) for w in workers
+        if w["queue"] == queue and w["state"] != "offline" and not w.get("stopped")
+    )
+
+
 async def queue_metrics(client: Any) -> list[dict[str, Any]]:
     """One row per known queue; works with no worker running (it reads what waits)."""
     settings = client.settings
@@ -45,9 +64,11 @@ async def queue_metrics(client: Any) -> list[dict[str, Any]]:
             await adapter.close()
         delayed = await client.redis.zcard(keys.delayed(name))
         rate = rates.get(name, {"completed": 0, "failed": 0})
+        running = running_jobs(workers, name)
+        ready = stats.ready + max(0, stats.running - running)
         rows.append({
-            "queue": name, "engine": cfg.engine, "ready": stats.ready, "delayed": delayed,
-            "running": stats.running, "failed": stats.dead, "per_minute": rate,
+            "queue": name, "engine": cfg.engine, "ready": ready, "delayed": delayed,
+            "running": running, "failed": stats.dead, "per_minute": rate,
             "workers": sum(1 for w in workers if w["queue"] == name and w["state"] == "healthy"),
         })
     return rows

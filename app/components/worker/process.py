@@ -12,6 +12,7 @@ import inspect
 import logging
 import os
 import signal
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ from app.components.worker.middleware import MiddlewareChain
 from app.components.worker.registry import Registry
 from app.components.worker.runtime.context import WorkerContext
 from app.components.worker.runtime.delayed import DelayedMover
+from app.components.worker.runtime.reaper import Reaper
 from app.components.worker.runtime.store import JobStore
 from app.components.worker.runtime.wrapper import JobRuntime
 
@@ -57,25 +59,28 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
 
     publisher = EventPublisher(redis, keys, settings.worker_events_maxlen)
     publisher.start()
-    worker = WorkerContext(queue=spec.name, engine=config.engine, worker_id=worker_id)
+    worker = WorkerContext(queue=spec.name, engine=config.engine, worker_id=worker_id,
+                           instance=f"{worker_id}~{uuid.uuid4().hex[:8]}")
     chain = MiddlewareChain([EventPublishMiddleware(publisher), *spec.middleware])
-    store = JobStore(redis, keys)
-    runtime = JobRuntime(spec, config, store, chain, worker)
+    store = JobStore(redis, keys, settings.worker_events_maxlen)
+    runtime = JobRuntime(spec, config, store, chain, worker, publisher)
     adapter = engine_class(config.engine)(settings, keys, config)
     heartbeat = Heartbeat(
-        redis, keys, settings, queue=spec.name, engine=config.engine, worker_id=worker_id,
+        redis, keys, settings, queue=spec.name, engine=config.engine, worker_id=worker_id, instance=worker.instance,
         labels={**settings.labels, **options.labels}, concurrency=config.threads,
         counters=lambda: {"running": runtime.running, "done": runtime.done, "failed": runtime.failed},
     )
     mover = DelayedMover(store, spec.name, adapter.send, settings.worker_delay_poll_seconds)
+    reaper = Reaper(redis, keys, runtime, adapter, settings.worker_offline_after)
 
     if spec.on_startup is not None:
         await _call_hook(spec.on_startup, worker)
     await heartbeat.beat()
     heartbeat.start()
     await chain.call("worker_start", worker)
-    await adapter.start(runtime.execute)
+    await adapter.start(runtime.execute, worker.instance)
     mover.start()
+    reaper.start()
     logger.info("worker %s serving queue %s on %s with %d slots (pid %d)",
                 worker_id, spec.name, config.engine, config.threads, os.getpid())
     try:
@@ -83,6 +88,7 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
     finally:
         logger.info("worker %s stopping: finishing running jobs (grace %gs)", worker_id, settings.worker_shutdown_timeout)
         runtime.stopping = True
+        await reaper.stop()
         await mover.stop()
         await adapter.stop_fetching()
         await runtime.drain(settings.worker_shutdown_timeout)

@@ -19,7 +19,7 @@ from arq.worker import func
 
 from app.core.redis import connection_kwargs, redis_url
 from app.components.worker.envelope import DISPATCH_NAME, now_ms
-from app.components.worker.engines.base import EngineAdapter, EngineStats, Handle
+from app.components.worker.engines.base import EngineAdapter, EngineStats, Handle, keep_running
 
 POLL_DELAY = 0.01
 NATIVE_TRIES = 1_000_000
@@ -55,7 +55,7 @@ class Adapter(EngineAdapter):
             # None means arq holds that id already: the same delivery is queued, nothing to do.
             await self.pool.enqueue_job(DISPATCH_NAME, raw, _job_id=message_id, _queue_name=self.queue_key)
 
-    async def start(self, handle: Handle) -> None:
+    async def start(self, handle: Handle, instance: str) -> None:
         async def run(ctx: dict[str, Any], raw: str) -> None:
             await handle(raw)
 
@@ -76,7 +76,10 @@ class Adapter(EngineAdapter):
             log_results=False,
             expires_extra_ms=EXPIRES_EXTRA_MS,
         )
-        self._main = asyncio.create_task(self._worker.async_run(), name="arq-worker")
+        worker = self._worker
+        self._main = asyncio.create_task(
+            keep_running("arq", worker.async_run, lambda: not worker.allow_pick_jobs), name="arq-worker"
+        )
 
     async def stop_fetching(self) -> None:
         if self._worker is not None:

@@ -7,6 +7,8 @@ one dispatcher function named ``app.run``, and acks a message when ``handle`` re
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,6 +18,25 @@ from app.components.worker.config import QueueConfig
 from app.components.worker.keys import Keys
 
 Handle = Callable[[str], Awaitable[None]]
+logger = logging.getLogger(__name__)
+
+
+async def keep_running(name: str, serve: Callable[[], Awaitable[None]], done: Callable[[], bool]) -> None:
+    """Run an engine's consume loop; when it dies (Redis down), restart it with backoff
+    (1 s, doubling to 60 s) instead of leaving a live process that consumes nothing."""
+    delay = 1.0
+    while not done():
+        try:
+            await serve()
+            delay = 1.0
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            if done():
+                return
+            logger.warning("%s consumer stopped (%s: %s); restarting in %.0fs", name, type(exc).__name__, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
 
 
 @dataclass(frozen=True)
@@ -38,8 +59,14 @@ class EngineAdapter(ABC):
         """Put (message id, envelope JSON) pairs on the queue for immediate pickup."""
 
     @abstractmethod
-    async def start(self, handle: Handle) -> None:
-        """Start consuming in this process, calling ``handle`` for each message."""
+    async def start(self, handle: Handle, instance: str) -> None:
+        """Start consuming in this process, calling ``handle`` for each message.
+        ``instance`` names this consumer where the engine tracks consumers."""
+
+    async def recover(self, dead_instance: str) -> int:
+        """Return to the queue what a dead instance fetched but never started; how many.
+        Engines without prefetch (arq), or that do it themselves (Dramatiq), need nothing."""
+        return 0
 
     @abstractmethod
     async def stop_fetching(self) -> None:

@@ -23,6 +23,7 @@ from app.components.worker.engines.base import EngineAdapter, EngineStats, Handl
 logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_MS = 10_000
+MAINTENANCE_CHANCE = 100_000  # out of 1,000,000 commands
 
 
 class Adapter(EngineAdapter):
@@ -32,7 +33,13 @@ class Adapter(EngineAdapter):
         super().__init__(*args, **kwargs)
         self.queue_name = self.config.name
         self.namespace = self.keys.engine_namespace("dramatiq")
-        self.broker = RedisBroker(client=sync_client(self.settings), namespace=self.namespace, middleware=[])
+        # Messages a dead process fetched but never started come back through Dramatiq's
+        # maintenance: make it notice a dead consumer after the layer's offline threshold and
+        # run often enough (~10% of commands) to act within about a second.
+        self.broker = RedisBroker(
+            client=sync_client(self.settings), namespace=self.namespace, middleware=[],
+            heartbeat_timeout=int(self.settings.worker_offline_after * 1000), maintenance_chance=MAINTENANCE_CHANCE,
+        )
         self.broker.declare_queue(self.queue_name)
         self._worker: dramatiq.Worker | None = None
         self._handle: Handle | None = None
@@ -63,7 +70,7 @@ class Adapter(EngineAdapter):
     async def send(self, messages: list[tuple[str, str]]) -> None:
         await asyncio.to_thread(self._send_sync, messages)
 
-    async def start(self, handle: Handle) -> None:
+    async def start(self, handle: Handle, instance: str) -> None:
         self._handle = handle
         self._loop = asyncio.get_running_loop()
         # Without process_boot, Dramatiq middleware that depends on it silently does nothing.

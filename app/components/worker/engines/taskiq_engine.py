@@ -23,7 +23,7 @@ from taskiq_redis import RedisStreamBroker
 
 from app.core.redis import connection_kwargs, redis_url
 from app.components.worker.envelope import DISPATCH_NAME
-from app.components.worker.engines.base import EngineAdapter, EngineStats, Handle
+from app.components.worker.engines.base import EngineAdapter, EngineStats, Handle, keep_running
 
 GROUP = "app"
 IDLE_TIMEOUT_MS = 24 * 3600 * 1000
@@ -71,16 +71,37 @@ class Adapter(EngineAdapter):
         for message_id, raw in messages:
             await self.task.kicker().with_task_id(message_id).kiq(raw)
 
-    async def start(self, handle: Handle) -> None:
+    async def start(self, handle: Handle, instance: str) -> None:
         self._handle = handle
         self.broker.is_worker_process = True
+        self.broker.consumer_name = instance
         receiver = Receiver(
             self.broker, validate_params=False, max_async_tasks=self.config.threads, max_prefetch=0,
             propagate_exceptions=False, run_startup=True, ack_type=AcknowledgeType.WHEN_SAVED,
             wait_tasks_timeout=self.settings.worker_shutdown_timeout,
         )
         self._started = True
-        self._listen = asyncio.create_task(receiver.listen(self._finish), name="taskiq-receiver")
+        self._listen = asyncio.create_task(
+            keep_running("taskiq", lambda: receiver.listen(self._finish), self._finish.is_set), name="taskiq-receiver"
+        )
+
+    async def recover(self, dead_instance: str) -> int:
+        """Re-add what the dead consumer read but never acked, then drop its entries."""
+        async with Redis(connection_pool=self.broker.connection_pool) as conn:
+            pending = await conn.xpending_range(self.stream, GROUP, "-", "+", 10_000, consumername=dead_instance)
+            ids = [p["message_id"] for p in pending]
+            if not ids:
+                return 0
+            entries = await conn.xclaim(self.stream, GROUP, self.broker.consumer_name, 0, ids)
+            async with conn.pipeline(transaction=True) as pipe:
+                for entry_id, fields in entries:
+                    if fields:
+                        pipe.xadd(self.stream, fields)
+                pipe.xack(self.stream, GROUP, *ids)
+                pipe.xdel(self.stream, *ids)
+                await pipe.execute()
+            await conn.xgroup_delconsumer(self.stream, GROUP, dead_instance)
+            return len(ids)
 
     async def stop_fetching(self) -> None:
         self._finish.set()

@@ -15,6 +15,7 @@ class WorkerContext:
     queue: str
     engine: str
     worker_id: str
+    instance: str = ""
     state: dict[str, Any] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> Any:

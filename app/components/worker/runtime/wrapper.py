@@ -15,17 +15,22 @@ import inspect
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from redis.exceptions import RedisError
 
 from app.components.worker.config import QueueConfig
 from app.components.worker.envelope import Envelope, now_ms
+from app.components.worker.events import EventPublisher
 from app.components.worker.middleware import MiddlewareChain, SkipJob
 from app.components.worker.registry import QueueSpec, TaskSpec
 from app.components.worker.runtime.context import JobContext, WorkerContext, set_current
-from app.components.worker.runtime.policy import JobTimeout, NonRetryable, RetryPolicy, describe_error
+from app.components.worker.runtime.policy import JobTimeout, NonRetryable, RetryPolicy, WorkerLost, describe_error
 from app.components.worker.runtime.store import JobStore
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class UnknownTaskError(NonRetryable):
@@ -52,7 +57,9 @@ class JobRuntime:
         store: JobStore,
         middleware: MiddlewareChain,
         worker: WorkerContext,
+        publisher: EventPublisher | None = None,
     ) -> None:
+        self.publisher = publisher
         self.queue = queue
         self.config = config
         self.store = store
@@ -94,7 +101,10 @@ class JobRuntime:
                 self.inflight.discard(task)
 
     async def _execute(self, env: Envelope, raw: str) -> None:
-        claimed, value = await self.store.claim(env, raw, self.worker.worker_id)
+        claimed, value = await self._persist(
+            env.id, "claim",
+            lambda: self.store.claim(env, raw, self.worker.worker_id, self.worker.instance, self.config.engine),
+        )
         if not claimed:
             logger.debug("job %s: delivery for try %d skipped (%s)", env.id, env.try_, value)
             return
@@ -170,14 +180,16 @@ class JobRuntime:
             kind, message = describe_error(exc)
             logger.info("job %s: %s attempt %d/%d failed (%s: %s), retry in %.2fs",
                         env.id, env.task, job.attempt, policy.max_tries, kind, message, delay)
-            await self.store.schedule(env.next_try(job.attempt), now_ms() + int(delay * 1000),
-                                      self.worker.worker_id, attempt=job.attempt)
+            due = now_ms() + int(delay * 1000)
             await self.middleware.call("on_retry", job, exc, delay, job_id=env.id)
+            await self._write(env.id, "retry", lambda events: self.store.schedule(
+                env.next_try(job.attempt), due, self.worker.instance, attempt=job.attempt, events=events))
             return
         await self._finish(env, job, "failed", error=exc)
 
     async def _finish(
-        self, env: Envelope, job: JobContext, status: str, *, result: Any = None, error: BaseException | None = None
+        self, env: Envelope, job: JobContext, status: str, *, result: Any = None,
+        error: BaseException | None = None, instance: str | None = None,
     ) -> None:
         record: dict[str, Any] = {
             "job_id": env.id, "queue": env.queue, "task": env.task, "status": status,
@@ -187,24 +199,81 @@ class JobRuntime:
         }
         if error is not None:
             record["error_type"], record["error"] = describe_error(error)
-        await self.store.finish(env, self.worker.worker_id, status, record, self.config.keep_result)
         if status == "completed":
-            self.done += 1
             await self.middleware.call("after_process", job, result, job_id=env.id)
         else:
-            self.failed += 1
             logger.warning("job %s: %s failed after %d attempt(s): %s: %s",
                            env.id, env.task, job.attempt, record["error_type"], record["error"])
             await self.middleware.call("on_failure", job, error, job_id=env.id)
+        await self._write(env.id, "result", lambda events: self.store.finish(
+            env, instance or self.worker.instance, status, record, self.config.keep_result, events))
+        if status == "completed":
+            self.done += 1
+        else:
+            self.failed += 1
+
+    async def _persist(self, job_id: str, what: str, write: Callable[[], Awaitable[T]]) -> T:
+        """A state change the job cannot do without: retried while Redis is unreachable
+        (0.05 s doubling to 5 s), so a Redis restart delays a job instead of losing it."""
+        delay = 0.05
+        while True:
+            try:
+                return await write()
+            except (RedisError, OSError) as exc:
+                logger.warning("job %s: cannot write %s (%s); retrying in %.2fs", job_id, what, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _write(self, job_id: str, what: str, write: Callable[[list[dict[str, str]]], Awaitable[T]]) -> T:
+        """A state change, carrying the events buffered so far in the same MULTI."""
+        async def attempt() -> T:
+            events = self.publisher.take() if self.publisher else []
+            try:
+                result = await write(events)
+            except BaseException:
+                if self.publisher:
+                    self.publisher.restore(events)
+                raise
+            if self.publisher:
+                self.publisher.wrote(events)
+            return result
+
+        return await self._persist(job_id, what, attempt)
 
     async def _hand_back(self, env: Envelope, attempt: int) -> None:
         """The worker is stopping and this job did not finish in the grace period: put it back
         to wait for the same attempt (a shutdown is not the job's fault)."""
         logger.warning("job %s: interrupted by shutdown, handed back to queue %s", env.id, env.queue)
         try:
-            await asyncio.shield(self.store.schedule(env, now_ms(), self.worker.worker_id, attempt=attempt - 1))
+            await asyncio.shield(self.store.schedule(env, now_ms(), self.worker.instance, attempt=attempt - 1))
         except Exception:  # noqa: BLE001
             logger.exception("job %s: hand-back failed; crash recovery will redeliver it", env.id)
+
+    async def recover_lost(self, job_id: str, dead_instance: str, lost_for: float) -> None:
+        """A job held by a dead worker instance: retry it (the lost attempt counts) or, when
+        that was its last attempt, fail it with WorkerLost. Called by the reaper."""
+        record = await self.store.lost_job(job_id)
+        if not record or record.get("status") != "running" or record.get("owner") != dead_instance:
+            await self.store.redis.srem(self.store.keys.held(dead_instance), job_id)
+            return
+        env = Envelope.decode(record["envelope"])
+        attempt = int(record.get("attempt") or env.try_)
+        spec = self.queue.tasks.get(env.task)
+        policy = self._policy(spec)
+        job = JobContext(
+            job_id=env.id, task=env.task, queue=env.queue, engine=self.config.engine, attempt=attempt,
+            max_tries=policy.max_tries, enqueued_at=env.enqueued_at, worker_id=record.get("worker", ""),
+            worker=self.worker, started_ms=int(record.get("started_at") or now_ms()),
+        )
+        error = WorkerLost(f"worker {job.worker_id} stopped beating {lost_for:.0f}s ago while running attempt {attempt}")
+        if policy.should_retry(attempt, error):
+            await self.middleware.call("on_retry", job, error, 0.0, job_id=env.id)
+            moved = await self._write(env.id, "recovery",
+                                      lambda events: self.store.requeue_lost(env, dead_instance, attempt, events))
+            if moved:
+                logger.warning("job %s: %s; redelivering as attempt %d", env.id, error, attempt + 1)
+            return
+        await self._finish(env, job, "failed", error=error, instance=dead_instance)
 
     async def drain(self, grace: float) -> None:
         """Wait up to ``grace`` seconds for running jobs, then interrupt and hand back the rest."""
