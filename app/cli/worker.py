@@ -42,7 +42,7 @@ def worker(
     from app.components.worker.process import WorkerOptions, run
 
     options = WorkerOptions(queue=spec.name, backend=effective.engine, threads=effective.threads,
-                            worker_id=worker_id, labels=labels)
+                            worker_id=worker_id or cfg.worker_id, labels=labels)
     if effective.processes == 1:
         run(cfg, registry, options)
     else:

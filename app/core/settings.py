@@ -12,6 +12,7 @@ import os
 from functools import lru_cache
 from typing import Literal
 
+from dotenv import dotenv_values
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -91,6 +92,8 @@ class Settings(BaseSettings):
         """The engine the environment names for one queue (`WORKER_BACKEND_<QUEUE>`), if any."""
         var = "WORKER_BACKEND_" + queue.upper().replace("-", "_")
         raw = os.environ.get(var)
+        if raw is None and os.path.exists(".env"):
+            raw = dotenv_values(".env").get(var)
         if raw is None:
             return None
         value = raw.strip().lower()
