@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     worker_labels: str = ""
     worker_key_prefix: str = "worker"
     worker_queue_packages: str = "app.components.worker.queues"
+    worker_middleware: str = ""
 
     # Timing and trail
     worker_heartbeat_interval: float = Field(default=1.0, gt=0)
@@ -83,6 +84,10 @@ class Settings(BaseSettings):
     @property
     def queue_packages(self) -> list[str]:
         return [p.strip() for p in self.worker_queue_packages.split(",") if p.strip()]
+
+    @property
+    def middleware_paths(self) -> list[str]:
+        return [p.strip() for p in self.worker_middleware.split(",") if p.strip()]
 
     @property
     def labels(self) -> dict[str, str]:

@@ -35,6 +35,7 @@ from app.components.worker.engines.base import EngineAdapter
 from app.components.worker.envelope import Envelope, new_job_id, now_ms
 from app.components.worker.health import live_engines
 from app.components.worker.keys import Keys
+from app.components.worker.middleware import MiddlewareChain, load_middleware
 from app.components.worker.registry import Registry
 from app.components.worker.runtime import scripts
 from app.components.worker.runtime.store import read_result, read_status
@@ -53,10 +54,23 @@ class WorkerClient:
         self.redis = async_client(self.settings)
         self._enqueue_script = self.redis.register_script(scripts.source("enqueue"))
         self._adapters: dict[str, EngineAdapter] = {}
+        self._global_middleware = load_middleware(self.settings.middleware_paths)
+        self._chains: dict[str, MiddlewareChain] = {}
         self._engine_checked: dict[str, float] = {}
 
     def engine_of(self, queue: str) -> str:
         return queue_config.engine_for(self.registry.queue(queue), self.settings)
+
+    def _chain(self, queue: str) -> MiddlewareChain:
+        """Producer-side hooks (before/after enqueue): global middleware, then the queue's."""
+        if queue not in self._chains:
+            self._chains[queue] = MiddlewareChain([*self._global_middleware, *self.registry.queue(queue).middleware])
+        return self._chains[queue]
+
+    @staticmethod
+    def _hook_view(env: Envelope, delay: float | None) -> dict[str, Any]:
+        return {"job_id": env.id, "task": env.task, "queue": env.queue, "args": env.args,
+                "kwargs": env.kwargs, "delay": delay}
 
     def _adapter(self, queue: str) -> EngineAdapter:
         if queue not in self._adapters:
@@ -99,6 +113,9 @@ class WorkerClient:
         env, raw = self._envelope(task, args, kwargs, _queue, _job_id)
         engine = self.engine_of(env.queue)
         due = now_ms() + int(_delay * 1000) if _delay and _delay > 0 else 0
+        chain = self._chain(env.queue)
+        view = self._hook_view(env, _delay)
+        await chain.call("before_enqueue", view, job_id=env.id)
         try:
             await self._check_engine(env.queue, engine)
             recorded = await self._enqueue_script(
@@ -119,6 +136,7 @@ class WorkerClient:
                     raise
         except RedisError as exc:
             raise explain(exc, self.settings) from None
+        await chain.call("after_enqueue", view, job_id=env.id)
         return Job(self, env.id, env.queue, env.task)
 
     async def enqueue_many(self, requests: "Iterable[JobRequest]") -> "list[Job | None]":
@@ -133,6 +151,10 @@ class WorkerClient:
             env, raw = self._envelope(req.task, tuple(req.args), dict(req.kwargs), req.queue, req.job_id)
             due = now_ms() + int(req.delay * 1000) if req.delay and req.delay > 0 else 0
             prepared.append((env, raw, due, self.engine_of(env.queue)))
+        for env, _, _, _ in prepared:
+            chain = self._chain(env.queue)
+            if chain.has("before_enqueue"):
+                await chain.call("before_enqueue", self._hook_view(env, None), job_id=env.id)
         try:
             for queue, engine in {(p[0].queue, p[3]) for p in prepared}:
                 await self._check_engine(queue, engine)
@@ -154,6 +176,10 @@ class WorkerClient:
                 await self._adapter(queue).send(messages)
         except RedisError as exc:
             raise explain(exc, self.settings) from None
+        for (env, _, _, _), ok in zip(prepared, recorded):
+            chain = self._chain(env.queue)
+            if int(ok) and chain.has("after_enqueue"):
+                await chain.call("after_enqueue", self._hook_view(env, None), job_id=env.id)
         return [Job(self, env.id, env.queue, env.task) if int(ok) else None
                 for (env, _, _, _), ok in zip(prepared, recorded)]
 

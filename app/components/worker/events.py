@@ -165,6 +165,10 @@ def _error(exc: BaseException) -> str:
     return f"{kind}: {message}"
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _decode(fields: dict[Any, Any]) -> dict[str, str]:
     return {
         (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
@@ -178,8 +182,15 @@ async def read_events(
     count: int = 500,
 ) -> AsyncIterator[dict[str, str]]:
     """Events oldest first from stream id ``start`` (exclusive), filtered; with ``follow``,
-    keeps waiting for new ones. Each event carries its stream id under ``id``."""
+    keeps waiting for new ones. Each event carries its stream id under ``id``.
+
+    ``start="$"`` means "only events from now on": it is resolved once to the id of the
+    newest entry, because passing ``$`` to every XREAD would skip what was added between
+    one XREAD returning empty and the next one being sent."""
     last = start
+    if last == "$":
+        newest = await redis.xrevrange(keys.events, count=1)
+        last = _text(newest[0][0]) if newest else "0-0"
     while True:
         if follow:
             batches = await redis.xread({keys.events: last}, count=count, block=block_ms)
@@ -188,7 +199,7 @@ async def read_events(
             lower = "-" if last == "0" else f"({last}"
             entries = await redis.xrange(keys.events, min=lower, max="+", count=count)
         for entry_id, fields in entries:
-            last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            last = _text(entry_id)
             event = _decode(fields)
             if queue and event.get("queue") != queue:
                 continue

@@ -56,7 +56,16 @@ class Thresholds:
 
 
 class Heartbeat:
-    """Writes this process's heartbeat until stopped; failures back off 1 s x1.5 up to 15 s."""
+    """Writes this process's heartbeat until stopped.
+
+    A failed beat is retried at the normal interval, never slower: once Redis is back the
+    worker must beat at once, or it looks offline and crash recovery would hand its running
+    jobs to other workers (run twice) while it still runs them. A failing try is cheap (a
+    refused connection, or at most ``REDIS_CONNECTION_TIMEOUT``); the log says so on the
+    first failure and then every ``LOG_FAILURE_EVERY`` tries.
+    """
+
+    LOG_FAILURE_EVERY = 30
 
     def __init__(
         self, redis: aioredis.Redis, keys: Keys, settings: Settings, *, queue: str, engine: str,
@@ -106,21 +115,21 @@ class Heartbeat:
         self._task = asyncio.create_task(self._run(), name="heartbeat")
 
     async def _run(self) -> None:
-        delay = self.interval
-        failing = False
+        failures = 0
         while True:
             try:
                 await self.beat()
-                if failing:
-                    logger.info("heartbeat written again after Redis trouble")
-                failing, delay = False, self.interval
+                if failures:
+                    logger.warning("heartbeat written again after %d failed tries", failures)
+                failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - heartbeats recover by themselves
-                delay = 1.0 if not failing else min(delay * 1.5, 15.0)
-                failing = True
-                logger.warning("heartbeat failed (%s); next try in %.1fs", exc, delay)
-            await asyncio.sleep(delay)
+                failures += 1
+                if failures == 1 or failures % self.LOG_FAILURE_EVERY == 0:
+                    logger.warning("heartbeat failed %d time(s) (%s); retrying every %gs",
+                                   failures, exc, self.interval)
+            await asyncio.sleep(self.interval)
 
     async def stop(self) -> None:
         """Stop beating and leave a last beat that says the worker stopped on purpose."""

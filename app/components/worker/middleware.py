@@ -9,6 +9,7 @@ raises is logged with the job id and never fails the job or stops the worker, ex
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 from typing import Any
@@ -41,6 +42,26 @@ class Middleware:
     def on_retry(self, job: JobContext, error: BaseException, delay: float) -> Any: ...
 
     def on_failure(self, job: JobContext, error: BaseException) -> Any: ...
+
+
+def load_middleware(paths: list[str]) -> list[Middleware]:
+    """Instances of ``module:Class`` paths (``WORKER_MIDDLEWARE``), each built with no arguments."""
+    from app.core.errors import ConfigError
+
+    loaded = []
+    for path in paths:
+        module_name, _, attr = path.partition(":")
+        try:
+            obj = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ConfigError(f"WORKER_MIDDLEWARE entry {path!r} cannot be loaded ({exc}): write module:Class") from None
+        loaded.append(obj() if isinstance(obj, type) else obj)
+    return loaded
+
+
+def as_instances(items: list[Any]) -> list[Middleware]:
+    """A queue's ``WorkerSettings.middleware`` may list classes or instances."""
+    return [item() if isinstance(item, type) else item for item in items]
 
 
 class MiddlewareChain:

@@ -23,7 +23,7 @@ from app.components.worker.engines import engine_class
 from app.components.worker.events import EventPublisher, EventPublishMiddleware
 from app.components.worker.health import Heartbeat, default_worker_id
 from app.components.worker.keys import Keys
-from app.components.worker.middleware import MiddlewareChain
+from app.components.worker.middleware import MiddlewareChain, load_middleware
 from app.components.worker.registry import Registry
 from app.components.worker.runtime.context import WorkerContext
 from app.components.worker.runtime.delayed import DelayedMover
@@ -61,7 +61,8 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
     publisher.start()
     worker = WorkerContext(queue=spec.name, engine=config.engine, worker_id=worker_id,
                            instance=f"{worker_id}~{uuid.uuid4().hex[:8]}")
-    chain = MiddlewareChain([EventPublishMiddleware(publisher), *spec.middleware])
+    chain = MiddlewareChain([EventPublishMiddleware(publisher), *load_middleware(settings.middleware_paths),
+                             *spec.middleware])
     store = JobStore(redis, keys, settings.worker_events_maxlen)
     runtime = JobRuntime(spec, config, store, chain, worker, publisher)
     adapter = engine_class(config.engine)(settings, keys, config)
@@ -93,12 +94,12 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
         await adapter.stop_fetching()
         await runtime.drain(settings.worker_shutdown_timeout)
         await adapter.close()
+        await chain.call("worker_stop", worker)
         if spec.on_shutdown is not None:
             try:
                 await _call_hook(spec.on_shutdown, worker)
             except Exception:  # noqa: BLE001
                 logger.exception("on_shutdown of queue %s failed", spec.name)
-        await chain.call("worker_stop", worker)
         await heartbeat.stop()
         await publisher.close()
         runtime.close()

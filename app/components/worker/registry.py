@@ -10,12 +10,14 @@ import importlib
 import inspect
 import pkgutil
 import re
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.core.errors import ConfigError, UnknownQueue, UnknownTask
 from app.core.settings import ENGINES
+from app.components.worker.middleware import as_instances
 from app.components.worker.task import options_of
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -30,6 +32,7 @@ class TaskSpec:
     max_tries: int | None
     timeout: float | None
     retry_backoff: float | None
+    context_param: str | None = None
 
 
 @dataclass
@@ -45,6 +48,20 @@ class QueueSpec:
     on_startup: Callable[..., Any] | None = None
     on_shutdown: Callable[..., Any] | None = None
     middleware: list[Any] = field(default_factory=list)
+
+
+def _context_param(func: Callable[..., Any]) -> str | None:
+    """The parameter annotated ``JobContext``, if the task asks for its context that way."""
+    from app.components.worker.runtime.context import JobContext
+
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: no injection
+        return None
+    for name, hint in hints.items():
+        if hint is JobContext and name != "return":
+            return name
+    return None
 
 
 def _queue_from_module(module: Any) -> QueueSpec | None:
@@ -74,6 +91,7 @@ def _queue_from_module(module: Any) -> QueueSpec | None:
             max_tries=opts.max_tries,
             timeout=opts.timeout,
             retry_backoff=opts.retry_backoff,
+            context_param=_context_param(func),
         )
     if not tasks:
         raise ConfigError(f"queue {name!r} ({module.__name__}) lists no functions in WorkerSettings.functions")
@@ -88,7 +106,7 @@ def _queue_from_module(module: Any) -> QueueSpec | None:
         backend=backend,
         on_startup=getattr(ws, "on_startup", None),
         on_shutdown=getattr(ws, "on_shutdown", None),
-        middleware=list(getattr(ws, "middleware", []) or []),
+        middleware=as_instances(list(getattr(ws, "middleware", []) or [])),
     )
 
 
@@ -157,5 +175,5 @@ class Registry:
             raise UnknownTask(f"unknown task {ref!r}: known tasks are {known}")
         if len(candidates) > 1:
             names = ", ".join(c.queue for c in candidates)
-            raise UnknownTask(f"task {ref!r} exists in several queues ({names}): pass --queue")
+            raise UnknownTask(f"task {ref!r} exists in several queues ({names}): name the queue (--queue Q, or _queue=\"Q\")")
         return candidates[0]

@@ -153,18 +153,21 @@ class JobRuntime:
         )
 
     async def _invoke(self, spec: TaskSpec, env: Envelope, job: JobContext) -> Any:
+        kwargs = env.kwargs
+        if spec.context_param:
+            kwargs = {**kwargs, spec.context_param: job}
         try:
-            inspect.signature(spec.func).bind(*env.args, **env.kwargs)
+            inspect.signature(spec.func).bind(*env.args, **kwargs)
         except TypeError as exc:
             raise BadArguments(f"arguments do not match {spec.name}(): {exc}") from None
         timeout = spec.timeout or self.config.timeout
         token = set_current(job)
         try:
             if spec.is_async:
-                coro = spec.func(*env.args, **env.kwargs)
+                coro = spec.func(*env.args, **kwargs)
             else:
                 loop = asyncio.get_running_loop()
-                call = functools.partial(contextvars.copy_context().run, spec.func, *env.args, **env.kwargs)
+                call = functools.partial(contextvars.copy_context().run, spec.func, *env.args, **kwargs)
                 coro = loop.run_in_executor(self.executor, call)
             try:
                 return await asyncio.wait_for(coro, timeout)
