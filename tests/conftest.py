@@ -105,13 +105,14 @@ def start_worker(env: dict[str, str], redis_url: str, prefix: str) -> Iterator[C
     import redis
 
     started: list[WorkerProcess] = []
-    client = redis.Redis.from_url(redis_url)
+    clients: dict[str, redis.Redis] = {}
 
     def start(queue: str = "contract", engine: str = "arq", *extra: str, wait: bool = True, **env_extra: str) -> WorkerProcess:
         worker_env = {**env, **{k.upper(): str(v) for k, v in env_extra.items()}}
         worker = WorkerProcess([queue, "--backend", engine, *extra], worker_env)
         started.append(worker)
         if wait:
+            client = clients.setdefault(worker_env["REDIS_URL"], redis.Redis.from_url(worker_env["REDIS_URL"]))
             processes = int(extra[extra.index("--processes") + 1]) if "--processes" in extra else 1
             pattern = f"{prefix}:heartbeat:{queue}:*"
 
@@ -131,4 +132,5 @@ def start_worker(env: dict[str, str], redis_url: str, prefix: str) -> Iterator[C
             worker.proc.send_signal(signal.SIGTERM)
     for worker in started:
         worker.stop(sig=None)
-    client.close()
+    for client in clients.values():
+        client.close()

@@ -91,6 +91,14 @@ async def wait_for_file(path: str, timeout: float = 30.0) -> str:
     return "released"
 
 
+async def chaos_job(directory: str, key: str, ms: int) -> str:
+    """Counts its executions (one line per start) and runs for ``ms``: the chaos test's job."""
+    with open(os.path.join(directory, key), "a") as fh:
+        fh.write(f"{os.getpid()} {current_job().attempt}\n")
+    await asyncio.sleep(ms / 1000)
+    return key
+
+
 def kill_my_worker() -> None:
     """Dies the hard way, like an OOM kill: the job must not loop forever."""
     os.kill(os.getpid(), signal.SIGKILL)
@@ -99,7 +107,7 @@ def kill_my_worker() -> None:
 class WorkerSettings:
     functions = [add, multiply, echo, whoami, whoami_sync, always_fails, always_fails_4, permanent, flaky,
                  slow_async, slow_sync, returns_unserialisable, started_at, touch, wait_for_file,
-                 kill_my_worker]
+                 kill_my_worker, chaos_job]
     queue_name = "contract"
     max_jobs = 8
     job_timeout = 30
