@@ -251,3 +251,46 @@ async def test_enqueue_many_in_bulk(engine: str, client: WorkerClient, start_wor
     assert jobs[50] is None
     assert [await j.result(RESULT_TIMEOUT) for j in jobs[:50]] == [i + 1 for i in range(50)]
     assert await jobs[51].result(RESULT_TIMEOUT) > 0
+
+
+def _inject_foreign(engine: str, client: WorkerClient, url: str) -> int:
+    """Write messages the layer did not write straight into the engine's keys; how many."""
+    import redis as sync_redis
+
+    r = sync_redis.Redis.from_url(url)
+    ns = client.keys.engine_namespace(engine)
+    try:
+        if engine == "arq":
+            r.set("arq:job:foreign-1", b"\x80 not json")
+            r.set("arq:job:foreign-2", json.dumps({"t": 1, "f": "other_function", "a": [], "k": {}, "et": 1}))
+            r.zadd(f"{ns}:contract", {"foreign-1": 1, "foreign-2": 1})
+        elif engine == "dramatiq":
+            other = {"queue_name": "contract", "actor_name": "other_actor", "args": [], "kwargs": {},
+                     "options": {"redis_message_id": "foreign-2"}, "message_id": "m2", "message_timestamp": 1}
+            r.hset(f"{ns}:contract.msgs", mapping={"foreign-1": "not json", "foreign-2": json.dumps(other)})
+            r.rpush(f"{ns}:contract", "foreign-1", "foreign-2")
+        else:
+            r.xadd(f"{ns}:contract", {"data": b"not json"})
+            r.xadd(f"{ns}:contract", {"data": json.dumps({"task_id": "x", "task_name": "other", "labels": {},
+                                                          "args": [], "kwargs": {}})})
+        return 2
+    finally:
+        r.close()
+
+
+async def test_foreign_messages_in_engine_keys_fail_with_an_event(
+    engine: str, client: WorkerClient, start_worker: Any, redis_url: str
+) -> None:
+    start_worker("contract", engine)
+    count = _inject_foreign(engine, client, redis_url)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + RESULT_TIMEOUT
+    while True:
+        failures = [e async for e in read_events(client.redis, client.keys, type_="job.failed")
+                    if e["error"].startswith("MalformedMessage: ")]
+        if len(failures) >= count:
+            break
+        assert loop.time() < deadline, f"only {len(failures)} foreign messages reported"
+        await asyncio.sleep(0.02)
+    job = await client.enqueue("add", 2, 2)  # and the worker goes on
+    assert await job.result(RESULT_TIMEOUT) == 4

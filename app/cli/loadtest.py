@@ -212,7 +212,7 @@ def show(result: dict[str, Any], queue: str, engine: str, kind: str) -> None:
     def ms(p: dict[str, float | None]) -> str:
         return " / ".join("-" if p[k] is None else f"{p[k]:g}" for k in ("p50", "p95", "p99"))
 
-    console = Console()
+    console = Console(highlight=False)
     console.print(f"[bold]{result['jobs']}[/] {kind} jobs on queue {queue} ({engine}): "
                   f"{result['completed']} completed, {result['failed']} failed")
     console.print(f"enqueue     {result['enqueue_jobs_s'] or 0:,.0f} jobs/s")

@@ -65,7 +65,8 @@ class EventPublisher:
 
     def take(self) -> list[dict[str, str]]:
         """Hand every buffered event to a caller that writes them in its own pipeline
-        (the job's state change); on failure it must ``restore`` them."""
+        (the job's state change); on failure it must ``restore`` them. Events the
+        background flush is writing at that moment are not in the buffer, so not handed."""
         events = list(self.buffer)
         self.buffer.clear()
         return events
@@ -102,13 +103,18 @@ class EventPublisher:
                 return
 
     async def _flush_batch(self) -> None:
-        chunk = [self.buffer[i] for i in range(min(self.batch, len(self.buffer)))]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for event in chunk:
-                pipe.xadd(self.stream, event, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
-            await pipe.execute()
-        for _ in chunk:
-            self.buffer.popleft()
+        # The chunk leaves the buffer before the round trip, so that a ``take`` meanwhile (a
+        # job writing its state) neither writes these events a second time nor has events
+        # emitted after it removed in their place; on failure they go back to the front.
+        chunk = [self.buffer.popleft() for _ in range(min(self.batch, len(self.buffer)))]
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for event in chunk:
+                    pipe.xadd(self.stream, event, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+                await pipe.execute()
+        except BaseException:
+            self.restore(chunk)
+            raise
         self.sent += len(chunk)
 
     async def close(self, timeout: float = 5.0) -> None:
@@ -121,6 +127,7 @@ class EventPublisher:
             await asyncio.wait_for(asyncio.shield(self._task), timeout)
         except asyncio.TimeoutError:
             self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)  # an interrupted batch is back in the buffer
             if self.buffer:
                 self.dropped += len(self.buffer)
                 logger.error("%d events could not be written before exit", len(self.buffer))

@@ -30,6 +30,19 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
+def _loads(data: bytes) -> Any:
+    """JSON, and a job the layer did not write reaches the runtime as a malformed envelope
+    (ending with a job.failed event) instead of arq's 'function not found' log line."""
+    try:
+        job = json.loads(data)
+        if isinstance(job, dict) and job.get("f") == DISPATCH_NAME:
+            return job
+        reason = f"foreign arq job for function {job.get('f')!r}" if isinstance(job, dict) else "not an arq job"
+    except ValueError:
+        reason = "undecodable arq job"
+    return {"t": 1, "f": DISPATCH_NAME, "a": [f"<{reason}: {data[:200]!r}>"], "k": {}, "et": now_ms()}
+
+
 class Adapter(EngineAdapter):
     name = "arq"
 
@@ -45,7 +58,7 @@ class Adapter(EngineAdapter):
         if self._pool is None:
             connection_pool = aioredis.ConnectionPool.from_url(redis_url(self.settings), **connection_kwargs(self.settings))
             self._pool = ArqRedis(
-                connection_pool, job_serializer=_dumps, job_deserializer=json.loads,
+                connection_pool, job_serializer=_dumps, job_deserializer=_loads,
                 default_queue_name=self.queue_key, expires_extra_ms=EXPIRES_EXTRA_MS,
             )
         return self._pool
@@ -71,7 +84,7 @@ class Adapter(EngineAdapter):
             poll_delay=POLL_DELAY,
             handle_signals=False,
             job_serializer=_dumps,
-            job_deserializer=json.loads,
+            job_deserializer=_loads,
             health_check_interval=60,
             log_results=False,
             expires_extra_ms=EXPIRES_EXTRA_MS,

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import Any
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.errors import DecodeError
 
 from app.core.redis import sync_client
 from app.components.worker.envelope import DISPATCH_NAME
@@ -24,6 +26,31 @@ logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_MS = 10_000
 MAINTENANCE_CHANCE = 100_000  # out of 1,000,000 commands
+
+
+class _Encoder(dramatiq.JSONEncoder):
+    """Dramatiq's JSON, except that a message the layer did not write (another actor, or
+    bytes that are not a message) reaches the runtime as a malformed envelope and ends with
+    a job.failed event. Dramatiq itself raises on undecodable bytes, and its consumer then
+    drops the rest of its prefetched batch until the process restarts."""
+
+    def __init__(self, queue_name: str) -> None:
+        self.queue_name = queue_name
+
+    def decode(self, data: bytes) -> dict[str, Any]:
+        try:
+            message = super().decode(data)
+        except DecodeError:
+            message = None
+        if isinstance(message, dict) and message.get("actor_name") == DISPATCH_NAME:
+            return message
+        what = f"for actor {message.get('actor_name')!r}" if isinstance(message, dict) else "that is not JSON"
+        return {
+            "queue_name": self.queue_name, "actor_name": DISPATCH_NAME,
+            "args": [f"<foreign dramatiq message {what}: {data[:200]!r}>"], "kwargs": {},
+            "options": (message or {}).get("options", {}), "message_id": uuid.uuid4().hex,
+            "message_timestamp": 0,
+        }
 
 
 class Adapter(EngineAdapter):
@@ -41,6 +68,7 @@ class Adapter(EngineAdapter):
             heartbeat_timeout=int(self.settings.worker_offline_after * 1000), maintenance_chance=MAINTENANCE_CHANCE,
         )
         self.broker.declare_queue(self.queue_name)
+        dramatiq.set_encoder(_Encoder(self.queue_name))
         self._worker: dramatiq.Worker | None = None
         self._handle: Handle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

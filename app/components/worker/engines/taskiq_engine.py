@@ -12,11 +12,14 @@ heartbeats, and a shorter idle time would run long jobs twice. Delays are the la
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import json
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
+from taskiq.abc.broker import AckableMessage
 from taskiq.acks import AcknowledgeType
 from taskiq.receiver import Receiver
 from taskiq_redis import RedisStreamBroker
@@ -29,7 +32,47 @@ GROUP = "app"
 IDLE_TIMEOUT_MS = 24 * 3600 * 1000
 
 
+def _foreign(reason: str, data: bytes) -> bytes:
+    """A stand-in for a message the layer did not write: it reaches the runtime as a
+    malformed envelope, so it ends with a job.failed event instead of a log line."""
+    return json.dumps({"task_id": uuid.uuid4().hex, "task_name": DISPATCH_NAME, "labels": {},
+                       "args": [f"<{reason}: {data[:200]!r}>"], "kwargs": {}}).encode()
+
+
 class _StreamBroker(RedisStreamBroker):
+    """taskiq-redis's stream broker with the layer's fixes: acked entries are deleted,
+    a consumer re-reads its own unacked entries first whenever it (re)starts (a consume
+    loop that died mid-batch would otherwise strand them), foreign entries are routed to
+    the runtime, and XAUTOCLAIM is left to the layer's heartbeat-driven recovery."""
+
+    async def listen(self) -> AsyncGenerator[AckableMessage, None]:
+        async with Redis(connection_pool=self.connection_pool) as conn:
+            start = "0"  # this consumer's pending entries first, then new ones
+            while True:
+                fetched = await conn.xreadgroup(
+                    self.consumer_group_name, self.consumer_name, {self.queue_name: start},
+                    block=self.block, count=self.count,
+                )
+                entries = [entry for _, batch in fetched for entry in batch]
+                if start == "0" and not entries:
+                    start = ">"
+                    continue
+                for entry_id, fields in entries:
+                    if start == "0":
+                        start = entry_id  # keep paging through the pending list
+                    data = fields.get(b"data") if fields else None
+                    yield AckableMessage(data=self._checked(data, fields), ack=self._ack_generator(entry_id))
+
+    def _checked(self, data: bytes | None, fields: Any) -> bytes:
+        if data is None:
+            return _foreign("stream entry without a data field", repr(fields).encode())
+        try:
+            message = json.loads(data)
+        except ValueError:
+            return _foreign("undecodable taskiq message", data)
+        if not isinstance(message, dict) or message.get("task_name") != DISPATCH_NAME:
+            return _foreign("foreign taskiq message", data)
+        return data
     def _ack_generator(self, id: str) -> Callable[[], Awaitable[None]]:  # noqa: A002 - taskiq's name
         async def _ack() -> None:
             async with Redis(connection_pool=self.connection_pool) as conn:

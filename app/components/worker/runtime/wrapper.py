@@ -89,7 +89,9 @@ class JobRuntime:
             job = JobContext(job_id="", task="", queue=self.queue.name, engine=self.config.engine, attempt=0,
                              max_tries=0, enqueued_at=0, worker_id=self.worker.worker_id, worker=self.worker,
                              started_ms=now_ms())
-            await self.middleware.call("on_failure", job, MalformedMessage(f"{exc}: {raw[:200]!r}"))
+            foreign = raw.startswith("<") and raw.endswith(">")  # an adapter's stand-in
+            reason = raw[1:-1] if foreign else f"{exc}: {raw[:200]!r}"
+            await self.middleware.call("on_failure", job, MalformedMessage(reason))
             return
         task = asyncio.current_task()
         if task is not None:
