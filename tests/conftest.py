@@ -112,7 +112,10 @@ def start_worker(env: dict[str, str], redis_url: str, prefix: str) -> Iterator[C
         worker = WorkerProcess([queue, "--backend", engine, *extra], worker_env)
         started.append(worker)
         if wait:
-            client = clients.setdefault(worker_env["REDIS_URL"], redis.Redis.from_url(worker_env["REDIS_URL"]))
+            url = worker_env["REDIS_URL"]
+            if url not in clients:
+                clients[url] = redis.Redis.from_url(url, password=worker_env.get("REDIS_PASSWORD") or None)
+            client = clients[url]
             processes = int(extra[extra.index("--processes") + 1]) if "--processes" in extra else 1
             pattern = f"{prefix}:heartbeat:{queue}:*"
 

@@ -60,7 +60,7 @@ async def test_hook_sequences_are_the_same_on_every_engine(
     Recorder.producer_calls.clear()
     ok = await client.enqueue("ok")
     retried = await client.enqueue("fails_first")
-    failed = await client.enqueue("always_fails", _queue="hooks")
+    failed = await client.enqueue("fails_every_time")
     assert await ok.result(TIMEOUT) == "ok"  # the Exploder raised in every hook meanwhile
     assert await retried.result(TIMEOUT) == 2
     with pytest.raises(JobFailed):

@@ -6,15 +6,25 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError, ConnectionError, ResponseError, TimeoutError
+from redis.retry import Retry as SyncRetry
 
 from app.core.errors import RedisUnavailable
 from app.core.settings import Settings
 
 
-def connection_kwargs(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for ``redis.from_url`` that apply the REDIS_* overrides to the URL."""
+def connection_kwargs(settings: Settings, *, sync: bool = False) -> dict[str, Any]:
+    """Keyword arguments for ``redis.from_url`` that apply the REDIS_* overrides to the URL.
+
+    A command on a connection that Redis closed (a restart, an idle timeout) is retried on a
+    fresh one a few times (0.05 s doubling to 1 s), so a producer's first call after a Redis
+    restart succeeds instead of failing with "Connection closed by server"."""
+    retry_class = SyncRetry if sync else AsyncRetry
     kwargs: dict[str, Any] = {
+        "retry": retry_class(ExponentialBackoff(cap=1.0, base=0.05), 3),
+        "retry_on_error": [ConnectionError, TimeoutError],
         "socket_connect_timeout": settings.redis_connection_timeout,
         "socket_keepalive": settings.redis_socket_keepalive,
         "max_connections": settings.redis_max_connections,
@@ -41,7 +51,7 @@ def async_client(settings: Settings, **extra: Any) -> aioredis.Redis:
 
 
 def sync_client(settings: Settings, **extra: Any) -> redis.Redis:
-    return redis.from_url(redis_url(settings), **{**connection_kwargs(settings), **extra})
+    return redis.from_url(redis_url(settings), **{**connection_kwargs(settings, sync=True), **extra})
 
 
 def describe(settings: Settings) -> str:

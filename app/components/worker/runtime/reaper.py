@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import redis.asyncio as aioredis
 
@@ -38,6 +39,7 @@ class Reaper:
         self.me = runtime.worker.instance
         self.interval = max(0.1, min(1.0, offline_after / 4))
         self.recovered = 0
+        self._connected_since = time.monotonic()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -46,10 +48,17 @@ class Reaper:
     async def _run(self) -> None:
         while True:
             try:
-                await self.reap_once()
+                # Heartbeat ages mean something only once this process has itself been
+                # connected for a full offline threshold: after a Redis outage every beat
+                # is old, and live workers need a moment to beat again.
+                if time.monotonic() - self._connected_since >= self.offline_after:
+                    await self.reap_once()
+                else:
+                    await self.redis.ping()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - try again next round
+                self._connected_since = time.monotonic()
                 logger.warning("queue %s: crash recovery pass failed (%s)", self.queue, exc)
             await asyncio.sleep(self.interval)
 
