@@ -490,39 +490,45 @@ async def test_follow_misses_no_event_between_reads(redis_url: str, prefix: str)
         await conn.aclose()
 
 
-async def test_heartbeat_comes_back_at_once_after_a_long_outage(make_settings: Any, redis_url: str,
-                                                               prefix: str) -> None:
-    import redis.asyncio as aioredis
+async def test_heartbeat_backoff_stays_under_the_offline_threshold(make_settings: Any, redis_url: str,
+                                                                    prefix: str) -> None:
+    """Failed beats back off (1 s, x1.5, 15 s max) but never past a third of the offline
+    threshold, so a live worker beats again before anyone can judge it offline."""
+    import redis as sync_redis
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    outage = 40  # failed beats: with a growing backoff this would take minutes to come back
+    outage = 40
 
     class FlakyHeartbeat(Heartbeat):
         calls = 0
 
-        async def beat(self, state: str | None = None) -> None:
+        def beat(self, state: str | None = None) -> None:
             self.calls += 1
-            if self.calls <= outage:
+            if self.calls <= outage and state is None:
                 raise RedisConnectionError("Redis is down")
-            await super().beat(state)
+            super().beat(state)
 
-    conn = aioredis.Redis.from_url(redis_url)
+    conn = sync_redis.Redis.from_url(redis_url)
     keys = Keys(prefix)
+    settings = make_settings(worker_heartbeat_interval=0.02, worker_offline_after=0.3)
     heartbeat = FlakyHeartbeat(
-        conn, keys, make_settings(worker_heartbeat_interval=0.02), queue="contract", engine="arq",
+        sync_redis.Redis.from_url(redis_url), keys, settings, queue="contract", engine="arq",
         worker_id="w", instance="w~1", labels={}, concurrency=1, counters=lambda: {"running": 0},
     )
+    assert heartbeat.max_backoff == pytest.approx(0.1)
+    assert Heartbeat(conn, keys, make_settings(), queue="q", engine="arq", worker_id="x", instance="x~1",
+                     labels={}, concurrency=1, counters=dict).max_backoff == 10.0  # 30 s / 3
     heartbeat.start()
     try:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 15
-        while not await conn.exists(keys.heartbeat("contract", "w")):
+        while not conn.exists(keys.heartbeat("contract", "w")):
             assert loop.time() < deadline, f"no heartbeat after {heartbeat.calls} tries"
             await asyncio.sleep(0.02)
         assert heartbeat.calls > outage
     finally:
         await heartbeat.stop()
-        await conn.aclose()
+        conn.close()
 
 
 class GatedRedis:

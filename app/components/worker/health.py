@@ -15,11 +15,13 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import redis as redis_sync
 import redis.asyncio as aioredis
 
 from app.core.settings import Settings
@@ -56,25 +58,28 @@ class Thresholds:
 
 
 class Heartbeat:
-    """Writes this process's heartbeat until stopped.
+    """Writes this process's heartbeat from its own thread until stopped.
 
-    A failed beat is retried at the normal interval, never slower: once Redis is back the
-    worker must beat at once, or it looks offline and crash recovery would hand its running
-    jobs to other workers (run twice) while it still runs them. A failing try is cheap (a
-    refused connection, or at most ``REDIS_CONNECTION_TIMEOUT``); the log says so on the
-    first failure and then every ``LOG_FAILURE_EVERY`` tries.
+    A thread, not a task on the event loop: a task that blocks the loop (CPU-bound code in
+    an ``async def``) must not make a live worker look dead, or crash recovery would hand
+    its running jobs to another worker while it still runs them.
+
+    A failed beat backs off 1 s, x1.5, up to 15 s, but never beyond a third of the offline
+    threshold: once Redis is back the worker must beat before others judge it offline. The
+    log says so on the first failure and then every ``LOG_FAILURE_EVERY`` tries.
     """
 
     LOG_FAILURE_EVERY = 30
 
     def __init__(
-        self, redis: aioredis.Redis, keys: Keys, settings: Settings, *, queue: str, engine: str,
+        self, redis: redis_sync.Redis, keys: Keys, settings: Settings, *, queue: str, engine: str,
         worker_id: str, instance: str, labels: dict[str, str], concurrency: int,
         counters: Callable[[], dict[str, int]],
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.interval = settings.worker_heartbeat_interval
+        self.max_backoff = min(15.0, max(self.interval, settings.worker_offline_after / 3))
         self.ttl = int(settings.worker_offline_after + LISTED_AFTER_OFFLINE_S)
         self.queue = queue
         self.engine = engine
@@ -84,7 +89,8 @@ class Heartbeat:
         self.concurrency = concurrency
         self.counters = counters
         self.started_at = time.time()
-        self._task: asyncio.Task[None] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def payload(self, state: str | None = None) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -97,50 +103,53 @@ class Heartbeat:
             data["state"] = state
         return data
 
-    async def beat(self, state: str | None = None) -> None:
+    def beat(self, state: str | None = None) -> None:
         now = now_ms()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(self.keys.heartbeat(self.queue, self.worker_id), json.dumps(self.payload(state)), ex=self.ttl)
-            pipe.zadd(self.keys.workers, {f"{self.queue}|{self.worker_id}": now})
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.keys.heartbeat(self.queue, self.worker_id), json.dumps(self.payload(state)), ex=self.ttl)
+        pipe.zadd(self.keys.workers, {f"{self.queue}|{self.worker_id}": now})
+        if state == "stopped":
+            # Stopped on purpose, running jobs drained or handed back: nothing to recover.
+            pipe.hdel(self.keys.engines(self.queue), self.engine)
+            pipe.zrem(self.keys.instances, f"{self.queue}|{self.instance}")
+            pipe.delete(self.keys.held(self.instance))
+        else:
             pipe.hset(self.keys.engines(self.queue), self.engine, now)
-            if state == "stopped":
-                # Stopped on purpose, running jobs drained or handed back: nothing to recover.
-                pipe.zrem(self.keys.instances, f"{self.queue}|{self.instance}")
-                pipe.delete(self.keys.held(self.instance))
-            else:
-                pipe.zadd(self.keys.instances, {f"{self.queue}|{self.instance}": now})
-            await pipe.execute()
+            pipe.zadd(self.keys.instances, {f"{self.queue}|{self.instance}": now})
+        pipe.execute()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="heartbeat")
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._thread.start()
 
-    async def _run(self) -> None:
+    def _run(self) -> None:
         failures = 0
-        while True:
+        delay = self.interval
+        while not self._stop.wait(delay):
             try:
-                await self.beat()
+                self.beat()
                 if failures:
                     logger.warning("heartbeat written again after %d failed tries", failures)
-                failures = 0
-            except asyncio.CancelledError:
-                raise
+                failures, delay = 0, self.interval
             except Exception as exc:  # noqa: BLE001 - heartbeats recover by themselves
                 failures += 1
+                delay = min(1.5 ** (failures - 1), self.max_backoff)
                 if failures == 1 or failures % self.LOG_FAILURE_EVERY == 0:
-                    logger.warning("heartbeat failed %d time(s) (%s); retrying every %gs",
-                                   failures, exc, self.interval)
-            await asyncio.sleep(self.interval)
+                    logger.warning("heartbeat failed %d time(s) (%s); next try in %.1fs", failures, exc, delay)
+
+    def _stop_and_mark(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+        try:
+            self.beat(state="stopped")
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("could not write the last heartbeat: %s", exc)
+        self.redis.close()
 
     async def stop(self) -> None:
         """Stop beating and leave a last beat that says the worker stopped on purpose."""
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        try:
-            await self.beat(state="stopped")
-            await self.redis.hdel(self.keys.engines(self.queue), self.engine)
-        except Exception as exc:  # noqa: BLE001
-            logger.warning("could not write the last heartbeat: %s", exc)
+        await asyncio.to_thread(self._stop_and_mark)
 
 
 async def live_engines(redis: aioredis.Redis, keys: Keys, queue: str, offline_after: float) -> set[str]:

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.core.redis import async_client, ping
+from app.core.redis import async_client, ping, sync_client
 from app.core.settings import Settings
 from app.components.worker.config import resolve
 from app.components.worker.engines import engine_class
@@ -67,7 +67,7 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
     runtime = JobRuntime(spec, config, store, chain, worker, publisher)
     adapter = engine_class(config.engine)(settings, keys, config)
     heartbeat = Heartbeat(
-        redis, keys, settings, queue=spec.name, engine=config.engine, worker_id=worker_id, instance=worker.instance,
+        sync_client(settings), keys, settings, queue=spec.name, engine=config.engine, worker_id=worker_id, instance=worker.instance,
         labels={**settings.labels, **options.labels}, concurrency=config.threads,
         counters=lambda: {"running": runtime.running, "done": runtime.done, "failed": runtime.failed},
     )
@@ -76,7 +76,7 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
 
     if spec.on_startup is not None:
         await _call_hook(spec.on_startup, worker)
-    await heartbeat.beat()
+    await asyncio.to_thread(heartbeat.beat)
     heartbeat.start()
     await chain.call("worker_start", worker)
     await adapter.start(runtime.execute, worker.instance)
