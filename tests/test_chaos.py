@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from app.core.redis_server import RedisServer
-from app.core.settings import load_settings
 from app.components.worker import JobRequest
 from app.components.worker.api import WorkerClient
 from app.components.worker.events import read_events
+from app.core.redis_server import RedisServer
+from app.core.settings import load_settings
 from tests.conftest import ROOT
 
 JOBS = 240

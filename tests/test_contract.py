@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from app.core.errors import DuplicateJob, EngineMismatch, JobFailed, PayloadError, UnknownQueue, UnknownTask
 from app.components.worker.api import WorkerClient
 from app.components.worker.config import resolve
 from app.components.worker.engines import engine_class
 from app.components.worker.envelope import Envelope, now_ms
 from app.components.worker.events import read_events
+from app.core.errors import DuplicateJob, EngineMismatch, JobFailed, PayloadError, UnknownQueue, UnknownTask
 
 pytestmark = pytest.mark.parametrize("engine", ["arq", "dramatiq", "taskiq"])
 

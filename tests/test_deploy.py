@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from app.core.settings import Settings
 from app.components.worker.registry import Registry
+from app.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_EXAMPLE = ROOT / ".env.example"

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from app.core.errors import JobFailed
 from app.components.worker.api import WorkerClient
+from app.core.errors import JobFailed
 from tests.queues.hooks import Recorder
 from tests.test_contract import wait_trail
 

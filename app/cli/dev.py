@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Annotated, Optional
+from typing import Annotated
 
 import redis
 import typer
@@ -59,7 +59,7 @@ def _wait_for_workers(queues: list[str], timeout: float = 60) -> None:
 
 def dev(
     once: Annotated[bool, typer.Option(help="Exit after the demo job instead of following events.")] = False,
-    backend: Annotated[Optional[str], typer.Option(help="Engine for every queue: arq, dramatiq or taskiq.")] = None,
+    backend: Annotated[str | None, typer.Option(help="Engine for every queue: arq, dramatiq or taskiq.")] = None,
 ) -> None:
     """Run every queue's worker against REDIS_URL, or a private Redis, and show a job end to end."""
     if backend and backend not in ENGINES:

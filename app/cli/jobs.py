@@ -7,14 +7,13 @@ Exit codes: 0 the job completed (or was enqueued), 1 it failed / is unknown / ti
 from __future__ import annotations
 
 import json
-import sys
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
 from app.cli.common import fail, parse_pairs, print_json, run, settings
-from app.core.errors import AppError, JobFailed
 from app.components.worker.api import Job, WorkerClient
+from app.core.errors import AppError, JobFailed
 
 
 async def _report(job: Job, timeout: float | None) -> int:
@@ -29,13 +28,13 @@ async def _report(job: Job, timeout: float | None) -> int:
 
 def enqueue(
     task: Annotated[str, typer.Argument(help="Task name, e.g. cpu_intensive_task.")],
-    params: Annotated[Optional[list[str]], typer.Argument(help="After --: key=value arguments (values parsed as JSON).")] = None,
-    queue: Annotated[Optional[str], typer.Option(help="Queue (needed when the task name is in several).")] = None,
-    job_id: Annotated[Optional[str], typer.Option(help="Your own job id; refused while that job is queued or running.")] = None,
-    delay: Annotated[Optional[float], typer.Option(min=0, help="Start no sooner than this many seconds.")] = None,
-    kwargs: Annotated[Optional[str], typer.Option(help="Keyword arguments as one JSON object.")] = None,
+    params: Annotated[list[str] | None, typer.Argument(help="After --: key=value arguments (values parsed as JSON).")] = None,
+    queue: Annotated[str | None, typer.Option(help="Queue (needed when the task name is in several).")] = None,
+    job_id: Annotated[str | None, typer.Option(help="Your own job id; refused while that job is queued or running.")] = None,
+    delay: Annotated[float | None, typer.Option(min=0, help="Start no sooner than this many seconds.")] = None,
+    kwargs: Annotated[str | None, typer.Option(help="Keyword arguments as one JSON object.")] = None,
     wait: Annotated[bool, typer.Option(help="Wait for the result and print it as JSON.")] = False,
-    timeout: Annotated[Optional[float], typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
 ) -> None:
     """Enqueue TASK; prints the job id, or with --wait the result as JSON (exit 1 if the job failed)."""
     call: dict[str, Any] = {}
@@ -68,7 +67,7 @@ def enqueue(
 def result(
     job_id: Annotated[str, typer.Argument(help="The job id that enqueue printed.")],
     wait: Annotated[bool, typer.Option(help="Wait until the job finishes.")] = False,
-    timeout: Annotated[Optional[float], typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
 ) -> None:
     """Print a job's result as JSON (exit 0), or its error (exit 1)."""
 
@@ -93,7 +92,7 @@ def result(
 
 def dequeue(
     queue: Annotated[str, typer.Argument(help="Queue to take waiting jobs from.")],
-    job: Annotated[Optional[str], typer.Option(help="Only this job id.")] = None,
+    job: Annotated[str | None, typer.Option(help="Only this job id.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the ids as JSON.")] = False,
 ) -> None:
     """Cancel waiting jobs of QUEUE (or one job): they end as cancelled, with a job.failed event."""

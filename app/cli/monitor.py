@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -19,9 +19,9 @@ JSON = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 def events(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
-    queue: Annotated[Optional[str], typer.Option(help="Only this queue.")] = None,
-    type_: Annotated[Optional[str], typer.Option("--type", help="Only this type (job.failed) or family (job).")] = None,
-    job: Annotated[Optional[str], typer.Option(help="Only this job id.")] = None,
+    queue: Annotated[str | None, typer.Option(help="Only this queue.")] = None,
+    type_: Annotated[str | None, typer.Option("--type", help="Only this type (job.failed) or family (job).")] = None,
+    job: Annotated[str | None, typer.Option(help="Only this job id.")] = None,
     as_json: JSON = False,
 ) -> None:
     """Lifecycle events, oldest first; with --follow, new ones as they happen."""
@@ -54,7 +54,7 @@ def events(
 
 
 def workers(
-    queue: Annotated[Optional[str], typer.Option(help="Only this queue.")] = None,
+    queue: Annotated[str | None, typer.Option(help="Only this queue.")] = None,
     as_json: JSON = False,
 ) -> None:
     """Workers seen recently, with their health state by heartbeat age."""

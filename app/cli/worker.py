@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from app.cli.common import fail, guarded, settings
-from app.core.logging import setup_logging
-from app.core.settings import ENGINES, parse_labels
 from app.components.worker.config import resolve
 from app.components.worker.registry import Registry
+from app.core.logging import setup_logging
+from app.core.settings import ENGINES, parse_labels
 
 
 @guarded
 def worker(
-    queue: Annotated[Optional[str], typer.Argument(help="Queue to serve (default: WORKER_QUEUE_TYPE).")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="Engine: arq, dramatiq or taskiq.")] = None,
-    processes: Annotated[Optional[int], typer.Option(min=1, help="Worker processes (WORKER_PROCESSES).")] = None,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="Job slots per process (WORKER_THREADS).")] = None,
-    worker_id: Annotated[Optional[str], typer.Option("--id", help="Worker id (default hostname@pid).")] = None,
-    label: Annotated[Optional[list[str]], typer.Option(help="Label k=v; repeatable.")] = None,
+    queue: Annotated[str | None, typer.Argument(help="Queue to serve (default: WORKER_QUEUE_TYPE).")] = None,
+    backend: Annotated[str | None, typer.Option(help="Engine: arq, dramatiq or taskiq.")] = None,
+    processes: Annotated[int | None, typer.Option(min=1, help="Worker processes (WORKER_PROCESSES).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="Job slots per process (WORKER_THREADS).")] = None,
+    worker_id: Annotated[str | None, typer.Option("--id", help="Worker id (default hostname@pid).")] = None,
+    label: Annotated[list[str] | None, typer.Option(help="Label k=v; repeatable.")] = None,
     reload: Annotated[bool, typer.Option(help="Restart when code changes (development).")] = False,
 ) -> None:
     """Serve one queue: PROCESSES x THREADS concurrent jobs on the queue's engine."""

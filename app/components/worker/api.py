@@ -26,9 +26,6 @@ from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
-from app.core.errors import DuplicateJob, EngineMismatch, JobFailed, JobNotFound, PayloadError, ResultTimeout
-from app.core.redis import async_client, explain
-from app.core.settings import Settings, get_settings
 from app.components.worker import config as queue_config
 from app.components.worker.engines import engine_class
 from app.components.worker.engines.base import EngineAdapter
@@ -39,6 +36,9 @@ from app.components.worker.middleware import MiddlewareChain, load_middleware
 from app.components.worker.registry import Registry
 from app.components.worker.runtime import scripts
 from app.components.worker.runtime.store import read_result, read_status
+from app.core.errors import DuplicateJob, EngineMismatch, JobFailed, JobNotFound, PayloadError, ResultTimeout
+from app.core.redis import async_client, explain
+from app.core.settings import Settings, get_settings
 
 T = TypeVar("T")
 ENGINE_CHECK_TTL_S = 2.0
@@ -109,7 +109,7 @@ class WorkerClient:
     async def enqueue(
         self, task: str | Callable[..., Any], *args: Any, _queue: str | None = None,
         _job_id: str | None = None, _delay: float | None = None, **kwargs: Any,
-    ) -> "Job":
+    ) -> Job:
         env, raw = self._envelope(task, args, kwargs, _queue, _job_id)
         engine = self.engine_of(env.queue)
         due = now_ms() + int(_delay * 1000) if _delay and _delay > 0 else 0
@@ -139,7 +139,7 @@ class WorkerClient:
         await chain.call("after_enqueue", view, job_id=env.id)
         return Job(self, env.id, env.queue, env.task)
 
-    async def enqueue_many(self, requests: "Iterable[JobRequest]") -> "list[Job | None]":
+    async def enqueue_many(self, requests: Iterable[JobRequest]) -> list[Job | None]:
         """Enqueue many jobs with one pipeline for the records and one batch per engine.
 
         Returns a handle per request, in order; ``None`` where a caller-chosen id was
@@ -169,21 +169,21 @@ class WorkerClient:
                     )
                 recorded = await pipe.execute()
             by_queue: dict[str, list[tuple[str, str]]] = {}
-            for (env, raw, due, _), ok in zip(prepared, recorded):
+            for (env, raw, due, _), ok in zip(prepared, recorded, strict=False):
                 if int(ok) and not due:
                     by_queue.setdefault(env.queue, []).append((env.message_id, raw))
             for queue, messages in by_queue.items():
                 await self._adapter(queue).send(messages)
         except RedisError as exc:
             raise explain(exc, self.settings) from None
-        for (env, _, _, _), ok in zip(prepared, recorded):
+        for (env, _, _, _), ok in zip(prepared, recorded, strict=False):
             chain = self._chain(env.queue)
             if int(ok) and chain.has("after_enqueue"):
                 await chain.call("after_enqueue", self._hook_view(env, None), job_id=env.id)
         return [Job(self, env.id, env.queue, env.task) if int(ok) else None
-                for (env, _, _, _), ok in zip(prepared, recorded)]
+                for (env, _, _, _), ok in zip(prepared, recorded, strict=False)]
 
-    def job(self, job_id: str) -> "Job":
+    def job(self, job_id: str) -> Job:
         return Job(self, job_id)
 
     async def close(self) -> None:
@@ -274,10 +274,10 @@ class SyncWorkerClient:
 
         self.client = self._portal.call(build())
 
-    def enqueue(self, task: str | Callable[..., Any], *args: Any, **kwargs: Any) -> "SyncJob":
+    def enqueue(self, task: str | Callable[..., Any], *args: Any, **kwargs: Any) -> SyncJob:
         return SyncJob(self, self._portal.call(self.client.enqueue(task, *args, **kwargs)))
 
-    def job(self, job_id: str) -> "SyncJob":
+    def job(self, job_id: str) -> SyncJob:
         return SyncJob(self, self.client.job(job_id))
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -304,7 +304,7 @@ class SyncJob:
         return self._owner.call(self.job.result(timeout))
 
 
-_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, WorkerClient]" = weakref.WeakKeyDictionary()
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, WorkerClient] = weakref.WeakKeyDictionary()
 _sync_client: SyncWorkerClient | None = None
 _sync_lock = threading.Lock()
 

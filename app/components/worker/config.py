@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from app.core.settings import Settings
 from app.components.worker.registry import QueueSpec
+from app.core.settings import Settings
 
 DEFAULT_THREADS = 10
 DEFAULT_TIMEOUT = 300.0

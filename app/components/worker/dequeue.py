@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 REASON = "dequeued by operator"
 
 
-async def _waiting_ids(client: "WorkerClient", queue: str) -> list[str]:
+async def _waiting_ids(client: WorkerClient, queue: str) -> list[str]:
     """Job ids of ``queue`` that wait (queued or delayed), from the layer's job records."""
     ids = []
     prefix = client.keys.job("")
@@ -26,7 +26,7 @@ async def _waiting_ids(client: "WorkerClient", queue: str) -> list[str]:
     return ids
 
 
-async def cancel_waiting(client: "WorkerClient", queue: str, job_id: str | None = None) -> list[str]:
+async def cancel_waiting(client: WorkerClient, queue: str, job_id: str | None = None) -> list[str]:
     script = client.redis.register_script(scripts.source("cancel"))
     keep = queue_config.resolve(client.registry.queue(queue), client.settings).keep_result
     ids = [job_id] if job_id else await _waiting_ids(client, queue)

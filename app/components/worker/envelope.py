@@ -58,11 +58,11 @@ class Envelope:
         a reused id (arq) accept the retry."""
         return f"{self.id}.{self.try_}"
 
-    def next_try(self, attempt: int) -> "Envelope":
+    def next_try(self, attempt: int) -> Envelope:
         return Envelope(self.id, self.task, self.queue, self.args, self.kwargs, attempt + 1, self.enqueued_at)
 
     @classmethod
-    def decode(cls, raw: str | bytes) -> "Envelope":
+    def decode(cls, raw: str | bytes) -> Envelope:
         """Parse a message; raises ValueError with a reason for anything malformed."""
         data = json.loads(raw)
         if not isinstance(data, dict):

@@ -24,9 +24,9 @@ from typing import Any
 import redis as redis_sync
 import redis.asyncio as aioredis
 
-from app.core.settings import Settings
 from app.components.worker.envelope import now_ms
 from app.components.worker.keys import Keys
+from app.core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Thresholds:
     offline: float = 30.0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Thresholds":
+    def from_settings(cls, settings: Settings) -> Thresholds:
         return cls(settings.worker_warning_after, settings.worker_unhealthy_after, settings.worker_offline_after)
 
     def state(self, age_s: float) -> str:
@@ -175,7 +175,7 @@ async def list_workers(
     values = await redis.mget([keys.heartbeat(q, w) for q, w, _ in pairs])
     now = time.time()
     workers, gone = [], []
-    for (q, wid, member), value in zip(pairs, values):
+    for (q, wid, member), value in zip(pairs, values, strict=False):
         if value is None:
             gone.append(member)
             continue

@@ -16,8 +16,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.core.redis import async_client, ping, sync_client
-from app.core.settings import Settings
 from app.components.worker.config import resolve
 from app.components.worker.engines import engine_class
 from app.components.worker.events import EventPublisher, EventPublishMiddleware
@@ -30,6 +28,8 @@ from app.components.worker.runtime.delayed import DelayedMover
 from app.components.worker.runtime.reaper import Reaper
 from app.components.worker.runtime.store import JobStore
 from app.components.worker.runtime.wrapper import JobRuntime
+from app.core.redis import async_client, ping, sync_client
+from app.core.settings import Settings
 
 logger = logging.getLogger(__name__)
 

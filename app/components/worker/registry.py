@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.core.errors import ConfigError, UnknownQueue, UnknownTask
-from app.core.settings import ENGINES
 from app.components.worker.middleware import as_instances
 from app.components.worker.task import options_of
+from app.core.errors import ConfigError, UnknownQueue, UnknownTask
+from app.core.settings import ENGINES
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -123,7 +123,7 @@ class Registry:
                 self._by_func[spec.func] = spec
 
     @classmethod
-    def discover(cls, packages: list[str]) -> "Registry":
+    def discover(cls, packages: list[str]) -> Registry:
         queues: dict[str, QueueSpec] = {}
         for package_name in packages:
             try:

@@ -17,9 +17,9 @@ from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from arq.worker import func
 
-from app.core.redis import connection_kwargs, redis_url
-from app.components.worker.envelope import DISPATCH_NAME, now_ms
 from app.components.worker.engines.base import EngineAdapter, EngineStats, Handle, keep_running
+from app.components.worker.envelope import DISPATCH_NAME, now_ms
+from app.core.redis import connection_kwargs, redis_url
 
 POLL_DELAY = 0.01
 NATIVE_TRIES = 1_000_000

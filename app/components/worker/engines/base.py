@@ -13,9 +13,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from app.core.settings import Settings
 from app.components.worker.config import QueueConfig
 from app.components.worker.keys import Keys
+from app.core.settings import Settings
 
 Handle = Callable[[str], Awaitable[None]]
 logger = logging.getLogger(__name__)

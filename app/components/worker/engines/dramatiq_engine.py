@@ -18,9 +18,9 @@ import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.errors import DecodeError
 
-from app.core.redis import sync_client
-from app.components.worker.envelope import DISPATCH_NAME
 from app.components.worker.engines.base import EngineAdapter, EngineStats, Handle
+from app.components.worker.envelope import DISPATCH_NAME
+from app.core.redis import sync_client
 
 logger = logging.getLogger(__name__)
 

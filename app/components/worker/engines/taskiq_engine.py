@@ -24,9 +24,9 @@ from taskiq.acks import AcknowledgeType
 from taskiq.receiver import Receiver
 from taskiq_redis import RedisStreamBroker
 
-from app.core.redis import connection_kwargs, redis_url
-from app.components.worker.envelope import DISPATCH_NAME
 from app.components.worker.engines.base import EngineAdapter, EngineStats, Handle, keep_running
+from app.components.worker.envelope import DISPATCH_NAME
+from app.core.redis import connection_kwargs, redis_url
 
 GROUP = "app"
 IDLE_TIMEOUT_MS = 24 * 3600 * 1000
@@ -137,7 +137,7 @@ class Adapter(EngineAdapter):
                 return 0
             entries = await conn.xclaim(self.stream, GROUP, self.broker.consumer_name, 0, ids)
             async with conn.pipeline(transaction=True) as pipe:
-                for entry_id, fields in entries:
+                for _, fields in entries:
                     if fields:
                         pipe.xadd(self.stream, fields)
                 pipe.xack(self.stream, GROUP, *ids)
@@ -153,7 +153,7 @@ class Adapter(EngineAdapter):
         if self._listen is not None:
             try:
                 await asyncio.wait_for(self._listen, 5)
-            except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+            except (TimeoutError, Exception):  # noqa: BLE001
                 self._listen.cancel()
                 await asyncio.gather(self._listen, return_exceptions=True)
         await self.broker.shutdown()

@@ -14,8 +14,8 @@ import functools
 import inspect
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
@@ -173,7 +173,7 @@ class JobRuntime:
                 coro = loop.run_in_executor(self.executor, call)
             try:
                 return await asyncio.wait_for(coro, timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise JobTimeout(f"job exceeded its {timeout:g}s timeout") from None
         finally:
             set_current(None)
