@@ -565,7 +565,7 @@ async def test_publisher_flush_and_take_never_double_or_drop_events(redis_url: s
     try:
         publisher.emit("worker.started", worker_id="w")
         await asyncio.wait_for(gated.entered.wait(), 10)  # the flush of worker.started is under way
-        assert publisher.take() == []  # ... so that event is the flush's, not the job's
+        assert publisher.take("w") == []  # ... so that event is the flush's, not a job's
         publisher.emit("job.completed", job_id="j1")  # emitted while the flush waits for Redis
         gated.release.set()
         loop = asyncio.get_running_loop()

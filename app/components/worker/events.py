@@ -63,13 +63,17 @@ class EventPublisher:
         if len(self.buffer) >= self.batch:
             self._wake.set()
 
-    def take(self) -> list[dict[str, str]]:
-        """Hand every buffered event to a caller that writes them in its own pipeline
-        (the job's state change); on failure it must ``restore`` them. Events the
+    def take(self, job_id: str) -> list[dict[str, str]]:
+        """Hand one job's buffered events to the runtime, which writes them in the Lua
+        script of that job's state change; on failure it must ``restore`` them. Events the
         background flush is writing at that moment are not in the buffer, so not handed."""
-        events = list(self.buffer)
+        if not any(e["job_id"] == job_id for e in self.buffer):
+            return []
+        mine = [e for e in self.buffer if e["job_id"] == job_id]
+        others = [e for e in self.buffer if e["job_id"] != job_id]
         self.buffer.clear()
-        return events
+        self.buffer.extend(others)
+        return mine
 
     def restore(self, events: list[dict[str, str]]) -> None:
         self.buffer.extendleft(reversed(events))

@@ -10,10 +10,13 @@
 local try = tonumber(ARGV[2])
 local status = redis.call('HGET', KEYS[1], 'status')
 if status then
+  local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
+  if status == 'running' and attempt == try and redis.call('HGET', KEYS[1], 'owner') == ARGV[8] then
+    return {1, try}  -- our own claim, retried after its reply was lost (a Redis restart)
+  end
   if status ~= 'queued' and status ~= 'delayed' then
     return {0, status}
   end
-  local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
   if attempt ~= try - 1 then
     return {0, 'stale'}
   end

@@ -4,8 +4,12 @@
 -- ARGV[5] now ms   ARGV[6] due ms (0: send now)   ARGV[7] events maxlen   ARGV[8] engine
 -- Returns 1 when recorded, 0 when a job with that id is queued, delayed or running.
 -- A finished job's id may be reused: its old record and result are replaced.
+-- Returns 2 when this same envelope is already recorded (a retried call).
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'queued' or status == 'delayed' or status == 'running' then
+  if redis.call('HGET', KEYS[1], 'envelope') == ARGV[2] then
+    return 2  -- this very enqueue, retried after its reply was lost: already recorded
+  end
   return 0
 end
 local due = tonumber(ARGV[6])

@@ -187,8 +187,9 @@ class JobRuntime:
                         env.id, env.task, job.attempt, policy.max_tries, kind, message, delay)
             due = now_ms() + int(delay * 1000)
             await self.middleware.call("on_retry", job, exc, delay, job_id=env.id)
-            await self._write(env.id, "retry", lambda events: self.store.schedule(
-                env.next_try(job.attempt), due, self.worker.instance, attempt=job.attempt, events=events))
+            await self._write(env.id, "retry", lambda events: self.store.requeue(
+                env.next_try(job.attempt), self.worker.instance, job.attempt, record_attempt=job.attempt,
+                due_ms=due, events=events))
             return
         await self._finish(env, job, "failed", error=exc)
 
@@ -211,7 +212,7 @@ class JobRuntime:
                            env.id, env.task, job.attempt, record["error_type"], record["error"])
             await self.middleware.call("on_failure", job, error, job_id=env.id)
         await self._write(env.id, "result", lambda events: self.store.finish(
-            env, instance or self.worker.instance, status, record, self.config.keep_result, events))
+            env, instance or self.worker.instance, job.attempt, status, record, self.config.keep_result, events))
         if status == "completed":
             self.done += 1
         else:
@@ -230,9 +231,9 @@ class JobRuntime:
                 delay = min(delay * 2, 5.0)
 
     async def _write(self, job_id: str, what: str, write: Callable[[list[dict[str, str]]], Awaitable[T]]) -> T:
-        """A state change, carrying the events buffered so far in the same MULTI."""
+        """A state change, carrying the job's buffered events in the same script."""
         async def attempt() -> T:
-            events = self.publisher.take() if self.publisher else []
+            events = self.publisher.take(job_id) if self.publisher else []
             try:
                 result = await write(events)
             except BaseException:
@@ -250,7 +251,8 @@ class JobRuntime:
         to wait for the same attempt (a shutdown is not the job's fault)."""
         logger.warning("job %s: interrupted by shutdown, handed back to queue %s", env.id, env.queue)
         try:
-            await asyncio.shield(self.store.schedule(env, now_ms(), self.worker.instance, attempt=attempt - 1))
+            await asyncio.shield(self.store.requeue(env, self.worker.instance, attempt, record_attempt=attempt - 1,
+                                                    due_ms=now_ms()))
         except Exception:  # noqa: BLE001
             logger.exception("job %s: hand-back failed; crash recovery will redeliver it", env.id)
 
@@ -273,8 +275,8 @@ class JobRuntime:
         error = WorkerLost(f"worker {job.worker_id} stopped beating {lost_for:.0f}s ago while running attempt {attempt}")
         if policy.should_retry(attempt, error):
             await self.middleware.call("on_retry", job, error, 0.0, job_id=env.id)
-            moved = await self._write(env.id, "recovery",
-                                      lambda events: self.store.requeue_lost(env, dead_instance, attempt, events))
+            moved = await self._write(env.id, "recovery", lambda events: self.store.requeue(
+                env.next_try(attempt), dead_instance, attempt, record_attempt=attempt, due_ms=now_ms(), events=events))
             if moved:
                 logger.warning("job %s: %s; redelivering as attempt %d", env.id, error, attempt + 1)
             return

@@ -1,0 +1,23 @@
+-- requeue: put a running attempt back to wait in the delayed set, with its events, exactly once.
+-- Used for a retry (attempt stays), a hand-back on shutdown (attempt - 1: not the job's fault)
+-- and a crash recovery by the reaper (attempt stays: the lost attempt counts).
+-- KEYS[1] job hash   KEYS[2] delayed zset of the queue   KEYS[3] held set of the owner   KEYS[4] events
+-- ARGV[1] job id   ARGV[2] owner instance   ARGV[3] attempt running   ARGV[4] attempt to record
+-- ARGV[5] next envelope JSON   ARGV[6] due ms   ARGV[7] events maxlen   ARGV[8..] events (JSON objects)
+-- Returns 1 when requeued, 0 when that attempt is no longer running there.
+redis.call('SREM', KEYS[3], ARGV[1])
+local job = redis.call('HMGET', KEYS[1], 'status', 'owner', 'attempt')
+if job[1] ~= 'running' or job[2] ~= ARGV[2] or job[3] ~= ARGV[3] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'status', 'delayed', 'attempt', ARGV[4], 'envelope', ARGV[5])
+redis.call('ZADD', KEYS[2], tonumber(ARGV[6]), ARGV[5])
+for i = 8, #ARGV do
+  local fields = {}
+  for name, value in pairs(cjson.decode(ARGV[i])) do
+    table.insert(fields, name)
+    table.insert(fields, value)
+  end
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', unpack(fields))
+end
+return 1
