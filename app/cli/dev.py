@@ -88,7 +88,9 @@ def dev(
         for name, spec in sorted(registry.queues.items()):
             engine = resolve(spec, cfg).engine
             typer.echo(f"starting worker: queue {name} on {engine}")
-            children.append(subprocess.Popen([sys.executable, "-m", "app", "worker", name], env=dict(os.environ)))
+            # Own session: Ctrl-C reaches `app dev` only, which then stops each worker once, gracefully.
+            children.append(subprocess.Popen([sys.executable, "-m", "app", "worker", name], env=dict(os.environ),
+                                             start_new_session=True))
         _wait_for_workers(list(registry.queues))
         _demo()
         if once:
