@@ -17,16 +17,16 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
 from app.cli.common import fail, parse_pairs, print_json, run, settings
-from app.core.errors import AppError, ResultTimeout
 from app.components.worker.api import JobRequest, WorkerClient
 from app.components.worker.envelope import new_job_id
 from app.components.worker.events import read_events
 from app.components.worker.health import Thresholds, list_workers
+from app.core.errors import AppError, ResultTimeout
 
 TASKS = {
     "noop": ("noop",),
@@ -156,7 +156,8 @@ class Progress:
         self.bar: Any = None
         if not enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as RichProgress
 
         self.bar = RichProgress(
             TextColumn("[bold]loadtest"), BarColumn(), MofNCompleteColumn(),
@@ -166,7 +167,7 @@ class Progress:
         self.task = self.bar.add_task("jobs", total=total, failed=0, rate="-")
         self.started = time.perf_counter()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         if self.bar is not None:
             self.bar.start()
         return self
@@ -231,11 +232,11 @@ def show(result: dict[str, Any], queue: str, engine: str, kind: str) -> None:
 
 
 def loadtest(
-    params: Annotated[Optional[list[str]], typer.Argument(help="After --: key=value task arguments (values parsed as JSON).")] = None,
+    params: Annotated[list[str] | None, typer.Argument(help="After --: key=value task arguments (values parsed as JSON).")] = None,
     queue: Annotated[str, typer.Option(help="Queue whose workers run the jobs.")] = "load_test",
     type_: Annotated[str, typer.Option("--type", help="noop, cpu, io, memory, failure or mixed (round-robin of the four).")] = "noop",
     jobs: Annotated[int, typer.Option(min=1, help="How many jobs.")] = 1000,
-    rate: Annotated[Optional[float], typer.Option(min=0.001, help="Enqueue at this many jobs/s (default: as fast as possible).")] = None,
+    rate: Annotated[float | None, typer.Option(min=0.001, help="Enqueue at this many jobs/s (default: as fast as possible).")] = None,
     timeout: Annotated[float, typer.Option(min=0.1, help="Give up after this many seconds (exit 1).")] = 300.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -277,7 +278,7 @@ def loadtest(
                     accepted, enqueue_s = await enqueue_all(client, requests, rate)
                     remaining = max(0.0, timeout - enqueue_s)
                     await asyncio.wait_for(asyncio.shield(follower), remaining)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     missing = jobs - tally.finished
                     raise ResultTimeout(
                         f"{missing} of {jobs} jobs had no terminal event within {timeout:g}s "

@@ -118,22 +118,24 @@ class WorkerClient:
         await chain.call("before_enqueue", view, job_id=env.id)
         try:
             await self._check_engine(env.queue, engine)
-            recorded = await self._enqueue_script(
-                keys=[self.keys.job(env.id), self.keys.delayed(env.queue), self.keys.events, self.keys.result(env.id)],
-                args=[env.id, raw, env.queue, env.task, env.enqueued_at, due,
-                      self.settings.worker_events_maxlen, engine],
-            )
-            if not int(recorded):
-                raise DuplicateJob(
-                    f"job id {env.id!r} is already queued or running: not enqueued again "
-                    "(wait for it to finish or choose another id)"
-                )
-            if not due:
-                try:
-                    await self._adapter(env.queue).send([(env.message_id, raw)])
-                except BaseException:
-                    await self.redis.delete(self.keys.job(env.id))
-                    raise
+            if _job_id is None and not due:
+                # A fresh id cannot be a duplicate: record and send in one round trip.
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    await self._record(pipe, env.queue, engine, [(env, raw, 0)])
+                    await self._adapter(env.queue).stage(pipe, [(env.message_id, raw)])
+                    await pipe.execute()
+            else:
+                if not (await self._record(self.redis, env.queue, engine, [(env, raw, due)]))[0]:
+                    raise DuplicateJob(
+                        f"job id {env.id!r} is already queued or running: not enqueued again "
+                        "(wait for it to finish or choose another id)"
+                    )
+                if not due:
+                    try:
+                        await self._adapter(env.queue).send([(env.message_id, raw)])
+                    except BaseException:
+                        await self.redis.delete(self.keys.job(env.id))
+                        raise
         except RedisError as exc:
             raise explain(exc, self.settings) from None
         await chain.call("after_enqueue", view, job_id=env.id)
@@ -147,7 +149,9 @@ class WorkerClient:
         when any request is invalid (unknown task, bad arguments, oversized payload).
         """
         prepared = []
+        chosen_ids = []
         for req in requests:
+            chosen_ids.append(req.job_id)
             env, raw = self._envelope(req.task, tuple(req.args), dict(req.kwargs), req.queue, req.job_id)
             due = now_ms() + int(req.delay * 1000) if req.delay and req.delay > 0 else 0
             prepared.append((env, raw, due, self.engine_of(env.queue)))
@@ -158,22 +162,25 @@ class WorkerClient:
         try:
             for queue, engine in {(p[0].queue, p[3]) for p in prepared}:
                 await self._check_engine(queue, engine)
+            fresh = all(job_id is None for job_id in chosen_ids)
+            groups: dict[tuple[str, str], list[int]] = {}
+            for index, (env, _, _, engine) in enumerate(prepared):
+                groups.setdefault((env.queue, engine), []).append(index)
             async with self.redis.pipeline(transaction=False) as pipe:
-                for env, raw, due, engine in prepared:
-                    await self._enqueue_script(
-                        keys=[self.keys.job(env.id), self.keys.delayed(env.queue), self.keys.events,
-                              self.keys.result(env.id)],
-                        args=[env.id, raw, env.queue, env.task, env.enqueued_at, due,
-                              self.settings.worker_events_maxlen, engine],
-                        client=pipe,
-                    )
-                recorded = await pipe.execute()
-            by_queue: dict[str, list[tuple[str, str]]] = {}
-            for (env, raw, due, _), ok in zip(prepared, recorded, strict=False):
-                if int(ok) and not due:
-                    by_queue.setdefault(env.queue, []).append((env.message_id, raw))
-            for queue, messages in by_queue.items():
-                await self._adapter(queue).send(messages)
+                for (queue, engine), indexes in groups.items():
+                    await self._record(pipe, queue, engine, [prepared[i][:3] for i in indexes])
+                if fresh:  # no id can be a duplicate: records and messages in one round trip
+                    for queue, messages in self._immediate(prepared).items():
+                        await self._adapter(queue).stage(pipe, messages)
+                replies = await pipe.execute()
+            recorded = [0] * len(prepared)
+            for reply, indexes in zip(replies, groups.values(), strict=False):
+                for index, flag in zip(indexes, reply, strict=True):
+                    recorded[index] = int(flag)
+            if not fresh:
+                accepted = [p for p, ok in zip(prepared, recorded, strict=True) if int(ok)]
+                for queue, messages in self._immediate(accepted).items():
+                    await self._adapter(queue).send(messages)
         except RedisError as exc:
             raise explain(exc, self.settings) from None
         for (env, _, _, _), ok in zip(prepared, recorded, strict=False):
@@ -182,6 +189,23 @@ class WorkerClient:
                 await chain.call("after_enqueue", self._hook_view(env, None), job_id=env.id)
         return [Job(self, env.id, env.queue, env.task) if int(ok) else None
                 for (env, _, _, _), ok in zip(prepared, recorded, strict=False)]
+
+    async def _record(self, client: Any, queue: str, engine: str, jobs: list[tuple[Envelope, str, int]]) -> Any:
+        """The layer's records of new jobs of one queue, with their job.enqueued events, in one
+        script call on a client (returns a flag per job) or a pipeline."""
+        args: list[Any] = [self.keys.prefix, now_ms(), self.settings.worker_events_maxlen, engine, queue]
+        for env, raw, due in jobs:
+            args += [env.id, raw, env.task, due]
+        return await self._enqueue_script(keys=[self.keys.delayed(queue), self.keys.events], args=args,
+                                          client=client)
+
+    @staticmethod
+    def _immediate(prepared: list[tuple[Envelope, str, int, str]]) -> dict[str, list[tuple[str, str]]]:
+        by_queue: dict[str, list[tuple[str, str]]] = {}
+        for env, raw, due, _ in prepared:
+            if not due:
+                by_queue.setdefault(env.queue, []).append((env.message_id, raw))
+        return by_queue
 
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)

@@ -14,7 +14,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from arq import Worker
 from arq.connections import ArqRedis
-from arq.constants import in_progress_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix
+from arq.jobs import serialize_job
 from arq.worker import func
 
 from app.components.worker.engines.base import EngineAdapter, EngineStats, Handle, keep_running
@@ -63,10 +64,14 @@ class Adapter(EngineAdapter):
             )
         return self._pool
 
-    async def send(self, messages: list[tuple[str, str]]) -> None:
+    async def stage(self, pipe: Any, messages: list[tuple[str, str]]) -> None:
+        """What ``ArqRedis.enqueue_job`` writes (job key, then the queue's sorted set), without
+        its WATCH round trips: the layer's own record already refuses duplicate ids."""
+        now = now_ms()
         for message_id, raw in messages:
-            # None means arq holds that id already: the same delivery is queued, nothing to do.
-            await self.pool.enqueue_job(DISPATCH_NAME, raw, _job_id=message_id, _queue_name=self.queue_key)
+            job = serialize_job(DISPATCH_NAME, (raw,), {}, None, now, serializer=_dumps)
+            pipe.psetex(job_key_prefix + message_id, EXPIRES_EXTRA_MS, job)
+        pipe.zadd(self.queue_key, {message_id: now for message_id, _ in messages})
 
     async def start(self, handle: Handle, instance: str) -> None:
         async def run(ctx: dict[str, Any], raw: str) -> None:
@@ -108,6 +113,7 @@ class Adapter(EngineAdapter):
         if self._pool is not None:
             await self._pool.aclose(close_connection_pool=True)
             self._pool = None
+        await self.close_redis()
 
     async def stats(self) -> EngineStats:
         now = now_ms()

@@ -12,6 +12,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from app.components.worker.config import QueueConfig
 from app.components.worker.keys import Keys
@@ -53,10 +54,33 @@ class EngineAdapter(ABC):
         self.settings = settings
         self.keys = keys
         self.config = config
+        self._redis: Any = None
 
     @abstractmethod
+    async def stage(self, pipe: Any, messages: list[tuple[str, str]]) -> None:
+        """Queue on ``pipe`` (an async Redis pipeline) the commands that put (message id,
+        envelope JSON) pairs on the queue, in the engine's own format: the producer sends them
+        with the layer's job records in one round trip."""
+
     async def send(self, messages: list[tuple[str, str]]) -> None:
-        """Put (message id, envelope JSON) pairs on the queue for immediate pickup."""
+        """Put messages on the queue now, in one pipeline."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self.stage(pipe, messages)
+            await pipe.execute()
+
+    @property
+    def redis(self) -> Any:
+        """An async client for the engine's keys (the producer and the delayed mover)."""
+        if self._redis is None:
+            from app.core.redis import async_client
+
+            self._redis = async_client(self.settings)
+        return self._redis
+
+    async def close_redis(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
 
     @abstractmethod
     async def start(self, handle: Handle, instance: str) -> None:

@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from taskiq.abc.broker import AckableMessage
 from taskiq.acks import AcknowledgeType
+from taskiq.message import TaskiqMessage
 from taskiq.receiver import Receiver
 from taskiq_redis import RedisStreamBroker
 
@@ -105,14 +106,15 @@ class Adapter(EngineAdapter):
         self.task = self.broker.register_task(run, task_name=DISPATCH_NAME)
         self._finish = asyncio.Event()
         self._listen: asyncio.Task[None] | None = None
-        self._started = False
 
-    async def send(self, messages: list[tuple[str, str]]) -> None:
-        if not self._started:
-            await self.broker.startup()
-            self._started = True
+    async def stage(self, pipe: Any, messages: list[tuple[str, str]]) -> None:
+        """What the task's kicker sends (a TaskiqMessage through the broker's formatter), as
+        XADDs on the layer's pipeline. The consumer group starts at id 0 whenever it is
+        created, so entries added before any worker are kept."""
         for message_id, raw in messages:
-            await self.task.kicker().with_task_id(message_id).kiq(raw)
+            message = TaskiqMessage(task_id=message_id, task_name=DISPATCH_NAME, labels={}, labels_types={},
+                                    args=[raw], kwargs={})
+            pipe.xadd(self.stream, {b"data": self.broker.formatter.dumps(message).message})
 
     async def start(self, handle: Handle, instance: str) -> None:
         self._handle = handle
@@ -123,7 +125,6 @@ class Adapter(EngineAdapter):
             propagate_exceptions=False, run_startup=True, ack_type=AcknowledgeType.WHEN_SAVED,
             wait_tasks_timeout=self.settings.worker_shutdown_timeout,
         )
-        self._started = True
         self._listen = asyncio.create_task(
             keep_running("taskiq", lambda: receiver.listen(self._finish), self._finish.is_set), name="taskiq-receiver"
         )
@@ -157,6 +158,7 @@ class Adapter(EngineAdapter):
                 self._listen.cancel()
                 await asyncio.gather(self._listen, return_exceptions=True)
         await self.broker.shutdown()
+        await self.close_redis()
 
     async def stats(self) -> EngineStats:
         async with Redis(connection_pool=self.broker.connection_pool) as conn:
