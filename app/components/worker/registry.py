@@ -33,6 +33,7 @@ class TaskSpec:
     timeout: float | None
     retry_backoff: float | None
     context_param: str | None = None
+    signature: inspect.Signature | None = None
 
 
 @dataclass
@@ -92,6 +93,7 @@ def _queue_from_module(module: Any) -> QueueSpec | None:
             timeout=opts.timeout,
             retry_backoff=opts.retry_backoff,
             context_param=_context_param(func),
+            signature=inspect.signature(func),
         )
     if not tasks:
         raise ConfigError(f"queue {name!r} ({module.__name__}) lists no functions in WorkerSettings.functions")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import inspect
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -159,7 +158,7 @@ class JobRuntime:
         if spec.context_param:
             kwargs = {**kwargs, spec.context_param: job}
         try:
-            inspect.signature(spec.func).bind(*env.args, **kwargs)
+            spec.signature.bind(*env.args, **kwargs)
         except TypeError as exc:
             raise BadArguments(f"arguments do not match {spec.name}(): {exc}") from None
         timeout = spec.timeout or self.config.timeout
@@ -171,10 +170,14 @@ class JobRuntime:
                 loop = asyncio.get_running_loop()
                 call = functools.partial(contextvars.copy_context().run, spec.func, *env.args, **kwargs)
                 coro = loop.run_in_executor(self.executor, call)
+            deadline = asyncio.timeout(timeout)
             try:
-                return await asyncio.wait_for(coro, timeout)
+                async with deadline:
+                    return await coro
             except TimeoutError:
-                raise JobTimeout(f"job exceeded its {timeout:g}s timeout") from None
+                if deadline.expired():  # not a TimeoutError the task itself raised
+                    raise JobTimeout(f"job exceeded its {timeout:g}s timeout") from None
+                raise
         finally:
             set_current(None)
             del token
