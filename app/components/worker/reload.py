@@ -15,6 +15,8 @@ import watchfiles
 def run_with_reload() -> None:
     argv = [a for a in sys.argv[1:] if a != "--reload"]
     command = shlex.join([sys.executable, "-m", "app", *argv])
-    root = Path(__file__).resolve().parents[2]
-    watchfiles.run_process(root, target=command, target_type="command",
+    package = Path(__file__).resolve().parents[2]  # the app package
+    here = Path.cwd().resolve()  # where a project's own queue packages usually live
+    paths = [here] if package.is_relative_to(here) else [package, here]
+    watchfiles.run_process(*paths, target=command, target_type="command",
                            watch_filter=watchfiles.PythonFilter(), sigint_timeout=30)
