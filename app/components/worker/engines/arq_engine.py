@@ -22,7 +22,7 @@ from app.components.worker.engines.base import EngineAdapter, EngineStats, Handl
 from app.components.worker.envelope import DISPATCH_NAME, now_ms
 from app.core.redis import connection_kwargs, redis_url
 
-POLL_DELAY = 0.01
+POLL_DELAY = 0.005  # arq's default 0.5 s caps a worker at ~200 jobs/s and adds up to 500 ms of pickup latency
 NATIVE_TRIES = 1_000_000
 EXPIRES_EXTRA_MS = 7 * 24 * 3600 * 1000
 

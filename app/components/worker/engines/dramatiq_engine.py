@@ -25,6 +25,7 @@ from app.core.redis import sync_client
 logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_MS = 10_000
+IDLE_POLL_MS = 8  # the longest an idle consumer sleeps between fetches (Dramatiq's default: 1 s)
 MAINTENANCE_CHANCE = 100_000  # out of 1,000,000 commands
 
 
@@ -108,7 +109,7 @@ class Adapter(EngineAdapter):
         # Without process_boot, Dramatiq middleware that depends on it silently does nothing.
         self.broker.emit_after("process_boot")
         self._worker = dramatiq.Worker(
-            self.broker, queues={self.queue_name}, worker_threads=self.config.threads, worker_timeout=100,
+            self.broker, queues={self.queue_name}, worker_threads=self.config.threads, worker_timeout=IDLE_POLL_MS,
         )
         self._worker.start()
 

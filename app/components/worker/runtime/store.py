@@ -37,12 +37,14 @@ class JobStore:
         self._requeue = redis.register_script(scripts.source("requeue"))
 
     async def claim(
-        self, env: Envelope, raw: str, worker_id: str, instance: str, engine: str
+        self, env: Envelope, raw: str, worker_id: str, instance: str, engine: str, delivery: str
     ) -> tuple[bool, int | str]:
+        """``delivery`` is unique per message handled: a retried call of this claim (its reply
+        lost) is recognised by it; a second delivery of the same message is not."""
         ok, value = await self._claim(
             keys=[self.keys.job(env.id), self.keys.held(instance), self.keys.events],
             args=[env.id, env.try_, worker_id, now_ms(), raw, env.queue, env.task, instance, engine,
-                  self.events_maxlen],
+                  self.events_maxlen, delivery],
         )
         if int(ok) == 1:
             return True, int(value)

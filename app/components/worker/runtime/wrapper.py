@@ -13,6 +13,7 @@ import contextvars
 import functools
 import json
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -102,9 +103,11 @@ class JobRuntime:
                 self.inflight.discard(task)
 
     async def _execute(self, env: Envelope, raw: str) -> None:
+        delivery = uuid.uuid4().hex
         claimed, value = await self._persist(
             env.id, "claim",
-            lambda: self.store.claim(env, raw, self.worker.worker_id, self.worker.instance, self.config.engine),
+            lambda: self.store.claim(env, raw, self.worker.worker_id, self.worker.instance, self.config.engine,
+                                     delivery),
         )
         if not claimed:
             logger.debug("job %s: delivery for try %d skipped (%s)", env.id, env.try_, value)
@@ -128,10 +131,12 @@ class JobRuntime:
                     f"task {env.task!r} is not in queue {env.queue!r} on this worker (deploy the code that defines it)"
                 )
             result = await self._invoke(spec, env, job)
-            try:
-                json.dumps(result, allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise ResultNotSerializable(f"result of {env.task!r} is not JSON ({exc}): return JSON types") from None
+            if not (result is None or isinstance(result, (str, int, bool))):
+                try:
+                    json.dumps(result, allow_nan=False)
+                except (TypeError, ValueError) as exc:
+                    raise ResultNotSerializable(
+                        f"result of {env.task!r} is not JSON ({exc}): return JSON types") from None
         except asyncio.CancelledError:
             await self._hand_back(env, attempt)
             return
