@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from app.components.worker.envelope import Envelope, now_ms
 from app.components.worker.keys import Keys
 from app.components.worker.runtime import scripts
+from app.components.worker.runtime.batch import ScriptBatcher
 
 TERMINAL = ("completed", "failed", "cancelled")
 Events = list[dict[str, str]]
@@ -31,20 +32,19 @@ class JobStore:
         self.redis = redis
         self.keys = keys
         self.events_maxlen = events_maxlen
-        self._claim = redis.register_script(scripts.source("claim"))
         self._due = redis.register_script(scripts.source("due"))
-        self._finish = redis.register_script(scripts.source("finish"))
-        self._requeue = redis.register_script(scripts.source("requeue"))
+        self._batch = ScriptBatcher(redis, {name: scripts.source(name) for name in ("claim", "finish", "requeue")})
 
     async def claim(
         self, env: Envelope, raw: str, worker_id: str, instance: str, engine: str, delivery: str
     ) -> tuple[bool, int | str]:
         """``delivery`` is unique per message handled: a retried call of this claim (its reply
         lost) is recognised by it; a second delivery of the same message is not."""
-        ok, value = await self._claim(
-            keys=[self.keys.job(env.id), self.keys.held(instance), self.keys.events],
-            args=[env.id, env.try_, worker_id, now_ms(), raw, env.queue, env.task, instance, engine,
-                  self.events_maxlen, delivery],
+        ok, value = await self._batch.call(
+            "claim",
+            [self.keys.job(env.id), self.keys.held(instance), self.keys.events],
+            [env.id, env.try_, worker_id, now_ms(), raw, env.queue, env.task, instance, engine,
+             self.events_maxlen, delivery],
         )
         if int(ok) == 1:
             return True, int(value)
@@ -55,10 +55,11 @@ class JobStore:
         events: Events,
     ) -> bool:
         """Write the result, the terminal status and the job's events together, once."""
-        done = await self._finish(
-            keys=[self.keys.job(env.id), self.keys.result(env.id), self.keys.held(owner), self.keys.events],
-            args=[env.id, owner, attempt, status, json.dumps(record, default=str), keep, record["finished_at"],
-                  self.events_maxlen, *(json.dumps(e) for e in events)],
+        done = await self._batch.call(
+            "finish",
+            [self.keys.job(env.id), self.keys.result(env.id), self.keys.held(owner), self.keys.events],
+            [env.id, owner, attempt, status, json.dumps(record, default=str), keep, record["finished_at"],
+             self.events_maxlen, *(json.dumps(e) for e in events)],
         )
         return bool(int(done))
 
@@ -68,10 +69,11 @@ class JobStore:
         """Put a running attempt back to wait (a retry, a hand-back, a crash recovery), once.
         ``env`` is the envelope of the delivery to come."""
         raw = env.encode()
-        done = await self._requeue(
-            keys=[self.keys.job(env.id), self.keys.delayed(env.queue), self.keys.held(owner), self.keys.events],
-            args=[env.id, owner, attempt, record_attempt, raw, due_ms, self.events_maxlen,
-                  *(json.dumps(e) for e in events)],
+        done = await self._batch.call(
+            "requeue",
+            [self.keys.job(env.id), self.keys.delayed(env.queue), self.keys.held(owner), self.keys.events],
+            [env.id, owner, attempt, record_attempt, raw, due_ms, self.events_maxlen,
+             *(json.dumps(e) for e in events)],
         )
         return bool(int(done))
 
