@@ -27,7 +27,8 @@ def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
 def test_help_lists_commands(env: dict[str, str]) -> None:
     proc = app(env, "--help")
     assert proc.returncode == 0
-    for command in ("worker", "enqueue", "result", "dequeue", "queues", "workers", "events", "health", "dev"):
+    for command in ("worker", "enqueue", "result", "dequeue", "queues", "workers", "events", "health", "loadtest",
+                    "dev"):
         assert command in proc.stdout
 
 

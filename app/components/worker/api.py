@@ -20,11 +20,12 @@ import asyncio
 import threading
 import time
 import weakref
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from redis.exceptions import RedisError
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError, RedisError
 
 from app.components.worker import config as queue_config
 from app.components.worker.engines import engine_class
@@ -53,6 +54,7 @@ class WorkerClient:
         self.keys = Keys(self.settings.worker_key_prefix)
         self.redis = async_client(self.settings)
         self._enqueue_script = self.redis.register_script(scripts.source("enqueue"))
+        self._enqueue_loaded = False
         self._adapters: dict[str, EngineAdapter] = {}
         self._global_middleware = load_middleware(self.settings.middleware_paths)
         self._chains: dict[str, MiddlewareChain] = {}
@@ -120,10 +122,8 @@ class WorkerClient:
             await self._check_engine(env.queue, engine)
             if _job_id is None and not due:
                 # A fresh id cannot be a duplicate: record and send in one round trip.
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    await self._record(pipe, env.queue, engine, [(env, raw, 0)])
-                    await self._adapter(env.queue).stage(pipe, [(env.message_id, raw)])
-                    await pipe.execute()
+                await self._pipelined(lambda pipe: self._record_and_stage(pipe, env, raw, engine),
+                                      transaction=True)
             else:
                 if not (await self._record(self.redis, env.queue, engine, [(env, raw, due)]))[0]:
                     raise DuplicateJob(
@@ -166,13 +166,14 @@ class WorkerClient:
             groups: dict[tuple[str, str], list[int]] = {}
             for index, (env, _, _, engine) in enumerate(prepared):
                 groups.setdefault((env.queue, engine), []).append(index)
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async def build(pipe: Pipeline) -> None:
                 for (queue, engine), indexes in groups.items():
                     await self._record(pipe, queue, engine, [prepared[i][:3] for i in indexes])
                 if fresh:  # no id can be a duplicate: records and messages in one round trip
                     for queue, messages in self._immediate(prepared).items():
                         await self._adapter(queue).stage(pipe, messages)
-                replies = await pipe.execute()
+
+            replies = await self._pipelined(build, transaction=False)
             recorded = [0] * len(prepared)
             for reply, indexes in zip(replies, groups.values(), strict=False):
                 for index, flag in zip(indexes, reply, strict=True):
@@ -196,8 +197,36 @@ class WorkerClient:
         args: list[Any] = [self.keys.prefix, now_ms(), self.settings.worker_events_maxlen, engine, queue]
         for env, raw, due in jobs:
             args += [env.id, raw, env.task, due]
-        return await self._enqueue_script(keys=[self.keys.delayed(queue), self.keys.events], args=args,
-                                          client=client)
+        keys = [self.keys.delayed(queue), self.keys.events]
+        if isinstance(client, Pipeline):
+            # EVALSHA of a script loaded once: a registered Script in a pipeline makes redis-py
+            # send SCRIPT EXISTS first, one more round trip on every enqueue.
+            if not self._enqueue_loaded:
+                await self.redis.script_load(self._enqueue_script.script)
+                self._enqueue_loaded = True
+            return client.evalsha(self._enqueue_script.sha, len(keys), *keys, *args)
+        return await self._enqueue_script(keys=keys, args=args, client=client)
+
+    async def _record_and_stage(self, pipe: Pipeline, env: Envelope, raw: str, engine: str) -> None:
+        await self._record(pipe, env.queue, engine, [(env, raw, 0)])
+        await self._adapter(env.queue).stage(pipe, [(env.message_id, raw)])
+
+    async def _pipelined(self, build: Callable[[Pipeline], Awaitable[None]], *, transaction: bool) -> list[Any]:
+        """Run a pipeline; if Redis lost its script cache (a restart), load the script and run
+        it again (the record script recognises its own retry; a duplicate message is skipped
+        at claim)."""
+        for attempt in (1, 2):
+            async with self.redis.pipeline(transaction=transaction) as pipe:
+                await build(pipe)
+                try:
+                    return await pipe.execute()  # type: ignore[no-any-return]
+                except NoScriptError:
+                    self._enqueue_loaded = False
+                    if attempt == 2:
+                        raise
+                    await self.redis.script_load(self._enqueue_script.script)
+                    self._enqueue_loaded = True
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _immediate(prepared: list[tuple[Envelope, str, int, str]]) -> dict[str, list[tuple[str, str]]]:
