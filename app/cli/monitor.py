@@ -53,24 +53,25 @@ def events(
         raise typer.Exit(0) from None
 
 
+async def _workers(queue: str | None) -> list[dict]:
+    """Workers with a heartbeat key, with their states (one Redis connection, closed after)."""
+    from app.core.redis import async_client, ping
+
+    cfg = settings()
+    redis = async_client(cfg)
+    try:
+        await ping(redis, cfg)
+        return await list_workers(redis, Keys(cfg.worker_key_prefix), Thresholds.from_settings(cfg), queue)
+    finally:
+        await redis.aclose()
+
+
 def workers(
     queue: Annotated[str | None, typer.Option(help="Only this queue.")] = None,
     as_json: JSON = False,
 ) -> None:
     """Workers seen recently, with their health state by heartbeat age."""
-    cfg = settings()
-
-    async def body() -> list[dict]:
-        from app.core.redis import async_client, ping
-
-        redis = async_client(cfg)
-        try:
-            await ping(redis, cfg)
-            return await list_workers(redis, Keys(cfg.worker_key_prefix), Thresholds.from_settings(cfg), queue)
-        finally:
-            await redis.aclose()
-
-    rows = run(body)
+    rows = run(lambda: _workers(queue))
     if as_json:
         keys = ("worker_id", "queue", "engine", "state", "labels", "last_beat_age_s", "running", "done", "failed")
         print_json([{k: r[k] for k in keys} for r in rows])
@@ -111,19 +112,7 @@ def queues(as_json: JSON = False) -> None:
 
 def health(queue: Annotated[str, typer.Argument(help="Queue to check.")]) -> None:
     """Exit 0 when at least one healthy worker serves QUEUE, else 1 with the reason (for health checks)."""
-    cfg = settings()
-
-    async def body() -> list[dict]:
-        from app.core.redis import async_client, ping
-
-        redis = async_client(cfg)
-        try:
-            await ping(redis, cfg)
-            return await list_workers(redis, Keys(cfg.worker_key_prefix), Thresholds.from_settings(cfg), queue)
-        finally:
-            await redis.aclose()
-
-    rows = run(body)
+    rows = run(lambda: _workers(queue))
     healthy = [r for r in rows if r["state"] == "healthy"]
     if healthy:
         typer.echo(f"{queue}: {len(healthy)} healthy worker(s)")
