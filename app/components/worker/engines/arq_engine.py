@@ -86,7 +86,7 @@ class Adapter(EngineAdapter):
             job_timeout=self.config.timeout + self.settings.worker_shutdown_timeout + 60,
             keep_result=0,
             max_tries=NATIVE_TRIES,
-            poll_delay=POLL_DELAY,
+            poll_delay=(self.settings.worker_idle_poll_ms or POLL_DELAY * 1000) / 1000,
             handle_signals=False,
             job_serializer=_dumps,
             job_deserializer=_loads,

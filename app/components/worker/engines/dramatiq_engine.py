@@ -109,7 +109,7 @@ class Adapter(EngineAdapter):
         # Without process_boot, Dramatiq middleware that depends on it silently does nothing.
         self.broker.emit_after("process_boot")
         self._worker = dramatiq.Worker(
-            self.broker, queues={self.queue_name}, worker_threads=self.config.threads, worker_timeout=IDLE_POLL_MS,
+            self.broker, queues={self.queue_name}, worker_threads=self.config.threads, worker_timeout=max(1, int(self.settings.worker_idle_poll_ms or IDLE_POLL_MS)),
         )
         self._worker.start()
 
