@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,6 +80,16 @@ def make_settings(env: dict[str, str]) -> Callable[..., object]:
         return load_settings(_env_file=None, **values)
 
     return build
+
+
+@pytest.fixture
+async def client(make_settings: Callable[..., Any], engine: str) -> Any:
+    """A WorkerClient of this test, producing for the engine the test is parametrised with."""
+    from app.components.worker.api import WorkerClient
+
+    c = WorkerClient(make_settings(worker_backend=engine))
+    yield c
+    await c.close()
 
 
 class WorkerProcess:

@@ -20,13 +20,6 @@ pytestmark = pytest.mark.parametrize("engine", ["arq", "dramatiq", "taskiq"])
 RESULT_TIMEOUT = 30
 
 
-@pytest.fixture
-async def client(make_settings: Any, engine: str) -> Any:
-    c = WorkerClient(make_settings(worker_backend=engine))
-    yield c
-    await c.close()
-
-
 async def trail(client: WorkerClient, job_id: str) -> list[dict[str, str]]:
     return [e async for e in read_events(client.redis, client.keys, job_id=job_id)]
 

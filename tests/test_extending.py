@@ -17,13 +17,6 @@ TIMEOUT = 30
 
 
 @pytest.fixture
-async def client(make_settings: Any, engine: str) -> Any:
-    c = WorkerClient(make_settings(worker_backend=engine))
-    yield c
-    await c.close()
-
-
-@pytest.fixture
 def hooks_worker(start_worker: Any, engine: str, redis_url: str) -> Any:
     return start_worker("hooks", engine, hooks_log_url=redis_url)
 

@@ -120,10 +120,3 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
-
-
-def environment_with(url: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["REDIS_URL"] = url
-    env.pop("REDIS_URL_LOCAL", None)
-    return env

@@ -29,9 +29,6 @@ class Keys:
     def heartbeat(self, queue: str, worker_id: str) -> str:
         return f"{self.prefix}:heartbeat:{queue}:{worker_id}"
 
-    def heartbeat_prefix(self, queue: str) -> str:
-        return f"{self.prefix}:heartbeat:{queue}:"
-
     @property
     def workers(self) -> str:
         """Sorted set of '<queue>|<worker_id>' scored by last beat (ms): who has been seen."""

@@ -23,7 +23,6 @@ from app.components.worker.keys import Keys
 from app.components.worker.runtime import scripts
 from app.components.worker.runtime.batch import ScriptBatcher
 
-TERMINAL = ("completed", "failed", "cancelled")
 Events = list[dict[str, str]]
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import itertools
 import json
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -70,6 +70,7 @@ class JobRuntime:
         self.done = 0
         self.failed = 0
         self.stopping = False
+        self._deliveries = itertools.count()  # with the instance id: unique per delivery
 
     @property
     def running(self) -> int:
@@ -103,7 +104,7 @@ class JobRuntime:
                 self.inflight.discard(task)
 
     async def _execute(self, env: Envelope, raw: str) -> None:
-        delivery = uuid.uuid4().hex
+        delivery = f"{self.worker.instance}:{next(self._deliveries)}"
         claimed, value = await self._persist(
             env.id, "claim",
             lambda: self.store.claim(env, raw, self.worker.worker_id, self.worker.instance, self.config.engine,
