@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +52,11 @@ def test_reload_restarts_the_worker_on_change(env: dict[str, str], start_worker:
     try:
         first = wait_until(worker_pids, 30, what="the first worker")
         assert run_version() == "v1"
-        module.write_text(TASK.format(version="v2"))
-        wait_until(lambda: worker_pids() - first, 30, what="a restarted worker")
-        assert run_version() == "v2"
+        module.write_text(TASK.format(version="version-2"))  # another size and a later mtime: any
+        later = time.time() + 2                                # watcher (inotify or polling) sees it
+        os.utime(module, (later, later))
+        wait_until(lambda: worker_pids() - first, 60, what="a restarted worker")
+        assert run_version() == "version-2"
     finally:
         reloader.terminate()
         reloader.wait(40)
