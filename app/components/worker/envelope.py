@@ -8,18 +8,16 @@ tasks, bad arguments and attempt counting are decided by the layer, not by an en
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.components.worker.clock import now_ms
 from app.core.errors import PayloadError
 
+__all__ = ["DISPATCH_NAME", "Envelope", "new_job_id", "now_ms"]
+
 DISPATCH_NAME = "app.run"
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def new_job_id() -> str:
