@@ -230,7 +230,7 @@ class Adapter(EngineAdapter):
                 await self.recover(self.instance)
                 await asyncio.to_thread(self.broker.client.delete, self.own_wake_key)
             except redis.RedisError as exc:
-                logger.warning("queue %s: could not give back fetched messages (%s); the reaper will", self.queue_name, exc)
+                logger.warning("queue %s: could not hand back fetched messages (%s)", self.queue_name, exc)
         self.broker.close()
         await self.close_redis()
 
