@@ -20,6 +20,7 @@ There is no consumer for Dramatiq's delay queue: delays are the layer's.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import time
@@ -127,8 +128,9 @@ class Adapter(EngineAdapter):
         future = asyncio.run_coroutine_threadsafe(self._handle(raw), self._loop)
         try:
             future.result()
-        except asyncio.CancelledError:
-            # The runtime handed the job back during shutdown; ack this delivery.
+        except (asyncio.CancelledError, concurrent.futures.CancelledError):
+            # Cancelled by the shutdown: the job's record says what happens to it (handed
+            # back, or recovered); acked here, not failed into Dramatiq's dead-letter queue.
             return
 
     def acks_key(self, instance: str) -> str:
@@ -216,6 +218,10 @@ class Adapter(EngineAdapter):
         # Not ConsumerThread.pause(): a paused consumer thread "restarts" with a 3 s sleep.
         self.fetching = False
         if self._worker is not None:
+            # Worker threads take no more prefetched messages: Worker.stop requeues them as
+            # they are, instead of each being claimed and handed back by the runtime.
+            for thread in self._worker.workers:
+                thread.pause()
             await asyncio.to_thread(self.broker.client.lpush, self.own_wake_key, b"1")
 
     async def close(self) -> None:
