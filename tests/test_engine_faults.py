@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import signal
 import time
 from collections import Counter
 from typing import Any
@@ -124,6 +125,45 @@ async def test_graceful_stop_mid_burst_hands_back_everything_fetched(
         assert fresh.stop() == 0
         if engine == "taskiq":
             assert r.xinfo_consumers(f"{ns}:contract", "app") == []
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_sigkilled_worker_fetched_messages_come_back_through_the_reaper(
+    engine: str, client: WorkerClient, start_worker: Any, redis_url: str, tmp_path: Any
+) -> None:
+    """#12.9/#11.20: what a SIGKILLed worker had fetched (running or prefetched) comes back
+    through the layer's reaper (Dramatiq's maintenance is off), and the dead consumer is gone
+    from the engine's keys (TaskIQ's group, Dramatiq's acks and heartbeats)."""
+    ns = client.keys.engine_namespace(engine)
+    r = sync_redis.Redis.from_url(redis_url)
+    timing = {"worker_offline_after": "2", "worker_heartbeat_interval": "0.2"}
+    try:
+        victim = start_worker("contract", engine, "--threads", "2", **timing)
+        jobs = await client.enqueue_many([JobRequest("chaos_job", (str(tmp_path), f"k{i}", 300)) for i in range(8)])
+        ids = {j.job_id for j in jobs}
+
+        async def running() -> bool:
+            return len(await _events(client, "job.started")) >= 2
+
+        await _wait(running, "two jobs running")
+        victim.stop(signal.SIGKILL)
+        start_worker("contract", engine, "--threads", "8", **timing)
+
+        async def all_done() -> bool:
+            return ids <= {e["job_id"] for e in await _events(client) if e["type"] in TERMINAL}
+
+        await _wait(all_done, "a terminal event for all 8 jobs")
+        terminal = Counter(e["job_id"] for e in await _events(client) if e["type"] in TERMINAL)
+        assert {job_id: n for job_id, n in terminal.items() if n != 1} == {}
+        assert {await j.status() for j in jobs} == {"completed"}
+        if engine != "arq":  # arq keeps a killed attempt's keys until its in-progress key expires
+            await _wait_clean(engine, r, ns)
+        if engine == "taskiq":
+            assert len(r.xinfo_consumers(f"{ns}:contract", "app")) == 1  # the live worker's only
+        if engine == "dramatiq":
+            assert r.zcard(f"{ns}:__heartbeats__") <= 1  # the live worker's only
     finally:
         r.close()
 
@@ -257,7 +297,7 @@ async def test_idle_worker_load_is_small(engine: str, client: WorkerClient, star
         first, started = _calls(r), time.monotonic()
         await asyncio.sleep(2)  # measuring a rate over an interval
         rate = (_calls(r) - first) / (time.monotonic() - started)
-        assert rate < 60, f"{engine}: idle worker made {rate:.0f} Redis calls/s"
+        assert rate < 100, f"{engine}: idle worker made {rate:.0f} Redis calls/s"
         job = await client.enqueue("add", 1, 2)
         assert await job.result(TIMEOUT) == 3
     finally:
