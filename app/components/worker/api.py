@@ -191,7 +191,7 @@ class WorkerClient:
         """Record jobs and make them deliverable in one script call (enqueue.lua): per job
         1 accepted, 2 accepted by an earlier try of this very call (its reply was lost),
         0 refused (its id is queued, delayed or running). A refused job writes nothing."""
-        args: list[Any] = [self.settings.worker_events_maxlen]
+        args: list[Any] = [self.settings.worker_events_maxlen, self.keys.job(""), self.keys.result("")]
         recorder = self.redis.pipeline(transaction=False)  # collects an engine's commands, never executed
         for env, raw, delay_ms, engine in jobs:
             commands: list[tuple[Any, ...]] = []
@@ -199,8 +199,8 @@ class WorkerClient:
                 await self._adapter(env.queue).stage(recorder, [(env.message_id, raw)])
                 commands = [words for words, _ in recorder.command_stack]
                 recorder.command_stack.clear()
-            args += [self.keys.job(env.id), self.keys.result(env.id), self.keys.delayed(env.queue), env.id, env.run,
-                     raw, env.task, env.queue, engine, delay_ms, len(commands)]
+            args += [env.id, env.run, raw, env.task, env.queue, engine, delay_ms,
+                     self.keys.delayed(env.queue) if delay_ms else "", len(commands)]
             for words in commands:
                 args += [len(words), *words]
         # The registered Script sends EVALSHA and loads the script once on NOSCRIPT (a Redis

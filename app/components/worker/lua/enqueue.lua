@@ -4,9 +4,9 @@
 -- without a message, nor a message without a record.
 -- One call takes a whole batch (enqueue_many) or a single job: one round trip either way.
 -- KEYS[1] events stream
--- ARGV[1] events maxlen
--- then per job: job key, result key, delayed zset key, job id, run token, envelope JSON, task,
---   queue, engine, delay ms (0: deliverable now), n = number of engine commands, then n times:
+-- ARGV[1] events maxlen   ARGV[2] job key prefix (job key = prefix .. id)   ARGV[3] result key prefix
+-- then per job: job id, run token, envelope JSON, task, queue, engine, delay ms (0: deliverable
+--   now), delayed zset key of the queue ('' when not delayed), n = number of engine commands, then n times:
 --   k = word count, and the k words of one Redis command (what the engine adapter's stage()
 --   queues for this one message; run only when the job is accepted and not delayed).
 -- Time comes from Redis (TIME): a delay is relative and the due score is Redis time + delay,
@@ -20,13 +20,13 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
-local i = 2
+local i = 4
 while i <= #ARGV do
-  local job_key, result_key, delayed_key = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local id, run, envelope, task = ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
-  local queue, engine, delay = ARGV[i + 7], ARGV[i + 8], tonumber(ARGV[i + 9])
-  local ncmds = tonumber(ARGV[i + 10])
-  i = i + 11
+  local id, run, envelope, task = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local queue, engine, delay, delayed_key = ARGV[i + 4], ARGV[i + 5], tonumber(ARGV[i + 6]), ARGV[i + 7]
+  local ncmds = tonumber(ARGV[i + 8])
+  local job_key, result_key = ARGV[2] .. id, ARGV[3] .. id
+  i = i + 9
   local cmds = {}
   for c = 1, ncmds do
     local nwords = tonumber(ARGV[i])
