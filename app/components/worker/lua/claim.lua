@@ -32,7 +32,7 @@ if attempt ~= try - 1 then
   return {0, 'stale'}
 end
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 redis.call('HSET', KEYS[1], 'status', 'running', 'attempt', try, 'worker', ARGV[3], 'owner', ARGV[7],
   'started_at', now, 'delivery', ARGV[10])
 redis.call('SADD', KEYS[2], ARGV[1])

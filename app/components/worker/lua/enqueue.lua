@@ -18,7 +18,7 @@
 -- out-of-memory Redis refuses the whole call before anything is written; once a script has
 -- written, Redis lets it finish, so a call is never half applied.
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 local out = {}
 local i = 4
 while i <= #ARGV do
@@ -49,7 +49,7 @@ while i <= #ARGV do
     redis.call('HSET', job_key, 'status', new_status, 'attempt', 0, 'queue', queue, 'task', task,
       'envelope', envelope, 'enqueued_at', now, 'engine', engine, 'run', run)
     if delay > 0 then
-      redis.call('ZADD', delayed_key, now + delay, envelope)
+      redis.call('ZADD', delayed_key, string.format('%.0f', tonumber(now) + delay), envelope)
     else
       for _, cmd in ipairs(cmds) do
         redis.call(unpack(cmd))

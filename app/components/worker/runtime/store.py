@@ -56,7 +56,8 @@ class JobStore:
         record: dict[str, Any], keep: int, events: Events,
     ) -> bool:
         """End a job whose delivery cannot run (undecodable, or no record) as failed, with its
-        events, once. ``run=None`` / ``try_=0``: not known (read from a broken message).
+        events, once; the script adds ``finished_at`` to ``record`` (Redis's clock).
+        ``run=None`` / ``try_=0``: not known (read from a broken message).
         False when that delivery is not the job's current one: nothing is written."""
         done = await self._batch.call(
             "reject",

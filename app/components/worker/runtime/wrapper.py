@@ -129,7 +129,7 @@ class JobRuntime:
         record: dict[str, Any] = {
             "job_id": job_id, "queue": self.queue.name, "task": task, "status": "failed", "attempts": 0,
             "engine": self.config.engine, "worker_id": self.worker.worker_id, "enqueued_at": enqueued_at,
-            "started_at": None, "finished_at": now_ms(), "result": None, "error": message, "error_type": kind,
+            "started_at": None, "result": None, "error": message, "error_type": kind,  # finished_at: Redis's
         }
         await self.middleware.call("on_failure", job, error, job_id=job_id)
         done = await self._write(job_id, "rejection", lambda events: self.store.reject(
