@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from app.components.worker.api import WorkerClient
+from app.components.worker.api import Accepting, WorkerClient
 from app.components.worker.config import resolve
 from app.components.worker.engines import engine_class
 from app.components.worker.envelope import Envelope, new_run, now_ms
@@ -179,7 +179,7 @@ async def test_unknown_task_and_malformed_message_at_worker(engine: str, client:
     assert [e["type"] for e in events] == ["job.failed"]
     # A job of a newer deploy, accepted by the layer, that this worker's code does not know.
     newer = Envelope("newer-job", "task_from_a_newer_deploy", "contract", [], {}, 1, now_ms(), new_run())
-    assert await client._accept([(newer, newer.encode(), 0, engine)]) == [1]
+    assert await client._accept([Accepting(newer, newer.encode(), 0, engine, True)]) == [1]
     with pytest.raises(JobFailed) as failed:
         await client.job("newer-job").result(RESULT_TIMEOUT)
     assert failed.value.error_type == "UnknownTaskError"

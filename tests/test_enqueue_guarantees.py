@@ -17,7 +17,7 @@ import pytest
 import redis as sync_redis
 
 from app.components.worker import clock
-from app.components.worker.api import JobRequest, SyncWorkerClient, WorkerClient
+from app.components.worker.api import Accepting, JobRequest, SyncWorkerClient, WorkerClient
 from app.components.worker.config import resolve
 from app.components.worker.dequeue import cancel_waiting
 from app.components.worker.engines import engine_class
@@ -93,14 +93,16 @@ async def test_same_id_twice_is_refused_even_within_one_ms(engine: str, client: 
 
 @pytest.mark.parametrize("engine", ENGINES)
 async def test_a_retried_enqueue_call_is_recognised(engine: str, client: WorkerClient) -> None:
-    """The same script call sent twice (its reply lost) keeps its run: accepted once."""
-    env, raw = client._envelope("add", (1, 2), {}, None, "retried")
-    call = [(env, raw, 0, engine)]
-    assert await client._accept(call) == [1]
-    assert await client._accept(call) == [1]  # recognised as its own retry, not a duplicate
-    assert await waiting_messages(client, engine) == 1
+    """The same script call sent twice (its reply lost) keeps its runs: accepted once, one
+    message each, whether the engine's commands go per job (chosen ids) or as one batch."""
+    chosen, raw = client._envelope("add", (1, 2), {}, None, "retried")
+    fresh = [client._envelope("add", (n, 2), {}, None, None) for n in range(3)]
+    call = [Accepting(chosen, raw, 0, engine, True), *(Accepting(env, raw_, 0, engine, False) for env, raw_ in fresh)]
+    assert await client._accept(call) == [1, 1, 1, 1]
+    assert await client._accept(call) == [1, 1, 1, 1]  # recognised as its own retry, not a duplicate
+    assert await waiting_messages(client, engine) == 4
     assert [e["type"] for e in await trail(client, "retried")] == ["job.enqueued"]
-    assert await client.redis.hget(client.keys.job("retried"), "run") == env.run.encode()
+    assert await client.redis.hget(client.keys.job("retried"), "run") == chosen.run.encode()
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -158,7 +160,7 @@ async def test_stale_ghost_and_undecodable_deliveries(engine: str, client: Worke
         "bad-try": lambda raw: raw.replace('"try":1', '"try":"one"'),
     }.items():
         env, raw = client._envelope("add", (), {}, None, job_id)
-        assert await client._accept([(env, raw, 3_600_000, engine)]) == [1]
+        assert await client._accept([Accepting(env, raw, 3_600_000, engine, True)]) == [1]
         broken[job_id] = mangle(raw)
     adapter = adapter_of(client, engine)
     try:

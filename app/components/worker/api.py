@@ -22,7 +22,7 @@ import time
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from redis.exceptions import RedisError, ResponseError
 
@@ -54,6 +54,16 @@ from app.core.settings import Settings, get_settings
 T = TypeVar("T")
 ENGINE_CHECK_TTL_S = 2.0
 ENQUEUE_CHUNK = 1000  # jobs per enqueue script call: one atomic step, a few ms of Redis time
+
+
+class Accepting(NamedTuple):
+    """One job on its way into ``enqueue.lua``."""
+
+    env: Envelope
+    raw: str
+    delay_ms: int  # 0: deliverable now
+    engine: str
+    chosen: bool  # a caller-chosen id (may be refused as a duplicate)
 
 
 def _delay_ms(delay: float) -> int:
@@ -142,7 +152,7 @@ class WorkerClient:
         await chain.call("before_enqueue", view, job_id=env.id)
         try:
             await self._check_engine(env.queue, engine)
-            (flag,) = await self._accept([(env, raw, _delay_ms(delay), engine)])
+            (flag,) = await self._accept([Accepting(env, raw, _delay_ms(delay), engine, _job_id is not None)])
         except RedisError as exc:
             raise self._refused(exc) from None
         if not flag:
@@ -167,41 +177,58 @@ class WorkerClient:
         for req in requests:
             delay = validate_delay(req.delay) if req.delay is not None else 0.0
             env, raw = self._envelope(req.task, tuple(req.args), dict(req.kwargs), req.queue, req.job_id)
-            prepared.append((env, raw, _delay_ms(delay), self.engine_of(env.queue)))
-        for env, _, _, _ in prepared:
+            prepared.append(Accepting(env, raw, _delay_ms(delay), self.engine_of(env.queue), req.job_id is not None))
+        for env, *_ in prepared:
             chain = self._chain(env.queue)
             if chain.has("before_enqueue"):
                 await chain.call("before_enqueue", self._hook_view(env, None), job_id=env.id)
         flags: list[int] = []
         try:
-            for queue, engine in {(p[0].queue, p[3]) for p in prepared}:
+            for queue, engine in {(p.env.queue, p.engine) for p in prepared}:
                 await self._check_engine(queue, engine)
             for start in range(0, len(prepared), ENQUEUE_CHUNK):
                 flags += await self._accept(prepared[start:start + ENQUEUE_CHUNK])
         except RedisError as exc:
             raise self._refused(exc, accepted=sum(1 for f in flags if f), total=len(prepared)) from None
-        for (env, _, _, _), ok in zip(prepared, flags, strict=True):
+        for (env, *_), ok in zip(prepared, flags, strict=True):
             chain = self._chain(env.queue)
             if ok and chain.has("after_enqueue"):
                 await chain.call("after_enqueue", self._hook_view(env, None), job_id=env.id)
         return [Job(self, env.id, env.queue, env.task) if ok else None
-                for (env, _, _, _), ok in zip(prepared, flags, strict=True)]
+                for (env, *_), ok in zip(prepared, flags, strict=True)]
 
-    async def _accept(self, jobs: list[tuple[Envelope, str, int, str]]) -> list[int]:
+    async def _accept(self, jobs: list[Accepting]) -> list[int]:
         """Record jobs and make them deliverable in one script call (enqueue.lua): per job
         1 accepted, 2 accepted by an earlier try of this very call (its reply was lost),
-        0 refused (its id is queued, delayed or running). A refused job writes nothing."""
-        args: list[Any] = [self.settings.worker_events_maxlen, self.keys.job(""), self.keys.result("")]
+        0 refused (its id is queued, delayed or running). A refused job writes nothing.
+
+        The engine's commands are recorded from its adapter's ``stage`` and replayed by the
+        script: per job for a caller-chosen id (run only if that job is accepted), and once per
+        queue for fresh ids, which cannot be refused (one batch, as the engine stages it)."""
         recorder = self.redis.pipeline(transaction=False)  # collects an engine's commands, never executed
-        for env, raw, delay_ms, engine in jobs:
+
+        async def staged(queue: str, messages: list[tuple[str, str]]) -> list[tuple[Any, ...]]:
+            await self._adapter(queue).stage(recorder, messages)
+            commands = [words for words, _ in recorder.command_stack]
+            recorder.command_stack.clear()
+            return commands
+
+        args: list[Any] = [self.settings.worker_events_maxlen, self.keys.job(""), self.keys.result(""), len(jobs)]
+        batched: dict[str, list[tuple[str, str]]] = {}
+        for job in jobs:
+            env, raw, delay_ms = job.env, job.raw, job.delay_ms
             commands: list[tuple[Any, ...]] = []
-            if not delay_ms:
-                await self._adapter(env.queue).stage(recorder, [(env.message_id, raw)])
-                commands = [words for words, _ in recorder.command_stack]
-                recorder.command_stack.clear()
-            args += [env.id, env.run, raw, env.task, env.queue, engine, delay_ms,
-                     self.keys.delayed(env.queue) if delay_ms else "", len(commands)]
+            if not delay_ms and job.chosen:
+                commands = await staged(env.queue, [(env.message_id, raw)])
+            elif not delay_ms:
+                batched.setdefault(env.queue, []).append((env.message_id, raw))
+            args += [env.id, env.run, raw, env.task, env.queue, job.engine, delay_ms,
+                     self.keys.delayed(env.queue) if delay_ms else "", int(not delay_ms and not job.chosen),
+                     len(commands)]
             for words in commands:
+                args += [len(words), *words]
+        for queue, messages in batched.items():
+            for words in await staged(queue, messages):
                 args += [len(words), *words]
         # The registered Script sends EVALSHA and loads the script once on NOSCRIPT (a Redis
         # restart); a call resent after a lost reply is recognised by its run tokens.

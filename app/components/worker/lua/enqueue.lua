@@ -5,10 +5,13 @@
 -- One call takes a whole batch (enqueue_many) or a single job: one round trip either way.
 -- KEYS[1] events stream
 -- ARGV[1] events maxlen   ARGV[2] job key prefix (job key = prefix .. id)   ARGV[3] result key prefix
--- then per job: job id, run token, envelope JSON, task, queue, engine, delay ms (0: deliverable
---   now), delayed zset key of the queue ('' when not delayed), n = number of engine commands, then n times:
---   k = word count, and the k words of one Redis command (what the engine adapter's stage()
---   queues for this one message; run only when the job is accepted and not delayed).
+-- ARGV[4] number of jobs, then per job: job id, run token, envelope JSON, task, queue, engine,
+--   delay ms (0: deliverable now), delayed zset key of the queue ('' when not delayed),
+--   batched (1: its message is among the shared commands below), n = number of its own engine
+--   commands (run only if this job is accepted), then n times: k = word count and the k words
+--   of one Redis command (what the engine adapter's stage() queues for the message).
+-- then the shared commands, the same way (k, words...) to the end of ARGV: the staged batch of
+--   the jobs with fresh ids (they cannot be refused), run once if any batched job is accepted.
 -- Time comes from Redis (TIME): a delay is relative and the due score is Redis time + delay,
 -- so a producer with a skewed clock schedules correctly.
 -- Returns, per job: 1 accepted, 0 refused (a job with that id is queued, delayed or running),
@@ -20,18 +23,21 @@
 local t = redis.call('TIME')
 local now = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 local out = {}
-local i = 4
-while i <= #ARGV do
+local function read_command(i)
+  local nwords = tonumber(ARGV[i])
+  return {unpack(ARGV, i + 1, i + nwords)}, i + 1 + nwords
+end
+local batch_accepted = false
+local i = 5
+for _ = 1, tonumber(ARGV[4]) do
   local id, run, envelope, task = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local queue, engine, delay, delayed_key = ARGV[i + 4], ARGV[i + 5], tonumber(ARGV[i + 6]), ARGV[i + 7]
-  local ncmds = tonumber(ARGV[i + 8])
+  local batched, ncmds = ARGV[i + 8] == '1', tonumber(ARGV[i + 9])
   local job_key, result_key = ARGV[2] .. id, ARGV[3] .. id
-  i = i + 9
+  i = i + 10
   local cmds = {}
   for c = 1, ncmds do
-    local nwords = tonumber(ARGV[i])
-    cmds[c] = {unpack(ARGV, i + 1, i + nwords)}
-    i = i + 1 + nwords
+    cmds[c], i = read_command(i)
   end
   local job = redis.call('HMGET', job_key, 'status', 'run')
   local status = job[1]
@@ -50,12 +56,19 @@ while i <= #ARGV do
       'envelope', envelope, 'enqueued_at', now, 'engine', engine, 'run', run)
     if delay > 0 then
       redis.call('ZADD', delayed_key, string.format('%.0f', tonumber(now) + delay), envelope)
-    else
-      for _, cmd in ipairs(cmds) do
-        redis.call(unpack(cmd))
-      end
     end
+    for _, cmd in ipairs(cmds) do
+      redis.call(unpack(cmd))
+    end
+    if batched then batch_accepted = true end
     table.insert(out, 1)
+  end
+end
+if batch_accepted then
+  while i <= #ARGV do
+    local cmd
+    cmd, i = read_command(i)
+    redis.call(unpack(cmd))
   end
 end
 return out
