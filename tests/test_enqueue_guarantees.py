@@ -22,7 +22,11 @@ from app.components.worker.config import resolve
 from app.components.worker.dequeue import cancel_waiting
 from app.components.worker.engines import engine_class
 from app.components.worker.envelope import Envelope, new_run, now_ms
-from app.components.worker.events import read_events
+from app.components.worker.events import EventPublisher, EventPublishMiddleware, read_events
+from app.components.worker.middleware import MiddlewareChain
+from app.components.worker.runtime.context import WorkerContext
+from app.components.worker.runtime.store import JobStore
+from app.components.worker.runtime.wrapper import JobRuntime
 from app.components.worker.validation import MAX_DEPTH
 from app.core.errors import DuplicateJob, InvalidOption, JobFailed, PayloadError, RedisUnavailable
 from app.core.redis_server import RedisServer
@@ -197,6 +201,33 @@ async def test_stale_ghost_and_undecodable_deliveries(engine: str, client: Worke
     assert [e["type"] for e in await trail(client, "ghost")] == ["job.failed"]
     for job_id in broken:
         assert [e["type"] for e in await trail(client, job_id)] == ["job.enqueued", "job.failed"]
+
+
+@pytest.mark.parametrize("engine", ["arq"])
+async def test_undecodable_bytes_end_with_one_event(engine: str, client: WorkerClient) -> None:
+    """The runtime itself, in this process: bytes that are not UTF-8 fail the job they name
+    (found by a regex) with one job.failed event, or leave an event without a job id."""
+    spec = client.registry.queue("contract")
+    publisher = EventPublisher(client.redis, client.keys, 10_000)
+    publisher.start()
+    worker = WorkerContext(queue="contract", engine=engine, worker_id="test@1", instance="test@1~x")
+    runtime = JobRuntime(spec, resolve(spec, client.settings), JobStore(client.redis, client.keys, 10_000),
+                         MiddlewareChain([EventPublishMiddleware(publisher)]), worker, publisher)
+    env, raw = client._envelope("add", (), {}, None, "bad-utf8")
+    assert await client._accept([Accepting(env, raw, 3_600_000, engine, True)]) == [1]
+    try:
+        await runtime.execute(raw.encode().replace(b'"args":[]', b'"args":["\xff"]'))
+        await runtime.execute(b"\xff\xfe not a message")
+        await runtime.execute(raw)  # the job's own message, after the job ended: skipped
+    finally:
+        await publisher.close()
+        runtime.close()
+    info = await client.job("bad-utf8").info()
+    assert info["status"] == "failed" and info["error_type"] == "MalformedMessage"
+    assert [e["type"] for e in await trail(client, "bad-utf8")] == ["job.enqueued", "job.failed"]
+    failed = [e async for e in read_events(client.redis, client.keys, type_="job.failed")]
+    assert [e["job_id"] for e in failed] == ["bad-utf8", ""]
+    assert all(e["error"].startswith("MalformedMessage: ") for e in failed)
 
 
 # -- One rule for options -----------------------------------------------------------------------
