@@ -247,6 +247,8 @@ async def test_options_are_checked_before_anything_is_written(engine: str, clien
         await client.enqueue("echo", deep=nested(30_000))
     with pytest.raises(InvalidOption, match="delay"):  # a bad request refuses the whole batch
         await client.enqueue_many([JobRequest("add", (1, 1)), JobRequest("add", (1, 1), delay=-1)])
+    with pytest.raises(InvalidOption, match="job id"):
+        client.job("bad-\udcff")
     for timeout in (-1, 0, math.nan, math.inf):
         with pytest.raises(InvalidOption, match="timeout"):
             await client.job("anything").result(timeout=timeout)

@@ -251,7 +251,8 @@ class WorkerClient:
         return RedisUnavailable(f"Redis at {describe(self.settings)} refused the enqueue, {outcome}: {cause}")
 
     def job(self, job_id: str) -> Job:
-        return Job(self, job_id)
+        """A handle on a job by id; an id no enqueue could have accepted raises InvalidOption."""
+        return Job(self, validate_job_id(job_id))
 
     async def close(self) -> None:
         for adapter in self._adapters.values():
