@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import types
 from typing import Any
@@ -31,6 +32,9 @@ BUSY_POLL = 0.005  # between checks while this worker starts jobs: arq's default
 NATIVE_TRIES = 1_000_000
 EXPIRES_EXTRA_MS = 7 * 24 * 3600 * 1000
 BACKSTOP_EXTRA = 60  # arq cancels a job after the longest timeout + shutdown grace + this
+LEASE_MIN = 5.0  # seconds: arq's in-progress key is a lease of 2 x WORKER_OFFLINE_AFTER, at least this
+
+logger = logging.getLogger(__name__)
 
 
 def _dumps(obj: Any) -> bytes:
@@ -109,7 +113,7 @@ class _PrefixedWorker(Worker):
     this host's would otherwise see its jobs wait out the difference (delays are the layer's)."""
 
     def __init__(self, *args: Any, namespace: str, wake_keys: list[str], idle_wait: float, lost: Handle,
-                 **kwargs: Any) -> None:
+                 lease: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         keyed = _prefixed(namespace)
         picking = _prefixed(namespace, timestamp_ms=lambda: EVERY_ENTRY_DUE)
@@ -124,6 +128,22 @@ class _PrefixedWorker(Worker):
         self.idle_wait = idle_wait
         self.lost = lost
         self._started: int | None = None
+        self.in_progress_prefix = keyed["in_progress_key_prefix"]
+        self.in_progress_timeout_s = lease
+
+    async def renew_leases(self) -> None:
+        """Keep the in-progress keys of this worker's running jobs alive. arq sets them for the
+        longest timeout + 10 s, so after a SIGKILL the killed attempt's message would sit in the
+        queue for that long (the reaper has long redelivered the job); as a lease renewed here,
+        arq delivers it again soon after and the runtime drops it as stale."""
+        while True:
+            await asyncio.sleep(self.in_progress_timeout_s / 3)
+            running = [job_id for job_id, task in self.tasks.items() if not task.done()]
+            if running:
+                async with self.pool.pipeline(transaction=False) as pipe:
+                    for job_id in running:
+                        pipe.pexpire(self.in_progress_prefix + job_id, int(self.in_progress_timeout_s * 1000))
+                    await pipe.execute()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         before = set(self.tasks)
@@ -162,6 +182,7 @@ class Adapter(EngineAdapter):
         self._pool: ArqRedis | None = None
         self._worker: _PrefixedWorker | None = None
         self._main: asyncio.Task[None] | None = None
+        self._leases: asyncio.Task[None] | None = None
 
     @property
     def pool(self) -> ArqRedis:
@@ -213,11 +234,23 @@ class Adapter(EngineAdapter):
             wake_keys=[self.wake_key],
             idle_wait=self.idle_wait,
             lost=handle,
+            lease=max(LEASE_MIN, 2 * self.settings.worker_offline_after),
         )
         worker = self._worker
         self._main = asyncio.create_task(
             keep_running("arq", worker.async_run, lambda: not worker.allow_pick_jobs), name="arq-worker"
         )
+        self._leases = asyncio.create_task(self._renew(worker), name="arq-leases")
+
+    @staticmethod
+    async def _renew(worker: _PrefixedWorker) -> None:
+        while True:
+            try:
+                await worker.renew_leases()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis away: the next round renews
+                logger.warning("arq: renewing in-progress keys failed (%s)", exc)
 
     async def stop_fetching(self) -> None:
         if self._worker is not None:
@@ -226,9 +259,10 @@ class Adapter(EngineAdapter):
     async def close(self) -> None:
         """arq has no prefetch: a job is taken (its in-progress key set) only when it starts,
         so after the drain nothing fetched is left to hand back."""
-        if self._main is not None:
-            self._main.cancel()
-            await asyncio.gather(self._main, return_exceptions=True)
+        for task in (self._main, self._leases):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._worker is not None:
             tasks = [t for t in self._worker.tasks.values() if not t.done()]
             await asyncio.gather(*tasks, return_exceptions=True)
