@@ -269,6 +269,33 @@ async def test_every_key_lives_under_the_prefix(
         r.close()
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_worker_under_an_acl_limited_to_the_prefix(
+    engine: str, make_settings: Any, start_worker: Any, redis_url: str, prefix: str
+) -> None:
+    """#11.12/#11.19: a Redis user that may touch only ``<prefix>:*`` keys and may not run INFO
+    is enough for producer and worker on every engine."""
+    r = sync_redis.Redis.from_url(redis_url)
+    user, password = f"u{prefix}", "pw-" + prefix
+    r.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=[f"{prefix}:*"], commands=["+@all", "-info"])
+    client = WorkerClient(make_settings(worker_backend=engine, redis_username=user, redis_password=password))
+    try:
+        worker = start_worker("contract", engine, wait=False, redis_username=user, redis_password=password)
+
+        async def beating() -> bool:
+            assert worker.proc.poll() is None, f"worker exited with {worker.proc.returncode}"
+            return bool(r.keys(f"{prefix}:heartbeat:contract:*"))
+
+        await _wait(beating, "the worker's heartbeat")
+        jobs = [await client.enqueue("add", 1, 2), await client.enqueue("flaky", succeed_on=2),
+                await client.enqueue("add", 2, 2, _delay=0.1)]
+        assert [await j.result(TIMEOUT) for j in jobs] == [3, 2, 4]
+    finally:
+        await client.close()
+        r.acl_deluser(user)
+        r.close()
+
+
 def test_arq_backstop_is_past_the_longest_task_timeout(make_settings: Any) -> None:
     """#11.2: arq's own job timeout never cuts a task that has a longer timeout of its own."""
     client = WorkerClient(make_settings(worker_backend="arq"))

@@ -32,6 +32,7 @@ BUSY_POLL = 0.005  # between checks while this worker starts jobs: arq's default
 NATIVE_TRIES = 1_000_000
 EXPIRES_EXTRA_MS = 7 * 24 * 3600 * 1000
 BACKSTOP_EXTRA = 60  # arq cancels a job after the longest timeout + shutdown grace + this
+STOP_WAIT = 10.0  # seconds close() waits for arq's loop to end by itself
 LEASE_MIN = 5.0  # seconds: arq's in-progress key is a lease of 2 x WORKER_OFFLINE_AFTER, at least this
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,10 @@ def _rebind(function: Any, globals_: dict[str, Any]) -> Any:
     return clone
 
 
+class _Stopped(Exception):
+    """The worker stopped fetching: arq's main loop ends at the top of an iteration."""
+
+
 class _PrefixedWorker(Worker):
     """arq's Worker with its keys under the layer's prefix, every queued entry due at once,
     and an idle wait on the wake-up list.
@@ -128,6 +133,7 @@ class _PrefixedWorker(Worker):
         self.idle_wait = idle_wait
         self.lost = lost
         self._started: int | None = None
+        self.waiting = False  # in the idle wait: arq's loop may be cancelled there safely
         self.in_progress_prefix = keyed["in_progress_key_prefix"]
         self.in_progress_timeout_s = lease
 
@@ -146,16 +152,19 @@ class _PrefixedWorker(Worker):
                     await pipe.execute()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """arq's start_jobs, one id at a time so that a stop takes effect between two ids:
+        arq's own loop goes on starting the ids of its last read as slots free up."""
         before = set(self.tasks)
-        good = []
         for job_id in job_ids:
+            if not self.allow_pick_jobs:
+                break
             try:
                 job_id.decode()
-                good.append(job_id)
             except UnicodeDecodeError:  # arq would crash its loop on it, again at every poll
                 await self.pool.zrem(self.queue_name, job_id)
                 await self.lost(stand_in("arq queue entry whose id is not UTF-8", job_id))
-        await self.arq["start_jobs"](good)
+                continue
+            await self.arq["start_jobs"]([job_id])
         self._started = len(self.tasks.keys() - before)
 
     async def finish_failed_job(self, job_id: str, result_data: Any) -> None:
@@ -165,11 +174,17 @@ class _PrefixedWorker(Worker):
         await self.lost(stand_in("arq queue entry without its job key", job_id))
 
     async def _poll_iteration(self) -> None:
+        if not self.allow_pick_jobs:
+            raise _Stopped  # ends arq's main loop: nothing is left half-started
         self._started = None
         await self.arq["_poll_iteration"]()
         if self._started == 0 and self.allow_pick_jobs:
             # Nothing startable was waiting: sleep until a producer pushes a wake-up token.
-            await self.pool.blpop(self.wake_keys, timeout=self.idle_wait)
+            self.waiting = True
+            try:
+                await self.pool.blpop(self.wake_keys, timeout=self.idle_wait)
+            finally:
+                self.waiting = False
 
 
 class Adapter(EngineAdapter):
@@ -259,7 +274,12 @@ class Adapter(EngineAdapter):
     async def close(self) -> None:
         """arq has no prefetch: a job is taken (its in-progress key set) only when it starts,
         so after the drain nothing fetched is left to hand back."""
-        for task in (self._main, self._leases):
+        worker, main = self._worker, self._main
+        if worker is not None and main is not None and not worker.waiting:
+            # Let arq's loop reach the top of an iteration (it ends there once fetching stopped):
+            # cancelled inside start_jobs it could leave an in-progress key with no job started.
+            await asyncio.wait([main], timeout=STOP_WAIT)
+        for task in (main, self._leases):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
