@@ -19,19 +19,26 @@ import typer
 
 from app.cli.common import fail, print_json
 from app.core.errors import AppError
-from app.core.redis import describe, sync_client
+from app.core.redis import describe, explain, sync_client
 from app.core.redis_server import RedisServer
 from app.core.settings import ENGINES, get_settings, load_settings
 
 
 def _reachable(url_settings: object) -> bool:
+    """True when a Redis answers at the configured URL; False when nothing listens there.
+
+    A Redis that answers but refuses us (a password required or wrong) is an error to show,
+    not a reason to start a private one behind the user's back."""
+    client = sync_client(url_settings, socket_connect_timeout=0.5)  # type: ignore[arg-type]
     try:
-        client = sync_client(url_settings, socket_connect_timeout=0.5)  # type: ignore[arg-type]
         client.ping()
-        client.close()
         return True
+    except (redis.AuthenticationError, redis.ResponseError) as exc:
+        raise explain(exc, url_settings) from None  # type: ignore[arg-type]
     except redis.RedisError:
         return False
+    finally:
+        client.close()
 
 
 def _wait_for_workers(queues: list[str], timeout: float = 60) -> None:
