@@ -28,7 +28,7 @@ from app.components.worker.runtime.delayed import DelayedMover
 from app.components.worker.runtime.reaper import Reaper
 from app.components.worker.runtime.store import JobStore
 from app.components.worker.runtime.wrapper import JobRuntime
-from app.core.redis import async_client, ping, sync_client
+from app.core.redis import async_client, heartbeat_client, ping
 from app.core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
     runtime = JobRuntime(spec, config, store, chain, worker, publisher)
     adapter = engine_class(config.engine)(settings, keys, config)
     heartbeat = Heartbeat(
-        sync_client(settings), keys, settings, queue=spec.name, engine=config.engine, worker_id=worker_id, instance=worker.instance,
+        heartbeat_client(settings), keys, settings, queue=spec.name, engine=config.engine, worker_id=worker_id, instance=worker.instance,
         labels={**settings.labels, **options.labels}, concurrency=config.threads,
         counters=lambda: {"running": runtime.running, "done": runtime.done, "failed": runtime.failed},
     )
