@@ -41,3 +41,98 @@ async def test_task_that_cancels_itself_fails_after_max_tries(engine: str, clien
     assert await (await client.enqueue("add", 1, 2)).result(30) == 3
     assert [e["type"] for e in await trail(client, job.job_id)] == [e["type"] for e in events]
     assert await job.status() == "failed"
+
+
+# ---- 2. Ctrl-C, docker stop, kill -TERM: all graceful on a supervised worker ----------------------------
+
+def spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """An `app` command in a session of its own, as a terminal would run it (its own process group)."""
+    return subprocess.Popen([sys.executable, "-m", "app", *argv], env=env, cwd=ROOT, start_new_session=True)
+
+
+async def _running_on_two_children(client: WorkerClient, engine: str, tmp_path: Path, ms: int) -> list[Any]:
+    jobs = [await client.enqueue("chaos_job", str(tmp_path), f"j{i}", ms) for i in range(2)]
+
+    async def both_running() -> bool:
+        owners = set()
+        for job in jobs:
+            record = await client.redis.hgetall(client.keys.job(job.job_id))
+            if record.get(b"status") != b"running":
+                return False
+            owners.add(record.get(b"owner"))
+        return len(owners) == 2
+
+    deadline = time.monotonic() + 30
+    while not await both_running():
+        assert time.monotonic() < deadline, "two jobs never ran on two processes at once"
+        await asyncio.sleep(0.02)
+    return jobs
+
+
+async def _worker_events(client: WorkerClient, type_: str) -> list[dict[str, str]]:
+    from app.components.worker.events import read_events
+
+    return [e async for e in read_events(client.redis, client.keys, type_=type_)]
+
+
+def _supervised(env: dict[str, str], engine: str, prefix: str, redis_url: str) -> subprocess.Popen[bytes]:
+    import redis
+
+    proc = spawn(["worker", "contract", "--backend", engine, "--processes", "2", "--threads", "1"],
+                 # one job per child: Dramatiq would otherwise prefetch both onto one process
+                 {**env, "WORKER_SHUTDOWN_TIMEOUT": "20", "dramatiq_queue_prefetch": "1"})
+    with redis.Redis.from_url(redis_url) as r:
+        def two_beats() -> bool:
+            assert proc.poll() is None, f"supervisor exited with {proc.returncode}"
+            return len(r.keys(f"{prefix}:heartbeat:contract:*")) >= 2
+        wait_until(two_beats, 30, what="two heartbeats")
+    return proc
+
+
+@pytest.mark.parametrize(("engine", "how"), [("arq", "SIGINT to the group"), ("dramatiq", "SIGINT to the group"),
+                                             ("taskiq", "SIGINT to the group"), ("arq", "SIGTERM to the supervisor")])
+async def test_supervised_worker_stops_gracefully(engine: str, how: str, client: WorkerClient, env: dict[str, str],
+                                                 prefix: str, redis_url: str, tmp_path: Path) -> None:
+    proc = _supervised(env, engine, prefix, redis_url)
+    try:
+        jobs = await _running_on_two_children(client, engine, tmp_path, ms=1500)
+        if how.startswith("SIGINT"):
+            os.killpg(os.getpgid(proc.pid), signal.SIGINT)  # what a terminal does on Ctrl-C
+        else:
+            proc.send_signal(signal.SIGTERM)  # docker stop (PID 1), kill -TERM
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        for job in jobs:
+            events = await wait_trail(client, job.job_id, "job.completed")
+            assert [e["type"] for e in events] == ["job.enqueued", "job.started", "job.completed"]
+        assert sorted(p.read_text().count("\n") for p in tmp_path.iterdir()) == [1, 1]  # each ran once
+        stopped = [e for e in await _worker_events(client, "worker.stopped") if e["queue"] == "contract"]
+        assert len(stopped) == 2
+    finally:
+        _hard_stop(proc)
+
+
+def _hard_stop(proc: subprocess.Popen[bytes]) -> None:
+    """Two SIGTERMs: the supervisor and its children exit at once (no strays after a failure)."""
+    for _ in range(2):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("engine", ["arq"])
+async def test_second_signal_is_the_hard_exit(engine: str, client: WorkerClient, env: dict[str, str], prefix: str,
+                                             redis_url: str, tmp_path: Path) -> None:
+    proc = _supervised(env, engine, prefix, redis_url)
+    try:
+        await _running_on_two_children(client, engine, tmp_path, ms=20_000)
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert await asyncio.to_thread(proc.wait, 10) != 0
+        assert time.monotonic() - started < 5  # not the 20 s job, not the 20 s grace
+    finally:
+        _hard_stop(proc)
