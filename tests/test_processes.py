@@ -4,10 +4,12 @@ Redis socket deadlines, and a password-protected Redis reached without a passwor
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from app.components.worker.api import WorkerClient
 from app.core.errors import JobFailed
 from app.core.redis_server import RedisServer
 from tests.conftest import ROOT, wait_until
+from tests.faults import TcpProxy
 from tests.test_contract import trail, wait_trail
 
 ENGINES = ["arq", "dramatiq", "taskiq"]
@@ -211,3 +214,73 @@ def test_supervisor_sigkilled_leaves_no_workers(engine: str, env: dict[str, str]
     proc.kill()
     proc.wait()
     wait_until(lambda: not _still_running(children), 30, 0.1, what="workers gone after their supervisor")
+
+
+# ---- 4. socket deadlines: a half-open connection fails a call, it does not stall it --------------------
+
+def test_heartbeat_fails_fast_on_a_blackholed_connection_and_beats_again(make_settings: Any, redis_url: str,
+                                                                          prefix: str) -> None:
+    import redis
+
+    from app.components.worker.health import Heartbeat
+    from app.components.worker.keys import Keys
+    from app.core.redis import heartbeat_client
+
+    with TcpProxy(redis_url) as proxy, redis.Redis.from_url(redis_url) as direct:
+        settings = make_settings(redis_url=proxy.url, worker_offline_after=6, worker_heartbeat_interval=0.2)
+        deadline = min(5.0, 6 / 3)  # the heartbeat client's socket timeout
+        beat = Heartbeat(heartbeat_client(settings), Keys(prefix), settings, queue="contract", engine="arq",
+                         worker_id="half-open", instance="half-open~1", labels={}, concurrency=1,
+                         counters=lambda: {"running": 0, "done": 0, "failed": 0})
+        key = Keys(prefix).heartbeat("contract", "half-open")
+        beat.beat()
+        proxy.cut("blackhole")  # the open connection now swallows every byte, new ones are accepted silently
+        started = time.monotonic()
+        with pytest.raises(redis.RedisError):
+            beat.beat()
+        took = time.monotonic() - started
+        assert deadline * 0.8 < took < deadline * 2 + 1, took  # about one socket timeout, not the kernel's
+
+        failed = threading.Event()
+        handler = logging.Handler()
+        handler.emit = lambda record: failed.set() if "heartbeat failed" in record.getMessage() else None  # type: ignore[method-assign]
+        logging.getLogger("app.components.worker.health").addHandler(handler)
+        try:
+            beat.start()  # the thread keeps trying while the proxy blackholes
+            assert failed.wait(deadline * 2 + 2), "the heartbeat thread never reported a failed beat"
+        finally:
+            logging.getLogger("app.components.worker.health").removeHandler(handler)
+        last = direct.get(key)
+        proxy.restore()
+        restored = time.monotonic()
+        wait_until(lambda: direct.get(key) != last, 6, 0.05, what="a heartbeat after the proxy forwards again")
+        assert time.monotonic() - restored < 6  # within the offline threshold
+        asyncio.run(beat.stop())
+
+
+async def test_a_cancelled_redis_call_is_never_swallowed(make_settings: Any) -> None:
+    """With socket_timeout set, redis-py writes through asyncio.wait_for, which on Python 3.11
+    drops a cancellation that lands as the write completes (app.core.redis_cancel fixes it)."""
+    from app.core.redis import async_client
+
+    client = async_client(make_settings())
+    swallowed = 0
+
+    async def busy() -> None:
+        while True:
+            await client.set("cancel-probe", 1)
+
+    try:
+        for i in range(300):
+            task = asyncio.create_task(busy())
+            for _ in range(i % 9):
+                await asyncio.sleep(0)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=2)
+            if not done:
+                swallowed += 1
+                task.cancel()
+                await asyncio.wait({task}, timeout=2)
+        assert swallowed == 0, f"{swallowed} of 300 cancellations were swallowed"
+    finally:
+        await client.aclose()
