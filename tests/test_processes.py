@@ -284,3 +284,30 @@ async def test_a_cancelled_redis_call_is_never_swallowed(make_settings: Any) -> 
         assert swallowed == 0, f"{swallowed} of 300 cancellations were swallowed"
     finally:
         await client.aclose()
+
+
+# ---- 5. a Redis that requires a password, reached without one: one line, exit 2, at once ---------------
+
+@pytest.fixture(scope="module")
+def password_server() -> Any:
+    server = RedisServer(password="s3cret-pass").start()
+    yield server
+    server.cleanup()
+
+
+@pytest.mark.parametrize("argv", [["queues"], ["enqueue", "add", "--queue", "contract", "--", "a=1", "b=2"],
+                                  ["health", "contract"], ["worker", "contract"], ["dev", "--once"]],
+                         ids=lambda argv: " ".join(argv[:2]))
+def test_password_required_but_missing_is_one_line(argv: list[str], env: dict[str, str],
+                                                   password_server: RedisServer, tmp_path: Path) -> None:
+    env = {**env, "REDIS_URL": f"redis://127.0.0.1:{password_server.port}"}
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "app", *argv], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=30)
+    took = time.monotonic() - started
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: Redis at redis://127.0.0.1:{password_server.port} requires a password: "
+                     "set REDIS_PASSWORD (or put it in REDIS_URL)"], proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert took < 10, took
