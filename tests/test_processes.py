@@ -78,12 +78,19 @@ async def _worker_events(client: WorkerClient, type_: str) -> list[dict[str, str
     return [e async for e in read_events(client.redis, client.keys, type_=type_)]
 
 
-def _supervised(env: dict[str, str], engine: str, prefix: str, redis_url: str) -> subprocess.Popen[bytes]:
+def _supervised(env: dict[str, str], engine: str, prefix: str, redis_url: str,
+                stderr: Path | None = None) -> subprocess.Popen[bytes]:
     import redis
 
-    proc = spawn(["worker", "contract", "--backend", engine, "--processes", "2", "--threads", "1"],
-                 # one job per child: Dramatiq would otherwise prefetch both onto one process
-                 {**env, "WORKER_SHUTDOWN_TIMEOUT": "20", "dramatiq_queue_prefetch": "1"})
+    argv = ["worker", "contract", "--backend", engine, "--processes", "2", "--threads", "1"]
+    # one job per child: Dramatiq would otherwise prefetch both onto one process
+    worker_env = {**env, "WORKER_SHUTDOWN_TIMEOUT": "20", "dramatiq_queue_prefetch": "1"}
+    if stderr is None:
+        proc = spawn(argv, worker_env)
+    else:
+        with stderr.open("wb") as sink:
+            proc = subprocess.Popen([sys.executable, "-m", "app", *argv], env=worker_env, cwd=ROOT,
+                                    start_new_session=True, stderr=sink)
     with redis.Redis.from_url(redis_url) as r:
         def two_beats() -> bool:
             assert proc.poll() is None, f"supervisor exited with {proc.returncode}"
@@ -129,10 +136,15 @@ def _hard_stop(proc: subprocess.Popen[bytes]) -> None:
 @pytest.mark.parametrize("engine", ["arq"])
 async def test_second_signal_is_the_hard_exit(engine: str, client: WorkerClient, env: dict[str, str], prefix: str,
                                              redis_url: str, tmp_path: Path) -> None:
-    proc = _supervised(env, engine, prefix, redis_url)
+    log = tmp_path / "supervisor.log"
+    proc = _supervised({**env, "LOG_LEVEL": "INFO"}, engine, prefix, redis_url, stderr=log)
     try:
         await _running_on_two_children(client, engine, tmp_path, ms=20_000)
         proc.send_signal(signal.SIGTERM)
+        # Two signals sent at once may merge into one (the kernel queues one pending SIGTERM):
+        # the second must come after the first was handled, as a person's second Ctrl-C does.
+        await asyncio.to_thread(wait_until, lambda: b"gracefully" in log.read_bytes(), 10, 0.02,
+                                "the supervisor's first signal handled")
         proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
         assert await asyncio.to_thread(proc.wait, 10) != 0
