@@ -208,7 +208,11 @@ def test_app_dev_leaves_nothing_behind(sig: int, env: dict[str, str], tmp_path: 
         commands = " ".join(Path(f"/proc/{pid}/cmdline").read_text() for pid in children)
         assert "redis-server" in commands and commands.count("worker") >= 2, commands
         os.kill(proc.pid, sig)
-        wait_until(lambda: not _still_running(children), 30, 0.1, what=f"children of app dev gone after {sig!r}")
+        try:
+            wait_until(lambda: not _still_running(children), 30, 0.1, what=f"children of app dev gone after {sig!r}")
+        except AssertionError as exc:
+            left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in _still_running(children)}
+            raise AssertionError(f"{exc}: still running {left}; app dev said:\n{out.read_text()}") from None
         assert proc.wait(10) == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
     finally:
         if proc.poll() is None:

@@ -48,7 +48,7 @@ def _reachable(url_settings: object) -> bool:
         client.close()
 
 
-def _wait_for_workers(queues: list[str], timeout: float = 60) -> None:
+def _wait_for_workers(queues: list[str], stop_requested: list[str], timeout: float = 60) -> None:
     from app.components.worker.health import Thresholds, list_workers
     from app.components.worker.keys import Keys
     from app.core.redis import async_client
@@ -64,15 +64,17 @@ def _wait_for_workers(queues: list[str], timeout: float = 60) -> None:
             await client.aclose()
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stop_requested:
         if set(queues) <= asyncio.run(check()):
             return
         time.sleep(0.2)
+    if stop_requested:
+        return
     raise AppError(f"workers did not start within {timeout:.0f}s: run `app worker <queue>` to see why")
 
 
 class _Stop(Exception):
-    """A stop signal (SIGTERM, SIGHUP) turned into an exception, so cleanup runs as on Ctrl-C."""
+    """A stop signal that interrupts the demo's wait for its result."""
 
 
 def dev(
@@ -86,12 +88,19 @@ def dev(
     server: RedisServer | None = None
     children: list[subprocess.Popen[bytes]] = []
     cleaning_up = False
+    interruptible = False  # True only around the demo's blocking wait for its result
+    stop_requested: list[str] = []
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal cleaning_up
         if not cleaning_up:
             cleaning_up = True
-            raise _Stop(signal.Signals(signum).name)
+            # Every loop here checks the flag. Raising from a signal handler anywhere else is
+            # unsafe: one landing in a fork's at-fork hook (Popen) is printed and dropped.
+            stop_requested.append(signal.Signals(signum).name)
+            if interruptible:
+                raise _Stop(signal.Signals(signum).name)
+            return
         # A signal while the workers stop: they exit at once (their own hard exit).
         for child in children:
             if child.poll() is None:
@@ -123,16 +132,24 @@ def dev(
             # Own session: Ctrl-C reaches `app dev` only, which then stops each worker once, gracefully.
             children.append(subprocess.Popen([sys.executable, "-m", "app", "worker", name], env=child_env(),
                                              start_new_session=True))
-        _wait_for_workers(list(registry.queues))
-        _demo()
-        if once:
+        _wait_for_workers(list(registry.queues), stop_requested)
+        if not stop_requested:
+            interruptible = True
+            try:
+                _demo()
+            finally:
+                interruptible = False
+        if once or stop_requested:
             return
         typer.echo("following events (Ctrl-C to stop)...")
-        subprocess.call([sys.executable, "-m", "app", "events", "--follow"], env=dict(os.environ),
-                        preexec_fn=pdeathsig_preexec())
+        follower = subprocess.Popen([sys.executable, "-m", "app", "events", "--follow"], env=dict(os.environ),
+                                    preexec_fn=pdeathsig_preexec())
+        children.append(follower)
+        while follower.poll() is None and not stop_requested:
+            time.sleep(0.1)
     except AppError as exc:
         fail(str(exc), exc.exit_code)
-    except (KeyboardInterrupt, _Stop):
+    except _Stop:
         pass
     finally:
         cleaning_up = True
