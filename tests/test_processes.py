@@ -190,7 +190,7 @@ def _still_running(procs: dict[int, str]) -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=lambda s: s.name)
 def test_app_dev_leaves_nothing_behind(sig: int, env: dict[str, str], tmp_path: Path) -> None:
     from app.core.redis_server import free_port
 
@@ -213,7 +213,8 @@ def test_app_dev_leaves_nothing_behind(sig: int, env: dict[str, str], tmp_path: 
         except AssertionError as exc:
             left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in _still_running(children)}
             raise AssertionError(f"{exc}: still running {left}; app dev said:\n{out.read_text()}") from None
-        assert proc.wait(10) == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
+        assert proc.wait(10) == (-signal.SIGKILL if sig == signal.SIGKILL else 0)
+        assert "Traceback" not in out.read_text() and "Exception ignored" not in out.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
