@@ -153,6 +153,31 @@ async def test_second_signal_is_the_hard_exit(engine: str, client: WorkerClient,
         _hard_stop(proc)
 
 
+@pytest.mark.parametrize("engine", ["arq"])
+async def test_ctrl_c_on_a_reloading_worker_is_graceful(engine: str, client: WorkerClient, env: dict[str, str],
+                                                       prefix: str, redis_url: str, tmp_path: Path) -> None:
+    """`--reload`: watchfiles forwards the terminal's SIGINT; the worker must see it once."""
+    import redis
+
+    proc = subprocess.Popen([sys.executable, "-m", "app", "worker", "contract", "--backend", engine, "--reload"],
+                            env={**env, "WORKER_SHUTDOWN_TIMEOUT": "20"}, cwd=tmp_path, start_new_session=True)
+    try:
+        with redis.Redis.from_url(redis_url) as r:
+            wait_until(lambda: r.keys(f"{prefix}:heartbeat:contract:*"), 30, what="the reloaded worker's heartbeat")
+        job = await client.enqueue("chaos_job", str(tmp_path), "j", 1500)
+        deadline = time.monotonic() + 30
+        while await job.status() != "running":
+            assert time.monotonic() < deadline, "job never ran"
+            await asyncio.sleep(0.02)
+        os.killpg(os.getpgid(proc.pid), signal.SIGINT)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        events = await wait_trail(client, job.job_id, "job.completed")
+        assert [e["type"] for e in events] == ["job.enqueued", "job.started", "job.completed"]
+        assert len(await _worker_events(client, "worker.stopped")) == 1
+    finally:
+        _hard_stop(proc)
+
+
 # ---- 3. nothing outlives `app dev` or the supervisor -------------------------------------------------
 
 def _proc_table() -> dict[int, tuple[int, str, str]]:
