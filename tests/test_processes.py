@@ -300,6 +300,21 @@ def test_heartbeat_fails_fast_on_a_blackholed_connection_and_beats_again(make_se
         asyncio.run(beat.stop())
 
 
+def test_cli_against_a_blackholed_redis_is_one_line_after_the_socket_timeout(env: dict[str, str], redis_url: str,
+                                                                            tmp_path: Path) -> None:
+    with TcpProxy(redis_url) as proxy:
+        proxy.cut("blackhole")  # connections are accepted, nothing ever answers
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "app", "queues"], env={**env, "REDIS_URL": proxy.url,
+                              "REDIS_SOCKET_TIMEOUT": "1.5"}, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        took = time.monotonic() - started
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [f"error: Redis at redis://127.0.0.1:{proxy.port} did not answer within 1.5s "
+                                        "(REDIS_SOCKET_TIMEOUT): check the network to it and whether it is "
+                                        "overloaded or paused"], proc.stderr
+    assert took < 1.5 * 2 + 3, took  # one deadline (a timeout is not retried), plus Python's start
+
+
 async def test_a_cancelled_redis_call_is_never_swallowed(make_settings: Any) -> None:
     """With socket_timeout set, redis-py writes through asyncio.wait_for, which on Python 3.11
     drops a cancellation that lands as the write completes (app.core.redis_cancel fixes it)."""

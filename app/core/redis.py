@@ -75,11 +75,13 @@ def connection_kwargs(settings: Settings, *, sync: bool = False) -> dict[str, An
     (a peer that vanished without a FIN, a partition, a paused Redis) fails the call after
     that long instead of after the kernel's TCP timeout, which can be many minutes. It must
     exceed the longest blocking read the layer or an engine issues: TaskIQ's and `app events
-    --follow`'s XREAD block 1 s; arq and Dramatiq poll without blocking."""
+    --follow`'s XREAD block 1 s; arq and Dramatiq poll without blocking. A timeout is not
+    retried: the command may have run, and a dead peer would only cost three more deadlines;
+    callers that must get through (the job wrapper's state writes) retry on their own."""
     retry_class = _SyncRetry if sync else _AsyncRetry
     kwargs: dict[str, Any] = {
-        "retry": retry_class(ExponentialBackoff(cap=1.0, base=0.05), 3),
-        "retry_on_error": [ConnectionError, TimeoutError],
+        "retry": retry_class(ExponentialBackoff(cap=1.0, base=0.05), 3, supported_errors=(ConnectionError,)),
+        "retry_on_error": [ConnectionError],
         "socket_timeout": settings.redis_socket_timeout,
         "socket_connect_timeout": settings.redis_connection_timeout,
         "socket_keepalive": settings.redis_socket_keepalive,
@@ -111,12 +113,12 @@ def sync_client(settings: Settings, **extra: Any) -> redis.Redis:
 
 
 def heartbeat_client(settings: Settings) -> redis.Redis:
-    """The client of the heartbeat thread: a shorter deadline and no retry on a timeout.
+    """The client of the heartbeat thread: a shorter deadline, min(5 s, offline threshold / 3).
 
     A beat that cannot reach Redis must fail within seconds so the thread logs it, backs off
-    and tries again on a fresh connection, well inside the offline threshold; the general
-    client's retries would stretch one blackholed beat over four socket timeouts. A closed
-    connection (Redis restarted) is still retried once, at once, on a fresh one."""
+    and tries again on a fresh connection, and gets a beat in well inside the offline
+    threshold once Redis answers again. A closed connection (Redis restarted) is retried
+    once, at once, on a fresh one."""
     timeout = min(5.0, settings.worker_offline_after / 3, settings.redis_socket_timeout)
     retry = _SyncRetry(ExponentialBackoff(cap=0.1, base=0.01), 1, supported_errors=(ConnectionError,))
     return sync_client(settings, socket_timeout=timeout, socket_connect_timeout=min(timeout, settings.redis_connection_timeout),
@@ -140,6 +142,11 @@ def explain(exc: BaseException, settings: Settings) -> RedisUnavailable:
     if isinstance(exc, AuthenticationError) or "WRONGPASS" in str(exc):
         return RedisUnavailable(
             f"Redis at {where} refused the credentials: check REDIS_PASSWORD / REDIS_USERNAME"
+        )
+    if isinstance(exc, TimeoutError) and "connecting" not in str(exc):
+        return RedisUnavailable(
+            f"Redis at {where} did not answer within {settings.redis_socket_timeout:g}s (REDIS_SOCKET_TIMEOUT): "
+            "check the network to it and whether it is overloaded or paused"
         )
     if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
         return RedisUnavailable(
