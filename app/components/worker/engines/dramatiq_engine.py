@@ -83,7 +83,10 @@ class _Consumer(_RedisConsumer):
         ids = [redis_id for redis_id, _ in self.message_cache]
         self.message_cache = []
         if ids:
-            self.broker.do_requeue(self.queue_name, *ids)
+            try:
+                self.broker.do_requeue(self.queue_name, *ids)
+            except redis.RedisError as exc:  # they stay in the acks set: recover() returns them
+                logger.warning("queue %s: requeueing %d fetched message(s) failed (%s)", self.queue_name, len(ids), exc)
 
 
 class _Broker(RedisBroker):
