@@ -290,6 +290,7 @@ async def test_worker_under_an_acl_limited_to_the_prefix(
         jobs = [await client.enqueue("add", 1, 2), await client.enqueue("flaky", succeed_on=2),
                 await client.enqueue("add", 2, 2, _delay=0.1)]
         assert [await j.result(TIMEOUT) for j in jobs] == [3, 2, 4]
+        assert worker.stop() == 0  # a clean stop too, before the user goes away
     finally:
         await client.close()
         r.acl_deluser(user)
