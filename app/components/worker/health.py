@@ -168,8 +168,8 @@ class Heartbeat:
 def describe_beat_error(exc: BaseException) -> str:
     """Why a beat failed, in words an operator acts on."""
     if isinstance(exc, OutOfMemoryError) or str(exc).startswith("OOM "):
-        return (f"{OOM_REASON}: {exc}. Other workers will see this one offline and redeliver its "
-                "running jobs; free memory in Redis or raise maxmemory")
+        return (f"{OOM_REASON}: {exc}. This worker looks offline to `app workers` until a beat is "
+                "written again: free memory in Redis or raise maxmemory")
     return f"{type(exc).__name__}: {exc}"
 
 
