@@ -205,7 +205,7 @@ async def test_stopped_instance_holding_a_job_is_recovered_and_reaping_drops_no_
         ghost = Heartbeat(conn, keys, settings, queue="contract", engine=engine, worker_id="ghost",
                           instance="ghost~1", labels={}, concurrency=1, counters=dict)
         ghost.beat()
-        assert await store.claim(env, raw, "ghost", "ghost~1", engine, "ghost~1:0") == (True, 1)
+        assert await store.claim(env, "ghost", "ghost~1", engine, "ghost~1:0") == (True, 1)
         ghost.beat(state="stopped")
         assert await client.redis.smembers(keys.held("ghost~1")) == {b"held-at-stop"}
         assert await client.redis.zscore(keys.instances, "contract|ghost~1") is not None, \
@@ -341,9 +341,13 @@ async def test_a_refused_finish_never_publishes_its_events(make_settings: Any, r
     runtime = JobRuntime(spec, resolve(spec, settings, processes=1), store,
                          MiddlewareChain([EventPublishMiddleware(publisher)]), worker, publisher)
     try:
-        env = Envelope("refused-1", "add", "contract", [1, 2], {}, 1, 0)
-        raw = env.encode()
-        assert await store.claim(env, raw, "a", "a~1", "arq", "a~1:0") == (True, 1)
+        client = WorkerClient(settings)
+        await client.enqueue("add", 1, 2, _job_id="refused-1", _delay=3600)
+        raw = (await conn.zrange(keys.delayed("contract"), 0, -1))[0]
+        await conn.zrem(keys.delayed("contract"), raw)
+        await client.close()
+        env = Envelope.decode(raw)
+        assert await store.claim(env, "a", "a~1", "arq", "a~1:0") == (True, 1)
         # Meanwhile another worker took the job over (as the reaper's requeue + a new claim do).
         await conn.hset(keys.job(env.id), mapping={"owner": "b~1", "worker": "b"})
         job = JobContext(job_id=env.id, task="add", queue="contract", engine="arq", attempt=1, max_tries=3,
@@ -356,7 +360,7 @@ async def test_a_refused_finish_never_publishes_its_events(make_settings: Any, r
 
         await until(flushed, 10, what="the background flush")
         written = [f[b"type"] for _, f in await conn.xrange(keys.events)]
-        assert written == [b"job.started", b"worker.stopped"], written
+        assert written == [b"job.enqueued", b"job.started", b"worker.stopped"], written
         assert store.lost == 1 and publisher.refused == 1
     finally:
         await publisher.close(timeout=5)

@@ -15,11 +15,10 @@ read), and the rest move on.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable
 
-from app.components.worker.envelope import Envelope
+from app.components.worker.envelope import Envelope, recover_id
 from app.components.worker.runtime.store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -32,15 +31,12 @@ POISON_KEEP_S = 24 * 3600  # how long the failed record of a poisoned job stays 
 
 
 def _job_id_of(raw: bytes) -> str:
-    """The job id an undecodable entry names, if any can be read."""
-    try:
-        data = json.loads(raw.decode("utf-8", errors="replace"))
-    except (ValueError, RecursionError):
+    """The job id an undecodable entry names, if one can be read (the same reading as the
+    runtime's for undecodable deliveries)."""
+    found = recover_id(raw.decode("utf-8", errors="replace"))
+    if found is None or "\ufffd" in found.job_id or not found.job_id.isprintable():
         return ""
-    job_id = data.get("id") if isinstance(data, dict) else None
-    if isinstance(job_id, str) and job_id and job_id.isprintable() and "\ufffd" not in job_id:
-        return job_id
-    return ""
+    return found.job_id
 
 
 class DelayedMover:
