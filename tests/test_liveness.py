@@ -524,3 +524,28 @@ def test_sigterm_lists_a_worker_as_stopped_and_sigkill_as_offline(
     assert found == {"calm": "stopped", "killed": "offline"}
     health = cli(cli_env, "health", "contract")
     assert health.returncode == 1 and "calm stopped" in health.stderr and "killed offline" in health.stderr
+
+
+# the fault helper itself ------------------------------------------------------------------------
+
+
+def test_tcp_proxy_cuts_and_restores(redis_url: str) -> None:
+    """``tests.faults.TcpProxy``: "close" fails at once, "blackhole" only by timeout, restore works."""
+    from redis.exceptions import ConnectionError as SyncConnectionError
+    from redis.exceptions import TimeoutError as SyncTimeoutError
+
+    with TcpProxy(redis_url) as proxy:
+        conn = sync_redis.Redis.from_url(proxy.url, socket_timeout=0.3, socket_connect_timeout=0.3)
+        assert conn.ping()
+        proxy.cut()
+        with pytest.raises(SyncConnectionError):
+            conn.ping()
+        proxy.restore()
+        assert conn.ping()
+        proxy.cut("blackhole")
+        with pytest.raises((SyncTimeoutError, SyncConnectionError)):
+            conn.ping()
+        proxy.restore()
+        conn.connection_pool.disconnect()  # the blackholed connection stays dead; a new one works
+        assert conn.ping()
+        conn.close()
