@@ -53,6 +53,12 @@ class StaleDelivery(NonRetryable):
     """A delivery of a job the layer has no record of."""
 
 
+class TaskCancelled(Exception):
+    """The task itself ended with ``CancelledError`` (it awaited something that was
+    cancelled): an ordinary failed attempt, retried per policy. Only a cancellation by this
+    worker's own shutdown (``drain``) hands a job back without counting the attempt."""
+
+
 class JobRuntime:
     def __init__(
         self,
@@ -74,6 +80,7 @@ class JobRuntime:
         self.done = 0
         self.failed = 0
         self.stopping = False
+        self._interrupted: set[asyncio.Task[Any]] = set()  # the tasks drain() cancelled
         self._deliveries = itertools.count()  # with the instance id: unique per delivery
 
     @property
@@ -181,12 +188,21 @@ class JobRuntime:
                     raise ResultNotSerializable(
                         f"result of {env.task!r} is not JSON ({exc}): return JSON types") from None
         except asyncio.CancelledError:
-            await self._hand_back(env, attempt)
+            if self._interrupted_by_shutdown():
+                await self._hand_back(env, attempt)
+                return
+            # Not ours: the task awaited something that was cancelled, or an engine cancelled
+            # it. Handing it back would redeliver it forever without counting an attempt.
+            await self._failed(env, job, policy, TaskCancelled(
+                f"{env.task} was cancelled (CancelledError) while this worker was not stopping"))
             return
         except SkipJob as exc:
             await self._finish(env, job, "cancelled", error=exc)
             return
         except Exception as exc:  # noqa: BLE001 - a job's failure is data, not a crash
+            if self._interrupted_by_shutdown():  # it turned our cancellation into an error
+                await self._hand_back(env, attempt)
+                return
             await self._failed(env, job, policy, exc)
             return
         await self._finish(env, job, "completed", result=result)
@@ -295,6 +311,9 @@ class JobRuntime:
             self.publisher.settled(events, bool(result))
         return result
 
+    def _interrupted_by_shutdown(self) -> bool:
+        return asyncio.current_task() in self._interrupted
+
     async def _hand_back(self, env: Envelope, attempt: int) -> None:
         """The worker is stopping and this job did not finish in the grace period: put it back
         to wait for the same attempt (a shutdown is not the job's fault)."""
@@ -338,6 +357,7 @@ class JobRuntime:
             await asyncio.wait(set(self.inflight), timeout=grace)
         leftover = [t for t in self.inflight if not t.done()]
         for task in leftover:
+            self._interrupted.add(task)  # before cancel(): _execute tells our cancellation from the task's own
             task.cancel()
         if leftover:
             await asyncio.wait(leftover, timeout=5)
