@@ -97,12 +97,6 @@ class EventPublisher:
             logger.info("job %s: state change refused, its %d event(s) not written (another worker "
                         "ended or moved the job)", events[0]["job_id"], len(events))
 
-    def release(self, job_id: str) -> None:
-        """Send a job's held events the background way: for a job that no script will change
-        (a message whose job id could be read but which cannot run)."""
-        for event in self.held.pop(job_id, []):
-            self._append(event)
-
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="event-publisher")
 
