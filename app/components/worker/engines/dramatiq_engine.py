@@ -69,13 +69,18 @@ class _Consumer(_RedisConsumer):
                 time.sleep(BUSY_WAIT_S)
                 return None
             fetched = adapter.fetch(free)
+            if adapter.consumer.state != "running":
+                adapter.consumer.running()  # Dramatiq's ConsumerThread restarted it and Redis answers
             if fetched:
                 self.message_cache = fetched
                 return self.__next__()
             adapter.wait_for_wake()
             return None
-        except redis.ConnectionError as exc:
-            raise ConnectionClosed(exc) from None
+        except redis.RedisError as exc:
+            adapter.consumer.restarting(exc)  # for the heartbeat; Dramatiq restarts the consumer
+            if isinstance(exc, redis.ConnectionError):
+                raise ConnectionClosed(exc) from None
+            raise
 
     def close(self) -> None:
         """Give back what was fetched but not yet handed to a worker thread (Dramatiq's own
