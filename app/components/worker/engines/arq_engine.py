@@ -4,8 +4,11 @@ Native behaviour the layer neutralises: pickle (JSON serializers on pool and wor
 arq's own tries and result keys (tries set very high, ``keep_result=0``: the runtime owns
 both), per-job INFO logs (``log_results=False``, logger quietened), fixed key names
 (``arq:job:<id>`` etc., moved under the layer's prefix, see ``_PrefixedWorker``), the
-``INFO`` call at startup (refused by ACLs that allow only the data commands), and polling
-an idle queue every few ms (an idle worker blocks on the queue's wake-up list instead).
+``INFO`` call at startup (refused by ACLs that allow only the data commands), polling an
+idle queue every few ms (an idle worker blocks on the queue's wake-up list instead), an
+in-progress key that outlives a SIGKILLed attempt by the longest timeout (here a lease of
+2 x ``WORKER_OFFLINE_AFTER``, renewed while the job runs), a timeout backstop shorter than a
+task's own timeout (sized from the longest), and scores compared with this host's clock.
 """
 
 from __future__ import annotations
