@@ -32,6 +32,8 @@ from app.components.worker.runtime.store import JobStore
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+HAND_BACK_WAIT_S = 5.0  # after the grace: how long a stop waits for interrupted jobs to be handed back
+
 
 class UnknownTaskError(NonRetryable):
     pass
@@ -81,6 +83,7 @@ class JobRuntime:
         self.failed = 0
         self.stopping = False
         self._interrupted: set[asyncio.Task[Any]] = set()  # the tasks drain() cancelled
+        self._running_job: set[asyncio.Task[Any]] = set()  # past claim and stop check: drain() may cancel these
         self._deliveries = itertools.count()  # with the instance id: unique per delivery
 
     @property
@@ -146,11 +149,7 @@ class JobRuntime:
         return done
 
     async def _execute(self, env: Envelope, raw: str) -> None:
-        delivery = f"{self.worker.instance}:{next(self._deliveries)}"
-        claimed, value = await self._persist(
-            env.id, "claim",
-            lambda: self.store.claim(env, self.worker.worker_id, self.worker.instance, self.config.engine, delivery),
-        )
+        claimed, value = await self._claim(env)
         if not claimed:
             if value == "norecord":
                 # Its record expired after keep_result, or the message was written behind the
@@ -175,18 +174,7 @@ class JobRuntime:
             worker=self.worker, started_ms=now_ms(),
         )
         try:
-            await self.middleware.call("before_process", job, job_id=env.id, allow_skip=True)
-            if spec is None:
-                raise UnknownTaskError(
-                    f"task {env.task!r} is not in queue {env.queue!r} on this worker (deploy the code that defines it)"
-                )
-            result = await self._invoke(spec, env, job)
-            if not (result is None or isinstance(result, (str, int, bool))):
-                try:
-                    json.dumps(result, allow_nan=False)
-                except (TypeError, ValueError) as exc:
-                    raise ResultNotSerializable(
-                        f"result of {env.task!r} is not JSON ({exc}): return JSON types") from None
+            result = await self._run_job(spec, env, job)
         except asyncio.CancelledError:
             if self._interrupted_by_shutdown():
                 await self._hand_back(env, attempt)
@@ -206,6 +194,54 @@ class JobRuntime:
             await self._failed(env, job, policy, exc)
             return
         await self._finish(env, job, "completed", result=result)
+
+    async def _claim(self, env: Envelope) -> tuple[bool, int | str]:
+        """Claim the delivery, and never lose a claim to a cancellation. Once the claim script
+        is sent it may run whatever happens to this task (the job then is ``running``, owned
+        by this instance), so a cancellation meanwhile (an engine's, or a process exit) waits
+        for the reply, gives a claimed job back, and only then goes on."""
+        delivery = f"{self.worker.instance}:{next(self._deliveries)}"
+        claim = asyncio.ensure_future(self._persist(
+            env.id, "claim",
+            lambda: self.store.claim(env, self.worker.worker_id, self.worker.instance, self.config.engine, delivery),
+        ))
+        cancelled = False
+        while True:
+            try:
+                claimed, value = await asyncio.shield(claim)
+                break
+            except asyncio.CancelledError:
+                if claim.cancelled():
+                    raise
+                cancelled = True  # wait for the claim's outcome, then cancel
+        if cancelled:
+            if claimed:
+                await self._hand_back(env, int(value), "cancelled while claiming it")
+            raise asyncio.CancelledError
+        return claimed, value
+
+    async def _run_job(self, spec: TaskSpec | None, env: Envelope, job: JobContext) -> Any:
+        """The part of a delivery that runs the job: the only part ``drain`` interrupts."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._running_job.add(task)
+        try:
+            await self.middleware.call("before_process", job, job_id=env.id, allow_skip=True)
+            if spec is None:
+                raise UnknownTaskError(
+                    f"task {env.task!r} is not in queue {env.queue!r} on this worker (deploy the code that defines it)"
+                )
+            result = await self._invoke(spec, env, job)
+            if not (result is None or isinstance(result, (str, int, bool))):
+                try:
+                    json.dumps(result, allow_nan=False)
+                except (TypeError, ValueError) as exc:
+                    raise ResultNotSerializable(
+                        f"result of {env.task!r} is not JSON ({exc}): return JSON types") from None
+            return result
+        finally:
+            if task is not None:
+                self._running_job.discard(task)
 
     def _policy(self, spec: TaskSpec | None) -> RetryPolicy:
         cfg = self.config
@@ -314,10 +350,10 @@ class JobRuntime:
     def _interrupted_by_shutdown(self) -> bool:
         return asyncio.current_task() in self._interrupted
 
-    async def _hand_back(self, env: Envelope, attempt: int) -> None:
-        """The worker is stopping and this job did not finish in the grace period: put it back
-        to wait for the same attempt (a shutdown is not the job's fault)."""
-        logger.warning("job %s: interrupted by shutdown, handed back to queue %s", env.id, env.queue)
+    async def _hand_back(self, env: Envelope, attempt: int, why: str = "interrupted by shutdown") -> None:
+        """The worker is stopping and this job did not finish in the grace period (or was never
+        started): put it back to wait for the same attempt (a shutdown is not the job's fault)."""
+        logger.warning("job %s: %s, handed back to queue %s", env.id, why, env.queue)
         try:
             await asyncio.shield(self.store.requeue(env, self.worker.instance, attempt, record_attempt=attempt - 1,
                                                     delay_ms=0))
@@ -351,16 +387,28 @@ class JobRuntime:
         await self._finish(env, job, "failed", error=error, instance=dead_instance)
 
     async def drain(self, grace: float) -> None:
-        """Wait up to ``grace`` seconds for running jobs, then interrupt and hand back the rest."""
+        """Wait up to ``grace`` seconds for running jobs, then interrupt and hand back the rest.
+
+        Only a task that is running a job (claimed, past the stop check: ``_run_job``) is
+        interrupted. A delivery that is claiming, handing back or writing its result is left
+        to end by itself: cancelled there, a job could stay ``running`` with nobody to end it.
+        Deliveries an engine hands over during the drain (prefetched before the stop) claim
+        and give their job back; the drain waits for them too, up to ``HAND_BACK_WAIT_S``."""
+        loop = asyncio.get_running_loop()
         if self.inflight:
             logger.info("waiting up to %gs for %d running job(s)", grace, len(self.inflight))
             await asyncio.wait(set(self.inflight), timeout=grace)
-        leftover = [t for t in self.inflight if not t.done()]
-        for task in leftover:
-            self._interrupted.add(task)  # before cancel(): _execute tells our cancellation from the task's own
-            task.cancel()
-        if leftover:
-            await asyncio.wait(leftover, timeout=5)
+        deadline = loop.time() + HAND_BACK_WAIT_S
+        while pending := {t for t in self.inflight if not t.done()}:
+            for task in pending & self._running_job - self._interrupted:
+                self._interrupted.add(task)  # before cancel(): _execute tells our cancellation from the task's own
+                task.cancel()
+            left = deadline - loop.time()
+            if left <= 0:
+                logger.warning("%d deliveries still unfinished %gs after the grace; crash recovery returns their jobs",
+                               len(pending), HAND_BACK_WAIT_S)
+                return
+            await asyncio.wait(pending, timeout=min(left, 0.5), return_when=asyncio.FIRST_COMPLETED)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

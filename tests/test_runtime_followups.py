@@ -1,0 +1,184 @@
+"""Runtime follow-ups: a stop never strands a delivery that is claiming its job.
+
+- in this process (deterministic): a stop whose grace ends while a delivery's claim is on its
+  way leaves the claim alone and hands the job back; a cancellation that lands during a claim
+  (an engine's) hands the claimed job back before it goes on; a job running when the grace
+  ends is interrupted and handed back for the same attempt;
+- real workers (every engine): a stop with no grace while a burst is being delivered, then a
+  fresh worker: every job ends with exactly one terminal event.
+
+Real Redis; no sleeps where an event can be awaited; every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from app.components.worker import JobRequest
+from app.components.worker.api import Accepting, WorkerClient
+from app.components.worker.config import resolve
+from app.components.worker.envelope import Envelope
+from app.components.worker.events import EventPublisher, EventPublishMiddleware, read_events
+from app.components.worker.middleware import MiddlewareChain
+from app.components.worker.runtime.context import WorkerContext
+from app.components.worker.runtime.store import JobStore
+from app.components.worker.runtime.wrapper import JobRuntime
+
+ENGINES = ["arq", "dramatiq", "taskiq"]
+TERMINAL = ("job.completed", "job.failed")
+TIMEOUT = 30
+
+
+async def until(predicate: Any, timeout: float = TIMEOUT, what: str = "") -> Any:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        assert loop.time() < deadline, f"timed out after {timeout}s waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+class InProcess:
+    """One JobRuntime of queue ``contract`` in this process, and jobs accepted for it whose
+    messages the test hands to it (instead of an engine)."""
+
+    def __init__(self, client: WorkerClient, engine: str) -> None:
+        self.client = client
+        spec = client.registry.queue("contract")
+        self.publisher = EventPublisher(client.redis, client.keys, 10_000)
+        self.worker = WorkerContext(queue="contract", engine=engine, worker_id="rt@1", instance="rt@1~x")
+        self.runtime = JobRuntime(spec, resolve(spec, client.settings, processes=1),
+                                  JobStore(client.redis, client.keys, 10_000),
+                                  MiddlewareChain([EventPublishMiddleware(self.publisher)]), self.worker,
+                                  self.publisher)
+        self.engine = engine
+
+    async def accept(self, job_id: str, task: str, *args: Any) -> str:
+        """Accept a job as enqueue does (delayed far off, so no mover sends it) and return its
+        message, as an engine would deliver it."""
+        env, raw = self.client._envelope(task, args, {}, None, job_id)
+        assert await self.client._accept([Accepting(env, raw, 3_600_000, self.engine, True)]) == [1]
+        await self.client.redis.zrem(self.client.keys.delayed("contract"), raw)
+        return raw
+
+    async def record(self, job_id: str) -> dict[str, str]:
+        raw = await self.client.redis.hgetall(self.client.keys.job(job_id))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def waiting(self) -> list[Envelope]:
+        return [Envelope.decode(raw) for raw in await self.client.redis.zrange(self.client.keys.delayed("contract"),
+                                                                               0, -1)]
+
+    async def close(self) -> None:
+        await self.publisher.close()
+        self.runtime.close()
+
+
+@pytest.fixture
+async def local(client: WorkerClient, engine: str) -> Any:
+    rt = InProcess(client, engine)
+    rt.publisher.start()
+    yield rt
+    await rt.close()
+
+
+async def _in_claim(task: asyncio.Task[Any]) -> None:
+    """Let the delivery run up to its claim: it then waits for the claim script's reply."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not task.done()
+
+
+@pytest.mark.parametrize("engine", ["arq"])
+async def test_a_stop_whose_grace_ends_during_a_claim_hands_the_job_back(engine: str, local: InProcess) -> None:
+    """The bug: drain cancelled every unfinished delivery, one in its claim too; the claim
+    script ran (job ``running``, owned by this instance) but the task never handed it back."""
+    raw = await local.accept("claiming-at-stop", "add", 1, 2)
+    delivery = asyncio.create_task(local.runtime.execute(raw))
+    await _in_claim(delivery)
+    local.runtime.stopping = True
+    await asyncio.wait_for(local.runtime.drain(0), TIMEOUT)
+    assert delivery.done() and delivery.exception() is None
+    record = await local.record("claiming-at-stop")
+    assert (record["status"], record["attempt"]) == ("delayed", "0"), record
+    assert [(e.id, e.try_) for e in await local.waiting()] == [("claiming-at-stop", 1)]
+    assert await local.client.redis.scard(local.client.keys.held(local.worker.instance)) == 0
+
+
+@pytest.mark.parametrize("engine", ["arq"])
+async def test_a_cancellation_during_a_claim_hands_the_claimed_job_back(engine: str, local: InProcess) -> None:
+    """A cancellation that is not the drain's (an engine's, a process exit) may land while the
+    claim script runs: the claim is waited for and the job given back before it goes on."""
+    raw = await local.accept("cancelled-in-claim", "add", 1, 2)
+    delivery = asyncio.create_task(local.runtime.execute(raw))
+    await _in_claim(delivery)
+    delivery.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(delivery, TIMEOUT)
+    record = await local.record("cancelled-in-claim")
+    assert (record["status"], record["attempt"]) == ("delayed", "0"), record
+    assert [e.id for e in await local.waiting()] == ["cancelled-in-claim"]
+
+
+@pytest.mark.parametrize("engine", ["arq"])
+async def test_a_job_running_when_the_grace_ends_is_handed_back_for_the_same_attempt(
+    engine: str, local: InProcess, tmp_path: Any,
+) -> None:
+    """Only a delivery running its job is interrupted; its attempt does not count."""
+    raw = await local.accept("running-at-stop", "wait_for_file", str(tmp_path / "never"), 30.0)
+    delivery = asyncio.create_task(local.runtime.execute(raw))
+
+    async def running() -> bool:
+        return (await local.record("running-at-stop")).get("status") == "running" and bool(
+            local.runtime._running_job)
+
+    await until(running, what="the job to run")
+    local.runtime.stopping = True
+    await asyncio.wait_for(local.runtime.drain(0.05), TIMEOUT)
+    assert delivery.done() and delivery.exception() is None
+    record = await local.record("running-at-stop")
+    assert (record["status"], record["attempt"]) == ("delayed", "0"), record
+    assert [e.id for e in await local.waiting()] == ["running-at-stop"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_a_stop_without_grace_mid_delivery_strands_no_job(
+    engine: str, client: WorkerClient, start_worker: Any,
+) -> None:
+    """SIGTERM with ``WORKER_SHUTDOWN_TIMEOUT=0`` while a burst of short jobs is being
+    delivered (deliveries claiming, running and handing back at the moment of the stop), then
+    a fresh worker: every job ends with exactly one terminal event."""
+    worker = start_worker("contract", engine, "--threads", "16", worker_shutdown_timeout="0")
+    jobs = await client.enqueue_many([JobRequest("add", (i, 1)) for i in range(300)])
+    ids = {j.job_id for j in jobs}
+
+    async def some_done() -> bool:
+        return len([e async for e in read_events(client.redis, client.keys, type_="job.completed")]) >= 20
+
+    await until(some_done, what="the first jobs")
+    assert worker.stop(signal.SIGTERM) == 0
+    fresh = start_worker("contract", engine, "--threads", "16")
+
+    async def terminal() -> Counter[str]:
+        return Counter([e["job_id"] async for e in read_events(client.redis, client.keys) if e["type"] in TERMINAL])
+
+    async def all_ended() -> bool:
+        return ids <= set(await terminal())
+
+    try:
+        await until(all_ended, what="a terminal event for every job")
+    except AssertionError:
+        missing = sorted(ids - set(await terminal()))
+        states = [(m, await client.redis.hgetall(client.keys.job(m))) for m in missing[:3]]
+        raise AssertionError(f"{len(missing)} jobs never ended: {states}") from None
+    counts = await terminal()
+    assert {job_id: n for job_id, n in counts.items() if n != 1} == {}
+    assert {await j.status() for j in jobs} == {"completed"}
+    assert fresh.stop() == 0
