@@ -4,7 +4,10 @@ For each engine: one ``app worker`` (queue ``idle``, 10 slots) on a private redi
 it settles, the Redis commands it makes per second while the queue is empty (``INFO
 commandstats`` delta over ``--seconds``, by command), then the pickup latency of ``--jobs``
 single jobs enqueued one at a time into the idle worker (``job.enqueued`` -> ``job.started``
-in the event stream, same host, ms).
+in the event stream, same host, ms), then how late delayed jobs and retries start: ``--late``
+jobs with a 0.2 s delay (``job.enqueued`` + 200 ms -> ``job.started``) and as many jobs that
+fail once asking for a 0.05 s backoff (``job.retried`` + 50 ms -> the second ``job.started``),
+one at a time into the idle worker. Times are the stream ids' (Redis's clock).
 
     python bench/idle.py                      # the code of this checkout
     python bench/idle.py --code /path/to/app  # another checkout (e.g. before a change)
@@ -30,12 +33,21 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 
 QUEUE_MODULE = '''
+from app.components.worker import Retry, current_job
+
+
 async def noop() -> None:
     return None
 
 
+async def fails_once() -> int:
+    if current_job().attempt == 1:
+        raise Retry("first attempt fails", delay=0.05)  # an exact backoff: the policy's has jitter
+    return current_job().attempt
+
+
 class WorkerSettings:
-    functions = [noop]
+    functions = [noop, fails_once]
     queue_name = "idle"
     max_jobs = 10
 '''
@@ -53,7 +65,12 @@ def _wait_beat(r: redis.Redis, prefix: str, proc: subprocess.Popen[bytes]) -> No
         time.sleep(0.05)
 
 
-async def _pickup(url: str, prefix: str, engine: str, jobs: int) -> list[float]:
+DELAY_MS = 200
+BACKOFF_MS = 50
+
+
+async def _run_jobs(url: str, prefix: str, engine: str, task: str, jobs: int, delay: float = 0) -> list[str]:
+    """Enqueue ``jobs`` jobs one at a time, each after the previous one ended; their ids."""
     from app.components.worker.api import WorkerClient
     from app.core.settings import load_settings
 
@@ -64,25 +81,58 @@ async def _pickup(url: str, prefix: str, engine: str, jobs: int) -> list[float]:
     ids = []
     try:
         for _ in range(jobs):
-            job = await client.enqueue("noop", _queue="idle")
+            job = await client.enqueue(task, _queue="idle", _delay=delay)
             ids.append(job.job_id)
             await job.result(10)
             await asyncio.sleep(rng.uniform(0.02, 0.05))  # the worker goes back to its idle wait
     finally:
         await client.close()
+    return ids
+
+
+def _trails(url: str, prefix: str) -> dict[str, list[tuple[str, int]]]:
+    """Per job, (event type, stream id ms) in order: stream ids are Redis's clock."""
     r = redis.Redis.from_url(url, decode_responses=True)
-    enqueued: dict[str, int] = {}
-    started: dict[str, int] = {}
-    for _, fields in r.xrange(f"{prefix}:events"):
-        if fields.get("type") == "job.enqueued":
-            enqueued[fields["job_id"]] = int(fields["ts"])
-        elif fields.get("type") == "job.started":
-            started.setdefault(fields["job_id"], int(fields["ts"]))
+    out: dict[str, list[tuple[str, int]]] = {}
+    for entry_id, fields in r.xrange(f"{prefix}:events"):
+        if fields.get("job_id"):
+            out.setdefault(fields["job_id"], []).append((fields["type"], int(entry_id.split("-")[0])))
     r.close()
-    return [started[i] - enqueued[i] for i in ids if i in started and i in enqueued]
+    return out
 
 
-def measure(engine: str, url: str, code: Path, seconds: float, jobs: int, packages: Path) -> dict[str, Any]:
+def _after(trail: list[tuple[str, int]], first: str, then: str) -> int | None:
+    """ms from the first ``first`` event to the next ``then`` event after it."""
+    at = next((n for n, (t, _) in enumerate(trail) if t == first), None)
+    if at is None:
+        return None
+    return next((ms - trail[at][1] for t, ms in trail[at + 1:] if t == then), None)
+
+
+async def _pickup(url: str, prefix: str, engine: str, jobs: int) -> list[float]:
+    ids = await _run_jobs(url, prefix, engine, "noop", jobs)
+    trails = _trails(url, prefix)
+    waits = [_after(trails.get(i, []), "job.enqueued", "job.started") for i in ids]
+    return [w for w in waits if w is not None]
+
+
+async def _late(url: str, prefix: str, engine: str, jobs: int) -> tuple[list[int], list[int]]:
+    """How late (ms) delayed jobs and retries started, past their due time."""
+    delayed = await _run_jobs(url, prefix, engine, "noop", jobs, delay=DELAY_MS / 1000)
+    retried = await _run_jobs(url, prefix, engine, "fails_once", jobs)
+    trails = _trails(url, prefix)
+    late_delay = [w - DELAY_MS for w in (_after(trails[i], "job.enqueued", "job.started") for i in delayed)
+                  if w is not None]
+    late_retry = [w - BACKOFF_MS for w in (_after(trails[i], "job.retried", "job.started") for i in retried)
+                  if w is not None]
+    return sorted(late_delay), sorted(late_retry)
+
+
+def _p(values: list[int] | list[float], q: float) -> Any:
+    return values[max(0, int(len(values) * q) - 1)] if values else None
+
+
+def measure(engine: str, url: str, code: Path, seconds: float, jobs: int, late: int, packages: Path) -> dict[str, Any]:
     prefix = f"idle{engine}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "WORKER_"))}
     env.update({"REDIS_URL": url, "WORKER_KEY_PREFIX": prefix, "WORKER_QUEUE_PACKAGES": "idle_queues",
@@ -99,14 +149,17 @@ def measure(engine: str, url: str, code: Path, seconds: float, jobs: int, packag
         per_command["info"] = max(0.0, per_command.get("info", 0) - 1 / (t1 - t0))  # our own INFO
         busy = {c: round(v, 1) for c, v in sorted(per_command.items(), key=lambda kv: -kv[1]) if v >= 0.05}
         latencies = sorted(asyncio.run(_pickup(url, prefix, engine, jobs)))
+        late_delay, late_retry = asyncio.run(_late(url, prefix, engine, late)) if late else ([], [])
     finally:
         proc.terminate()
         proc.wait(30)
         r.close()
-    p99 = latencies[max(0, int(len(latencies) * 0.99) - 1)] if latencies else None
     return {"engine": engine, "idle_calls_per_s": round(sum(busy.values()), 1), "by_command": busy,
-            "pickup_ms_p50": statistics.median(latencies) if latencies else None, "pickup_ms_p99": p99,
-            "pickup_ms_max": latencies[-1] if latencies else None, "slowest": latencies[-8:], "jobs": len(latencies)}
+            "pickup_ms_p50": statistics.median(latencies) if latencies else None, "pickup_ms_p99": _p(latencies, 0.99),
+            "pickup_ms_max": latencies[-1] if latencies else None, "slowest": latencies[-8:], "jobs": len(latencies),
+            "delay_late_ms_p50": _p(late_delay, 0.5), "delay_late_ms_max": late_delay[-1] if late_delay else None,
+            "retry_late_ms_p50": _p(late_retry, 0.5), "retry_late_ms_max": late_retry[-1] if late_retry else None,
+            "late_jobs": len(late_delay) + len(late_retry)}
 
 
 def main() -> None:
@@ -115,6 +168,7 @@ def main() -> None:
     parser.add_argument("--engines", default="arq,dramatiq,taskiq")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--late", type=int, default=20, help="delayed jobs and retries whose lateness is measured")
     args = parser.parse_args()
     sys.path.insert(0, str(args.code.resolve()))  # producer and workers run the same code
     from app.core.redis_server import RedisServer
@@ -126,7 +180,7 @@ def main() -> None:
         (Path(packages) / "idle_queues" / "idle.py").write_text(QUEUE_MODULE)
         sys.path.insert(0, packages)
         try:
-            rows = [measure(e, server.url, args.code.resolve(), args.seconds, args.jobs, Path(packages))
+            rows = [measure(e, server.url, args.code.resolve(), args.seconds, args.jobs, args.late, Path(packages))
                     for e in args.engines.split(",")]
         finally:
             server.cleanup()

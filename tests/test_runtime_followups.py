@@ -5,7 +5,10 @@
   (an engine's) hands the claimed job back before it goes on; a job running when the grace
   ends is interrupted and handed back for the same attempt;
 - real workers (every engine): a stop with no grace while a burst is being delivered, then a
-  fresh worker: every job ends with exactly one terminal event.
+  fresh worker: every job ends with exactly one terminal event;
+- the delayed mover does not poll: a delayed enqueue or a retry that becomes the earliest entry
+  wakes it, it sleeps until the earliest due time it knows, and an idle mover makes no pass
+  (its safety-net poll set far beyond the test).
 
 Real Redis; no sleeps where an event can be awaited; every wait has a timeout.
 """
@@ -26,6 +29,7 @@ from app.components.worker.envelope import Envelope
 from app.components.worker.events import EventPublisher, EventPublishMiddleware, read_events
 from app.components.worker.middleware import MiddlewareChain
 from app.components.worker.runtime.context import WorkerContext
+from app.components.worker.runtime.delayed import DelayedMover
 from app.components.worker.runtime.store import JobStore
 from app.components.worker.runtime.wrapper import JobRuntime
 
@@ -182,3 +186,75 @@ async def test_a_stop_without_grace_mid_delivery_strands_no_job(
     assert {job_id: n for job_id, n in counts.items() if n != 1} == {}
     assert {await j.status() for j in jobs} == {"completed"}
     assert fresh.stop() == 0
+
+
+# The delayed mover ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["arq"])
+async def test_a_wake_up_token_is_pushed_only_for_a_new_earliest_entry(engine: str, local: InProcess) -> None:
+    """Idle movers sleep until the earliest due time they know of: only an entry that becomes
+    the earliest needs to wake one (one token kept, expiring)."""
+    redis, keys = local.client.redis, local.client.keys
+    wake = keys.delayed_wake("contract")
+    await local.client.enqueue("add", 1, 1, _delay=20)
+    assert await redis.lrange(wake, 0, -1) == [b"1"]
+    assert 0 < await redis.pttl(wake) <= 60_000
+    await redis.delete(wake)
+    await local.client.enqueue("add", 1, 2, _delay=30)  # later than the earliest: no token
+    assert await redis.llen(wake) == 0
+    await local.client.enqueue_many([JobRequest("add", (1, 3), delay=10), JobRequest("add", (1, 4), delay=5)])
+    assert await redis.llen(wake) == 1  # earlier ones: a token, one kept
+    await redis.delete(wake)
+    # A retry (requeue.lua) due before everything waiting pushes one too.
+    raw = await local.accept("retried", "add", 2, 2)
+    env = Envelope.decode(raw)
+    assert await local.runtime.store.claim(env, "rt@1", "rt@1~x", engine, "rt@1~x:0") == (True, 1)
+    assert await local.runtime.store.requeue(env.next_try(1), "rt@1~x", 1, record_attempt=1, delay_ms=50)
+    assert await redis.llen(wake) == 1
+
+
+@pytest.mark.parametrize("engine", ["arq"])
+async def test_an_idle_mover_waits_for_the_due_time_or_a_wake_up_not_a_poll(
+    engine: str, local: InProcess, make_settings: Any,
+) -> None:
+    """With its safety-net poll at an hour, the mover still moves a 0.2 s delayed job, a retry
+    due in 50 ms and an entry that was not the earliest when written, and makes no pass while
+    idle."""
+    import redis.asyncio as aioredis
+
+    sent: list[str] = []
+
+    async def send(messages: list[tuple[str, str]]) -> None:
+        sent.extend(Envelope.decode(raw).id for _, raw in messages)
+
+    store = local.runtime.store
+    waiter = aioredis.Redis.from_url(local.client.settings.effective_redis_url)
+    mover = DelayedMover(store, "contract", send, 3600.0, waiter=waiter, listen=2.0)
+    mover.start()
+    try:
+        async def passes(n: int) -> bool:
+            return mover.passes >= n
+
+        await until(lambda: passes(1), what="the first pass")
+
+        async def moved(*ids: str) -> bool:
+            return set(ids) <= set(sent)
+
+        await local.client.enqueue("add", 1, 2, _job_id="in-200ms", _delay=0.2)
+        await until(lambda: moved("in-200ms"), 10, "the delayed job (woken by its token)")
+        raw = await local.accept("retry-in-50ms", "add", 2, 2)
+        env = Envelope.decode(raw)
+        assert await store.claim(env, "rt@1", "rt@1~x", engine, "rt@1~x:0") == (True, 1)
+        assert await store.requeue(env.next_try(1), "rt@1~x", 1, record_attempt=1, delay_ms=50)
+        await until(lambda: moved("retry-in-50ms"), 10, "the retry (woken by its token)")
+        # The earliest first, then one behind it that pushes no token: found by the timer.
+        await local.client.enqueue("add", 1, 2, _job_id="first", _delay=0.3)
+        await local.client.enqueue("add", 1, 2, _job_id="behind", _delay=0.6)
+        await until(lambda: moved("first", "behind"), 10, "both delayed jobs")
+        idle_from = mover.passes
+        await asyncio.sleep(0.5)  # measuring that nothing happens
+        assert mover.passes == idle_from, "an idle mover polled"
+        assert mover.next_due is None
+    finally:
+        await mover.stop()

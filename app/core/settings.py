@@ -65,7 +65,8 @@ class Settings(BaseSettings):
     worker_offline_after: float = Field(default=30.0, gt=0)
     worker_shutdown_timeout: float = Field(default=30.0, ge=0)
     worker_events_maxlen: int = Field(default=100_000, ge=100)
-    worker_delay_poll_seconds: float = Field(default=0.05, gt=0)
+    # Longest wait of a delayed mover between two checks when no wake-up comes (runtime/delayed.py).
+    worker_delay_poll_seconds: float = Field(default=1.0, gt=0)
     worker_idle_poll_ms: float | None = Field(default=None, gt=0)
 
     environment: str = "development"

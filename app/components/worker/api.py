@@ -223,7 +223,8 @@ class WorkerClient:
             elif not delay_ms:
                 batched.setdefault(env.queue, []).append((env.message_id, raw))
             args += [env.id, env.run, raw, env.task, env.queue, job.engine, delay_ms,
-                     self.keys.delayed(env.queue) if delay_ms else "", int(not delay_ms and not job.chosen),
+                     self.keys.delayed(env.queue) if delay_ms else "",
+                     self.keys.delayed_wake(env.queue) if delay_ms else "", int(not delay_ms and not job.chosen),
                      len(commands)]
             for words in commands:
                 args += [len(words), *words]

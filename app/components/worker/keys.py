@@ -26,6 +26,11 @@ class Keys:
         """Sorted set of envelopes scored by the unix ms at which they become due."""
         return f"{self.prefix}:delayed:{queue}"
 
+    def delayed_wake(self, queue: str) -> str:
+        """List of wake-up tokens for the queue's delayed movers: pushed when an entry becomes
+        the earliest of the delayed set, popped (BLPOP) by an idle mover (at most one kept)."""
+        return f"{self.prefix}:delayed-wake:{queue}"
+
     def heartbeat(self, queue: str, worker_id: str) -> str:
         return f"{self.prefix}:heartbeat:{queue}:{worker_id}"
 

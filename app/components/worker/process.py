@@ -25,7 +25,7 @@ from app.components.worker.keys import Keys
 from app.components.worker.middleware import MiddlewareChain, load_middleware
 from app.components.worker.registry import Registry
 from app.components.worker.runtime.context import WorkerContext
-from app.components.worker.runtime.delayed import DelayedMover
+from app.components.worker.runtime.delayed import LISTEN_S, DelayedMover
 from app.components.worker.runtime.reaper import Reaper
 from app.components.worker.runtime.store import JobStore
 from app.components.worker.runtime.wrapper import JobRuntime
@@ -74,7 +74,8 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
         consumer=adapter.consumer_state,
     )
     mover = DelayedMover(store, spec.name, adapter.send, settings.worker_delay_poll_seconds, engine=config.engine,
-                         worker_id=worker_id)
+                         worker_id=worker_id, waiter=async_client(settings),
+                         listen=min(LISTEN_S, settings.redis_socket_timeout / 2))
     reaper = Reaper(redis, keys, runtime, adapter, settings.worker_offline_after)
 
     if spec.on_startup is not None:

@@ -6,14 +6,16 @@
 -- KEYS[1] events stream
 -- ARGV[1] events maxlen   ARGV[2] job key prefix (job key = prefix .. id)   ARGV[3] result key prefix
 -- ARGV[4] number of jobs, then per job: job id, run token, envelope JSON, task, queue, engine,
---   delay ms (0: deliverable now), delayed zset key of the queue ('' when not delayed),
---   batched (1: its message is among the shared commands below), n = number of its own engine
+--   delay ms (0: deliverable now), delayed zset key of the queue and the wake-up list of its
+--   movers ('' when not delayed), batched (1: its message is among the shared commands below), n = number of its own engine
 --   commands (run only if this job is accepted), then n times: k = word count and the k words
 --   of one Redis command (what the engine adapter's stage() queues for the message).
 -- then the shared commands, the same way (k, words...) to the end of ARGV: the staged batch of
 --   the jobs with fresh ids (they cannot be refused), run once if any batched job is accepted.
 -- Time comes from Redis (TIME): a delay is relative and the due score is Redis time + delay,
--- so a producer with a skewed clock schedules correctly.
+-- so a producer with a skewed clock schedules correctly. A delayed job that is (one of) the
+-- earliest of its queue's delayed set pushes a wake-up token (one kept, for a minute): idle
+-- movers sleep until the earliest due time they know of (see requeue.lua, due.lua).
 -- Returns, per job: 1 accepted, 0 refused (a job with that id is queued, delayed or running),
 -- 2 this same run was already accepted (the call retried after its reply was lost).
 -- A finished job's id may be reused: its old record and result are replaced.
@@ -32,9 +34,9 @@ local i = 5
 for _ = 1, tonumber(ARGV[4]) do
   local id, run, envelope, task = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local queue, engine, delay, delayed_key = ARGV[i + 4], ARGV[i + 5], tonumber(ARGV[i + 6]), ARGV[i + 7]
-  local batched, ncmds = ARGV[i + 8] == '1', tonumber(ARGV[i + 9])
+  local wake_key, batched, ncmds = ARGV[i + 8], ARGV[i + 9] == '1', tonumber(ARGV[i + 10])
   local job_key, result_key = ARGV[2] .. id, ARGV[3] .. id
-  i = i + 10
+  i = i + 11
   local cmds = {}
   for c = 1, ncmds do
     cmds[c], i = read_command(i)
@@ -55,7 +57,14 @@ for _ = 1, tonumber(ARGV[4]) do
     redis.call('HSET', job_key, 'status', new_status, 'attempt', 0, 'queue', queue, 'task', task,
       'envelope', envelope, 'enqueued_at', now, 'engine', engine, 'run', run)
     if delay > 0 then
-      redis.call('ZADD', delayed_key, string.format('%.0f', tonumber(now) + delay), envelope)
+      local due = tonumber(now) + delay
+      redis.call('ZADD', delayed_key, string.format('%.0f', due), envelope)
+      local first = redis.call('ZRANGE', delayed_key, 0, 0, 'WITHSCORES')
+      if tonumber(first[2]) >= due then
+        redis.call('LPUSH', wake_key, 1)
+        redis.call('LTRIM', wake_key, 0, 0)
+        redis.call('PEXPIRE', wake_key, 60000)
+      end
     end
     for _, cmd in ipairs(cmds) do
       redis.call(unpack(cmd))

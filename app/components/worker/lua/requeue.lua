@@ -2,11 +2,15 @@
 -- Used for a retry (attempt stays), a hand-back on shutdown (attempt - 1: not the job's fault)
 -- and a crash recovery by the reaper (attempt stays: the lost attempt counts).
 -- KEYS[1] job hash   KEYS[2] delayed zset of the queue   KEYS[3] held set of the owner   KEYS[4] events
+-- KEYS[5] wake-up list of the queue's delayed movers
 -- ARGV[1] job id   ARGV[2] owner instance   ARGV[3] attempt running   ARGV[4] attempt to record
 -- ARGV[5] next envelope JSON   ARGV[6] delay ms from now (the backoff; 0: due at once)
 -- ARGV[7] events maxlen   ARGV[8..] events (JSON objects of string fields)
 -- The due time is Redis's clock (TIME) + the delay, so the host clock of the worker that
 -- decided the retry does not matter; each event's ts is Redis's clock too.
+-- When the entry is (one of) the earliest of the set, a wake-up token is pushed (one kept, for
+-- a minute): idle movers sleep until the earliest due time they know of, so only a new earliest
+-- entry needs to wake one (the same rule as enqueue.lua's delayed branch).
 -- Returns 1 when requeued, 0 when that attempt is no longer running there.
 redis.call('SREM', KEYS[3], ARGV[1])
 local job = redis.call('HMGET', KEYS[1], 'status', 'owner', 'attempt')
@@ -17,7 +21,14 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ts = string.format('%.0f', now)
 redis.call('HSET', KEYS[1], 'status', 'delayed', 'attempt', ARGV[4], 'envelope', ARGV[5])
-redis.call('ZADD', KEYS[2], now + math.max(0, tonumber(ARGV[6])), ARGV[5])
+local due = now + math.max(0, tonumber(ARGV[6]))
+redis.call('ZADD', KEYS[2], due, ARGV[5])
+local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+if tonumber(first[2]) >= due then
+  redis.call('LPUSH', KEYS[5], 1)
+  redis.call('LTRIM', KEYS[5], 0, 0)
+  redis.call('PEXPIRE', KEYS[5], 60000)
+end
 for i = 8, #ARGV do
   local fields = {}
   for name, value in pairs(cjson.decode(ARGV[i])) do

@@ -6,6 +6,16 @@ cannot strand it and TaskIQ's stream broker, which has no delay, behaves like th
 Every worker process of the queue runs a mover that hands due jobs to its engine.
 "Due" is judged by Redis's clock, the one every due time is written with.
 
+An idle mover does not poll. Each pass (due.lua) also says how long until the earliest entry
+left is due; the mover sleeps that long on its own host's monotonic clock (a duration, so host
+clock skew does not matter), or until a wake-up token arrives on ``<prefix>:delayed-wake:<queue>``:
+whatever makes an entry the earliest of the set (a delayed enqueue, a retry, a hand-back, a
+recovery) pushes one, and a listener blocked on that list (BLPOP, on a connection of its own)
+wakes the mover. It checks the set at least every ``poll`` seconds anyway
+(``WORKER_DELAY_POLL_SECONDS``), for entries written without a token. A pass that moved a full
+batch is followed by the next one at once. BLPOP is not the timer: Redis rounds blocking
+timeouts to its 100 ms cron, which would make due jobs late.
+
 An entry that cannot be decoded (not UTF-8, not an envelope) is poison: left in place at the
 lowest score it would come back first on every pass and trap the jobs behind it. It is
 removed with a ``job.failed`` event (``MalformedMessage``, with the job id when one can be
@@ -15,8 +25,10 @@ read), and the rest move on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from app.components.worker.envelope import Envelope, recover_id
 from app.components.worker.runtime.store import JobStore
@@ -28,6 +40,7 @@ Send = Callable[[list[tuple[str, str]]], Awaitable[None]]
 LEASE_MS = 30_000
 BATCH = 200
 POISON_KEEP_S = 24 * 3600  # how long the failed record of a poisoned job stays readable
+LISTEN_S = 5.0  # longest single BLPOP of the wake-up listener (kept below the socket timeout)
 
 
 def _job_id_of(raw: bytes) -> str:
@@ -40,9 +53,16 @@ def _job_id_of(raw: bytes) -> str:
 
 
 class DelayedMover:
+    """Hands due delayed entries of one queue to the engine (see the module's docstring).
+
+    ``waiter``: a Redis client of the mover's own for the blocking wait on the wake-up list (a
+    BLPOP holds its connection); the mover closes it on ``stop``. Without one the mover polls
+    every ``poll`` seconds. ``listen``: the longest single BLPOP, below the client's socket
+    timeout so a blocking read is never taken for a dead connection."""
+
     def __init__(
         self, store: JobStore, queue: str, send: Send, poll: float, *, engine: str = "", worker_id: str = "",
-        keep: int = POISON_KEEP_S,
+        keep: int = POISON_KEEP_S, waiter: Any = None, listen: float = LISTEN_S,
     ) -> None:
         self.store = store
         self.queue = queue
@@ -51,15 +71,26 @@ class DelayedMover:
         self.engine = engine
         self.worker_id = worker_id
         self.keep = keep
+        self.waiter = waiter
+        self.listen = listen
         self.moved = 0
         self.poisoned = 0
+        self.passes = 0
+        self.next_due: float | None = None  # seconds from the last pass to the earliest entry left
+        self._woken = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"delayed-mover-{self.queue}")
+        if self.waiter is not None:
+            self._listener = asyncio.create_task(self._listen(), name=f"delayed-wake-{self.queue}")
 
     async def move_due(self) -> int:
-        raws = await self.store.take_due(self.queue, BATCH, LEASE_MS)
+        """One pass: send the due entries (up to a batch); how many were taken."""
+        self.passes += 1
+        raws, wait_ms = await self.store.take_due(self.queue, BATCH, LEASE_MS)
+        self.next_due = None if wait_ms is None else wait_ms / 1000
         if not raws:
             return 0
         messages, sent = [], []
@@ -89,10 +120,11 @@ class DelayedMover:
         backoff = 1.0
         while True:
             try:
+                self._woken.clear()  # before the pass: a token that comes during it means "again"
                 moved = await self.move_due()
                 backoff = 1.0
                 if moved < BATCH:
-                    await asyncio.sleep(self.poll)
+                    await self._sleep()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - keep moving once Redis is back
@@ -100,7 +132,38 @@ class DelayedMover:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 60.0)
 
+    async def _sleep(self) -> None:
+        """Until the earliest entry is due, a wake-up, or ``poll``, whichever comes first."""
+        timeout = self.poll if self.next_due is None else min(self.next_due, self.poll)
+        if timeout <= 0:
+            return
+        if self.waiter is None:
+            await asyncio.sleep(timeout)
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._woken.wait()
+
+    async def _listen(self) -> None:
+        """Turn wake-up tokens into wake-ups of this process's mover."""
+        backoff = 1.0
+        while True:
+            try:
+                if await self.store.wait_due(self.waiter, self.queue, self.listen):
+                    self._woken.set()
+                backoff = 1.0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the mover polls meanwhile; listen again once Redis is back
+                logger.warning("queue %s: waiting for delayed wake-ups failed (%s); retry in %.1fs",
+                               self.queue, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._listener, self._task):
+            if task:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self.waiter is not None:
+            await self.waiter.aclose()

@@ -96,7 +96,8 @@ class JobStore:
         raw = env.encode()
         done = await self._batch.call(
             "requeue",
-            [self.keys.job(env.id), self.keys.delayed(env.queue), self.keys.held(owner), self.keys.events],
+            [self.keys.job(env.id), self.keys.delayed(env.queue), self.keys.held(owner), self.keys.events,
+             self.keys.delayed_wake(env.queue)],
             [env.id, owner, attempt, record_attempt, raw, max(0, int(delay_ms)), self.events_maxlen,
              *(json.dumps(e) for e in events)],
         )
@@ -109,9 +110,16 @@ class JobStore:
             return None
         return {k.decode(): v.decode() for k, v in raw.items()}
 
-    async def take_due(self, queue: str, limit: int, lease_ms: int) -> list[bytes]:
-        """Due entries, leased, as raw bytes: one that is not UTF-8 must not fail the batch."""
-        return list(await self._due(keys=[self.keys.delayed(queue)], args=[limit, lease_ms]))
+    async def take_due(self, queue: str, limit: int, lease_ms: int) -> tuple[list[bytes], int | None]:
+        """Due entries, leased, as raw bytes (one that is not UTF-8 must not fail the batch),
+        and the ms until the next entry left is due (Redis's clock; None: the set is empty)."""
+        items, wait = await self._due(keys=[self.keys.delayed(queue)], args=[limit, lease_ms])
+        return list(items), (None if int(wait) < 0 else int(wait))
+
+    async def wait_due(self, redis: aioredis.Redis, queue: str, timeout: float) -> bool:
+        """Block (on ``redis``, a connection of the caller's own) up to ``timeout`` seconds for a
+        wake-up token: True when one came (an entry became the earliest of the delayed set)."""
+        return bool(await redis.blpop([self.keys.delayed_wake(queue)], timeout=timeout))
 
     async def drop_due(self, queue: str, raws: list[bytes]) -> None:
         if raws:
