@@ -42,7 +42,6 @@ from app.components.worker.runtime import scripts
 from app.components.worker.runtime.context import JobContext, WorkerContext
 from app.components.worker.runtime.store import JobStore
 from app.components.worker.runtime.wrapper import JobRuntime
-from app.core.errors import ResultTimeout
 from app.core.redis_server import RedisServer
 from tests.conftest import ENGINES, ROOT, wait_until
 from tests.faults import TcpProxy, free_port
@@ -170,13 +169,7 @@ async def test_skewed_clocks_reap_no_live_worker_and_delays_count_from_redis(
             assert producer.returncode == 0, err.decode()
         for name in ("ahead", "behind"):
             job_id = f"delayed-{name}"
-            try:
-                assert await client.job(job_id).result(DELAYED_TIMEOUT) == 3
-            except ResultTimeout:
-                if engine == "arq":  # see the xfail's reason
-                    pytest.xfail("arq: the adapter stages a message with the sender's host clock as its score, "
-                                 "so a message moved by a mover whose clock is ahead waits that long (engines)")
-                raise
+            assert await client.job(job_id).result(DELAYED_TIMEOUT) == 3
             trail = {e["type"]: entry_id for entry_id, e in await events(client) if e["job_id"] == job_id}
             waited = stream_ms(trail["job.started"]) - stream_ms(trail["job.enqueued"])
             assert 1000 <= waited < DELAYED_TIMEOUT * 1000, (name, waited)
