@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.components.worker.config import resolve
+from app.components.worker.engine_switch import settle_engine
 from app.components.worker.engines import engine_class
 from app.components.worker.events import EventPublisher, EventPublishMiddleware
 from app.components.worker.health import Heartbeat, default_worker_id
@@ -56,6 +57,7 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
     keys = Keys(settings.worker_key_prefix)
     redis = async_client(settings)
     await ping(redis, settings)
+    await settle_engine(redis, keys, settings, config)  # one engine per queue; take over another's waiting jobs
 
     publisher = EventPublisher(redis, keys, settings.worker_events_maxlen)
     publisher.start()
