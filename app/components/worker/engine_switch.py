@@ -6,7 +6,8 @@ refuses to start on a queue that live workers serve on another engine
 (``check_engine_free``). When the other engine's workers are gone (stopped, or offline
 past ``WORKER_OFFLINE_AFTER``), a worker starting on the new engine takes over what still
 waits in the old engine's keys: it re-sends each waiting envelope on its own engine and
-only then deletes it from the old keys (``take_over``). A crash between the two leaves a
+only then deletes it from the old keys (``take_over``). Foreign messages (not the
+layer's envelope) are left where they are. A crash between the two leaves a
 duplicate message, never a lost one, and the runtime skips a duplicate at claim.
 
 The old engine's keys are read directly (their layout is in each adapter's docstring):
@@ -20,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from app.components.worker.clock import now_ms
@@ -74,97 +75,107 @@ def _envelope_of(args: Any) -> tuple[str, str] | None:
     return env.message_id, args[0]
 
 
-async def _move_arq(redis: Any, keys: Keys, queue: str, send: Send) -> int:
-    from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+Page = list[tuple[Any, tuple[str, str] | None]]  # (reference in the engine's keys, (message id, envelope) or None)
+
+
+def _decoded(data: Any, fn_key: str) -> tuple[str, str] | None:
+    try:
+        message = json.loads(data) if data else None
+    except ValueError:
+        return None
+    if not isinstance(message, dict):
+        return None
+    if fn_key == "f" and message.get("f") != DISPATCH_NAME:
+        return None
+    return _envelope_of(message.get(fn_key if fn_key != "f" else "a"))
+
+
+async def _arq_pages(redis: Any, keys: Keys, queue: str) -> AsyncIterator[Page]:
+    from arq.constants import job_key_prefix
 
     zset = f"{keys.engine_namespace('arq')}:{queue}"
-    moved = 0
-    while True:
-        ids = [_text(i) for i in await redis.zrange(zset, 0, BATCH - 1)]
-        if not ids:
-            return moved
-        datas = await redis.mget([job_key_prefix + i for i in ids])
-        messages = []
-        for data in datas:
-            try:
-                job = json.loads(data) if data else None
-            except ValueError:
-                job = None
-            found = _envelope_of(job.get("a")) if isinstance(job, dict) and job.get("f") == DISPATCH_NAME else None
-            if found:
-                messages.append(found)
-        if messages:
-            await send(messages)
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(zset, *ids)
-            pipe.delete(*(prefix + i for i in ids for prefix in (job_key_prefix, in_progress_key_prefix,
-                                                                   retry_key_prefix)))
-            await pipe.execute()
-        moved += len(messages)
-
-
-async def _move_dramatiq(redis: Any, keys: Keys, queue: str, send: Send) -> int:
-    base = f"{keys.engine_namespace('dramatiq')}:{queue}"
-    moved = 0
     cursor = 0
-    # Everything in .msgs: what waits in the list and what dead consumers had fetched.
     while True:
-        cursor, page = await redis.hscan(f"{base}.msgs", cursor, count=BATCH)
-        if page:
-            messages = []
-            for data in page.values():
-                try:
-                    message = json.loads(data)
-                except ValueError:
-                    message = None
-                found = _envelope_of(message.get("args")) if isinstance(message, dict) else None
-                if found:
-                    messages.append(found)
-            if messages:
-                await send(messages)
-            async with redis.pipeline(transaction=True) as pipe:
-                pipe.hdel(f"{base}.msgs", *page)
-                for redis_id in page:
-                    pipe.lrem(base, 0, redis_id)
-                await pipe.execute()
-            moved += len(messages)
+        cursor, members = await redis.zscan(zset, cursor, count=BATCH)
+        ids = [_text(member) for member, _ in members]
+        if ids:
+            datas = await redis.mget([job_key_prefix + i for i in ids])
+            yield [(i, _decoded(data, "f")) for i, data in zip(ids, datas, strict=True)]
         if int(cursor) == 0:
-            return moved
+            return
 
 
-async def _move_taskiq(redis: Any, keys: Keys, queue: str, send: Send) -> int:
-    from redis.exceptions import ResponseError
+async def _dramatiq_pages(redis: Any, keys: Keys, queue: str) -> AsyncIterator[Page]:
+    # Everything in .msgs: what waits in the list and what dead consumers had fetched.
+    msgs = f"{keys.engine_namespace('dramatiq')}:{queue}.msgs"
+    cursor = 0
+    while True:
+        cursor, page = await redis.hscan(msgs, cursor, count=BATCH)
+        if page:
+            yield [(_text(redis_id), _decoded(data, "args")) for redis_id, data in page.items()]
+        if int(cursor) == 0:
+            return
 
+
+async def _taskiq_pages(redis: Any, keys: Keys, queue: str) -> AsyncIterator[Page]:
     stream = f"{keys.engine_namespace('taskiq')}:{queue}"
-    moved = 0
     start = "-"
     while True:
         entries = await redis.xrange(stream, min=start, max="+", count=BATCH)
         if not entries:
-            return moved
-        messages, ids = [], []
-        for entry_id, fields in entries:
-            try:
-                message = json.loads(fields.get(b"data") or fields.get("data") or b"")
-            except ValueError:
-                message = None
-            found = _envelope_of(message.get("args")) if isinstance(message, dict) else None
-            if found:
-                messages.append(found)
-                ids.append(entry_id)
-            start = f"({_text(entry_id)}"
-        if messages:
-            await send(messages)
-        if ids:
-            try:
-                await redis.xack(stream, "app", *ids)
-            except ResponseError:
-                pass  # no consumer group yet: nothing to acknowledge
-            await redis.xdel(stream, *ids)
-        moved += len(messages)
+            return
+        yield [(_text(entry_id), _decoded(fields.get(b"data") or fields.get("data"), "args"))
+               for entry_id, fields in entries]
+        start = f"({_text(entries[-1][0])}"
 
 
-_MOVERS = {"arq": _move_arq, "dramatiq": _move_dramatiq, "taskiq": _move_taskiq}
+async def delete_messages(redis: Any, keys: Keys, queue: str, engine: str, refs: list[Any]) -> None:
+    """Remove messages from an engine's keys (after they were re-sent elsewhere)."""
+    if engine == "arq":
+        from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(f"{keys.engine_namespace('arq')}:{queue}", *refs)
+            pipe.delete(*(prefix + ref for ref in refs
+                          for prefix in (job_key_prefix, in_progress_key_prefix, retry_key_prefix)))
+            await pipe.execute()
+    elif engine == "dramatiq":
+        base = f"{keys.engine_namespace('dramatiq')}:{queue}"
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(f"{base}.msgs", *refs)
+            for ref in refs:
+                pipe.lrem(base, 0, ref)
+            await pipe.execute()
+    else:
+        from redis.exceptions import ResponseError
+
+        stream = f"{keys.engine_namespace('taskiq')}:{queue}"
+        try:
+            await redis.xack(stream, "app", *refs)
+        except ResponseError:
+            pass  # no consumer group yet: nothing to acknowledge
+        await redis.xdel(stream, *refs)
+
+
+_PAGES = {"arq": _arq_pages, "dramatiq": _dramatiq_pages, "taskiq": _taskiq_pages}
+
+
+def waiting_pages(redis: Any, keys: Keys, queue: str, engine: str) -> AsyncIterator[Page]:
+    """The messages an engine's keys hold for ``queue``, a page at a time (cursor-based, so
+    messages removed meanwhile do not disturb it). O(messages of this queue), never a scan
+    of every key."""
+    return _PAGES[engine](redis, keys, queue)
+
+
+async def _move(redis: Any, keys: Keys, queue: str, engine: str, send: Send) -> int:
+    moved = 0
+    async for page in waiting_pages(redis, keys, queue, engine):
+        found = [(ref, message) for ref, message in page if message is not None]
+        if found:
+            await send([message for _, message in found])
+            await delete_messages(redis, keys, queue, engine, [ref for ref, _ in found])
+            moved += len(found)
+    return moved
 
 
 async def waiting_in(redis: Any, keys: Keys, queue: str, engine: str) -> int:
@@ -190,7 +201,7 @@ async def take_over(redis: Any, keys: Keys, settings: Settings, config: QueueCon
     moved = 0
     try:
         for source in sources:
-            count = await _MOVERS[source](redis, keys, config.name, adapter.send)
+            count = await _move(redis, keys, config.name, source, adapter.send)
             if count:
                 logger.warning("queue %s: moved %d waiting job(s) from %s to %s (engine switched)",
                                config.name, count, source, config.engine)
