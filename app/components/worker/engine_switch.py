@@ -90,17 +90,22 @@ def _decoded(data: Any, fn_key: str) -> tuple[str, str] | None:
     return _envelope_of(message.get(fn_key if fn_key != "f" else "a"))
 
 
-async def _arq_pages(redis: Any, keys: Keys, queue: str) -> AsyncIterator[Page]:
-    from arq.constants import job_key_prefix
+def _arq_job_prefixes(keys: Keys) -> tuple[str, ...]:
+    """Where arq job keys live: under the layer's prefix, and arq's own fixed ``arq:job:``
+    (older layouts), both read so a switch finds messages written by either."""
+    return (f"{keys.engine_namespace('arq')}:job:", "arq:job:")
 
+
+async def _arq_pages(redis: Any, keys: Keys, queue: str) -> AsyncIterator[Page]:
     zset = f"{keys.engine_namespace('arq')}:{queue}"
+    ours, legacy = _arq_job_prefixes(keys)
     cursor = 0
     while True:
         cursor, members = await redis.zscan(zset, cursor, count=BATCH)
         ids = [_text(member) for member, _ in members]
         if ids:
-            datas = await redis.mget([job_key_prefix + i for i in ids])
-            yield [(i, _decoded(data, "f")) for i, data in zip(ids, datas, strict=True)]
+            datas = await redis.mget([prefix + i for prefix in (ours, legacy) for i in ids])
+            yield [(i, _decoded(datas[n] or datas[n + len(ids)], "f")) for n, i in enumerate(ids)]
         if int(cursor) == 0:
             return
 
@@ -132,12 +137,11 @@ async def _taskiq_pages(redis: Any, keys: Keys, queue: str) -> AsyncIterator[Pag
 async def delete_messages(redis: Any, keys: Keys, queue: str, engine: str, refs: list[Any]) -> None:
     """Remove messages from an engine's keys (after they were re-sent elsewhere)."""
     if engine == "arq":
-        from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
-
+        prefixes = [f"{base}{kind}:" for base in (f"{keys.engine_namespace('arq')}:", "arq:")
+                    for kind in ("job", "in-progress", "retry")]
         async with redis.pipeline(transaction=True) as pipe:
             pipe.zrem(f"{keys.engine_namespace('arq')}:{queue}", *refs)
-            pipe.delete(*(prefix + ref for ref in refs
-                          for prefix in (job_key_prefix, in_progress_key_prefix, retry_key_prefix)))
+            pipe.delete(*(prefix + ref for ref in refs for prefix in prefixes))
             await pipe.execute()
     elif engine == "dramatiq":
         base = f"{keys.engine_namespace('dramatiq')}:{queue}"
