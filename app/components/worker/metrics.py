@@ -26,7 +26,7 @@ from app.components.worker.keys import Keys
 WINDOW_MS = 60_000
 
 
-RATE_SAMPLE = 50_000
+RATE_SAMPLE = 10_000
 
 
 async def rates_last_minute(redis: Any, keys: Keys) -> dict[str, dict[str, int]]:
