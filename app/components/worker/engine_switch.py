@@ -34,6 +34,7 @@ from app.core.settings import ENGINES, Settings
 logger = logging.getLogger(__name__)
 
 BATCH = 1000
+LOCK_MS = 10 * 60_000
 SECOND_SWEEP_S = 3.0  # producers cache the live engine for 2 s: catch what they sent meanwhile
 Send = Callable[[list[tuple[str, str]]], Awaitable[None]]
 _background: set[asyncio.Task[Any]] = set()
@@ -201,6 +202,9 @@ async def take_over(redis: Any, keys: Keys, settings: Settings, config: QueueCon
                and await waiting_in(redis, keys, config.name, e)]
     if not sources:
         return 0
+    lock = keys.lock(f"switch:{config.name}")
+    if not await redis.set(lock, config.engine, nx=True, px=LOCK_MS):
+        return 0  # a sibling process is moving them (a duplicate move would only cost a skip at claim)
     adapter = engine_class(config.engine)(settings, keys, with_engine(config, config.engine))
     moved = 0
     try:
@@ -212,6 +216,7 @@ async def take_over(redis: Any, keys: Keys, settings: Settings, config: QueueCon
             moved += count
     finally:
         await adapter.close()
+        await redis.delete(lock)
     return moved
 
 
