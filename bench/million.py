@@ -83,6 +83,31 @@ def timed(env: dict[str, str], *args: str, timeout: float = 600) -> dict[str, An
             "stdout": proc.stdout, "stderr": proc.stderr[-300:]}
 
 
+async def in_process(url: str, engine: str, job_id: str) -> dict[str, float]:
+    """The same two operations inside one process (no Python start-up, no imports): what
+    they cost Redis and the client, in ms; median of 5 (the dequeue of one job: the first
+    cancels it, the others find it cancelled and do the same reads)."""
+    from app.components.worker.api import WorkerClient
+    from app.components.worker.dequeue import cancel_waiting
+    from app.components.worker.metrics import queue_metrics
+    from app.core.settings import load_settings
+
+    client = WorkerClient(load_settings(_env_file=None, redis_url=url, worker_backend=engine))
+    out: dict[str, float] = {}
+    try:
+        for name, call in (("queues_ms", lambda: queue_metrics(client)),
+                           ("dequeue_one_ms", lambda: cancel_waiting(client, QUEUE, job_id))):
+            times = []
+            for _ in range(5):
+                started = time.perf_counter()
+                await call()
+                times.append((time.perf_counter() - started) * 1000)
+            out[name] = round(sorted(times)[2], 1)
+    finally:
+        await client.close()
+    return out
+
+
 def redis_counters(client: redis.Redis) -> tuple[int, float]:
     stats = client.info("stats")
     cpu = client.info("cpu")
@@ -147,6 +172,7 @@ def main() -> None:
             row["dequeue_one_s"] = dequeue["seconds"]
             if dequeue.get("exit") != 0:
                 row["dequeue_error"] = dequeue.get("note") or dequeue.get("stderr")
+            row.update(asyncio.run(in_process(server.url, engine, middle)))
             row["idle_worker"] = idle_load(server.url, env, engine, args.idle_seconds, client)
             results["engines"][engine] = row
             print(f"{engine}: {json.dumps(row)}", flush=True)
@@ -158,12 +184,14 @@ def main() -> None:
     (out / "million.json").write_text(json.dumps(results, indent=2))
     print(f"\n{results['date']}, {results['machine']}; {args.jobs:,} waiting jobs; "
           f"`app --help` takes {results['python_startup_s']} s\n")
-    print("| engine | enqueue_many jobs/s | Redis memory | `app queues` | `app dequeue --job` | idle worker: Redis calls/s | idle worker: Redis CPU ms/s |")
+    print("| engine | enqueue_many jobs/s | Redis memory | `app queues` (command / in process) "
+          "| `app dequeue --job` (command / in process) | idle worker: Redis calls/s | idle worker: Redis CPU ms/s |")
     print("|---|---|---|---|---|---|---|")
     for engine, row in results["engines"].items():
         idle = row["idle_worker"]
-        print(f"| {engine} | {row['enqueue_per_s']:,} | {row['redis_used_memory_mb']:,} MB | {row['queues_s']} s | "
-              f"{row['dequeue_one_s']} s | {idle['calls_per_s']:,} | {idle['redis_cpu_ms_per_s']} |")
+        print(f"| {engine} | {row['enqueue_per_s']:,} | {row['redis_used_memory_mb']:,} MB | "
+              f"{row['queues_s']} s / {row['queues_ms']} ms | {row['dequeue_one_s']} s / {row['dequeue_one_ms']} ms | "
+              f"{idle['calls_per_s']:,} | {idle['redis_cpu_ms_per_s']} |")
 
 
 if __name__ == "__main__":
