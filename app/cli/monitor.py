@@ -136,11 +136,11 @@ def queues(as_json: JSON = False) -> None:
     if as_json:
         print_json(rows)
         return
-    broken = any(r["error"] for r in rows)
+    broken = any(r.get("error") for r in rows)
     columns = ["queue", "engine", "ready", "delayed", "running", "failed", "done/min", "failed/min", "workers"]
     table = Table(*columns, *(["error"] if broken else []))
     for r in rows:
-        if r["error"]:
+        if r.get("error"):
             table.add_row(r["queue"], "-", "-", "-", "-", "-", "-", "-", str(r["workers"]), r["error"])
             continue
         table.add_row(r["queue"], r["engine"], str(r["ready"]), str(r["delayed"]), str(r["running"]),

@@ -71,7 +71,8 @@ async def queue_metrics(client: Any) -> list[dict[str, Any]]:
 
     Works with no worker running (it reads what waits). The engine shown is the one a
     producer would use now: the explicit choice, else the engine the live workers announce.
-    A queue whose module is broken gets a row with its ``error`` and no counts."""
+    A queue whose module is broken gets a row with its ``error`` (a key only such rows have)
+    and no counts."""
     settings = client.settings
     keys = client.keys
     thresholds = Thresholds.from_settings(settings)
@@ -96,7 +97,6 @@ async def queue_metrics(client: Any) -> list[dict[str, Any]]:
             "queue": name, "engine": cfg.engine, "ready": ready, "delayed": delayed,
             "running": running, "failed": stats.dead, "per_minute": rate,
             "workers": sum(1 for w in workers if w["queue"] == name and w["state"] == "healthy"),
-            "error": None,
         })
     for name, broken in sorted(client.registry.broken.items()):
         rows.append({
