@@ -206,3 +206,22 @@ def test_dequeue_cancels_what_waits_in_every_engine_and_only_on_its_queue(env: d
     assert rows["load_test"]["ready"] == 1
     for job_id in waiting:
         assert "Cancelled: dequeued by operator" in one_line_error(app(env, "result", job_id), code=1)
+
+
+async def test_jobs_written_to_the_old_engine_meanwhile_are_swept_over(make_settings: Any, start_worker: Any) -> None:
+    """A producer that still believes no worker is live (its 2 s engine cache) writes into the
+    default engine's keys: the live worker moves them over within seconds."""
+    import time
+
+    from app.components.worker.api import WorkerClient
+
+    start_worker("contract", "dramatiq")
+    client = WorkerClient(make_settings())  # nothing explicit: follows the live workers
+    try:
+        client._live["contract"] = {}  # as if it had looked before the worker started
+        client._engine_checked["contract"] = time.monotonic() + 60
+        assert client.engine_of("contract") == "arq"
+        job = await client.enqueue("add", 20, 22)
+        assert await job.result(timeout=20) == 42
+    finally:
+        await client.close()

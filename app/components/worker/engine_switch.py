@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 BATCH = 1000
 LOCK_MS = 10 * 60_000
-SECOND_SWEEP_S = 3.0  # producers cache the live engine for 2 s: catch what they sent meanwhile
+SWEEP_S = 3.0  # producers cache the live engine for 2 s: catch what they sent meanwhile
 Send = Callable[[list[tuple[str, str]]], Awaitable[None]]
 _background: set[asyncio.Task[Any]] = set()
 
@@ -220,22 +220,34 @@ async def take_over(redis: Any, keys: Keys, settings: Settings, config: QueueCon
     return moved
 
 
-async def settle_engine(redis: Any, keys: Keys, settings: Settings, config: QueueConfig) -> int:
+async def settle_engine(redis: Any, keys: Keys, settings: Settings, config: QueueConfig,
+                        stop: asyncio.Event | None = None) -> int:
     """At worker start: refuse a second engine on a live queue; else announce this engine
-    (so producers follow it at once) and take over what waits in another engine's keys,
-    again after producers' engine cache has expired."""
+    (so producers follow it at once) and take over what waits in another engine's keys.
+
+    Then, until ``stop`` is set, sweep again every ``SWEEP_S`` (a few counts, O(1)): a
+    producer that saw no live worker for a moment (its engine cache, or the gap when one of
+    several workers stops) may have written into the default engine's keys; those jobs are
+    moved here within seconds instead of waiting for the next worker start."""
     await check_engine_free(redis, keys, config.name, config.engine, settings.worker_offline_after)
     await redis.hset(keys.engines(config.name), config.engine, now_ms())
     moved = await take_over(redis, keys, settings, config)
+    if stop is None:
+        return moved
 
-    async def later() -> None:
-        await asyncio.sleep(SECOND_SWEEP_S)
-        try:
-            await take_over(redis, keys, settings, config)
-        except Exception as exc:  # noqa: BLE001 - the next worker start sweeps again
-            logger.warning("queue %s: second sweep of other engines' keys failed (%s)", config.name, exc)
+    async def sweep() -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), SWEEP_S)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await take_over(redis, keys, settings, config)
+            except Exception as exc:  # noqa: BLE001 - try again next round
+                logger.warning("queue %s: sweep of other engines' keys failed (%s)", config.name, exc)
 
-    task = asyncio.create_task(later(), name=f"engine-sweep-{config.name}")
+    task = asyncio.create_task(sweep(), name=f"engine-sweep-{config.name}")
     _background.add(task)
     task.add_done_callback(_background.discard)
     return moved

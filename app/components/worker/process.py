@@ -57,7 +57,7 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
     keys = Keys(settings.worker_key_prefix)
     redis = async_client(settings)
     await ping(redis, settings)
-    await settle_engine(redis, keys, settings, config)  # one engine per queue; take over another's waiting jobs
+    await settle_engine(redis, keys, settings, config, stop)  # one engine per queue; take over another's waiting jobs
 
     publisher = EventPublisher(redis, keys, settings.worker_events_maxlen)
     publisher.start()
