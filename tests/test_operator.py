@@ -63,6 +63,17 @@ def test_bad_enqueue_options_are_one_line(env: dict[str, str], args: tuple[str, 
     assert needle in line
 
 
+@pytest.mark.parametrize(("args", "needle"), [
+    (("worker", "--processes", "abc"), "Invalid value for '--processes'"),
+    (("enqueue",), "Missing argument 'task'"),
+    (("nosuch",), "No such command 'nosuch'"),
+    (("queues", "--bogus"), "No such option: --bogus"),
+])
+def test_usage_errors_are_one_line(env: dict[str, str], args: tuple[str, ...], needle: str) -> None:
+    line = one_line_error(app(env, *args))
+    assert needle in line and "--help" in line
+
+
 def test_bad_result_and_dequeue_options_are_one_line(env: dict[str, str]) -> None:
     assert "--timeout" in one_line_error(app(env, "result", "x", "--wait", "--timeout", "inf"))
     assert "--job" in one_line_error(app(env, "dequeue", "contract", "--job", "a\x01b"))
@@ -116,6 +127,7 @@ def broken_env(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
 def test_a_broken_queue_fails_only_its_own_commands(broken_env: dict[str, str], queue: str, needle: str) -> None:
     assert needle in one_line_error(app(broken_env, "worker", queue, "--backend", "arq"))
     assert needle in one_line_error(app(broken_env, "dequeue", queue))
+    assert needle in one_line_error(app(broken_env, "health", queue))
 
 
 def test_healthy_queues_keep_working_beside_broken_ones(broken_env: dict[str, str]) -> None:

@@ -151,6 +151,12 @@ def queues(as_json: JSON = False) -> None:
 
 def health(queue: Annotated[str, typer.Argument(help="Queue to check.")]) -> None:
     """Exit 0 when at least one healthy worker serves QUEUE, else 1 with the reason (for health checks)."""
+    from app.components.worker.registry import Registry
+
+    guarded(_check_filters)(queue, None)
+    broken = Registry.discover(settings().queue_packages).broken.get(queue)
+    if broken is not None:
+        fail(broken.reason)
     rows = run(lambda: _workers(queue))
     healthy = [r for r in rows if r["state"] == "healthy"]
     if healthy:
