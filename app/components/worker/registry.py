@@ -253,6 +253,7 @@ class Registry:
             if spec is None:
                 raise UnknownTask(
                     f"{getattr(ref, '__qualname__', ref)!r} is not listed in any queue's WorkerSettings.functions"
+                    f"{self._broken_note()}"
                 )
             if queue is not None and spec.queue != queue:
                 self.queue(queue)
