@@ -170,6 +170,8 @@ def test_switching_engines_moves_waiting_jobs(env: dict[str, str], start_worker:
     ids = [app({**env, "WORKER_BACKEND": old}, "enqueue", "add", "--", f"a={i}", "b=1").stdout.strip()
            for i in range(3)]
     assert all(ids)
+    rows = {r["queue"]: r for r in json.loads(app(env, "queues", "--json").stdout)}
+    assert (rows["contract"]["engine"], rows["contract"]["ready"]) == (old, 3)  # where they wait, with no worker
     start_worker("contract", new)
     for i, job_id in enumerate(ids):
         done = app(env, "result", job_id, "--wait", "--timeout", "30")

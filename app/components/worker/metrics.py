@@ -16,12 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 from app.components.worker import config as queue_config
-from app.components.worker.engine_switch import live_engine_beats
+from app.components.worker.engine_switch import live_engine_beats, waiting_in
 from app.components.worker.engines import engine_class
 from app.components.worker.envelope import now_ms
 from app.components.worker.events import _decode
 from app.components.worker.health import Thresholds, list_workers
 from app.components.worker.keys import Keys
+from app.core.settings import ENGINES
 
 WINDOW_MS = 60_000
 
@@ -69,8 +70,8 @@ def running_jobs(workers: list[dict[str, Any]], queue: str) -> int:
 async def queue_metrics(client: Any) -> list[dict[str, Any]]:
     """One row per known queue, O(queues): a few counts per queue, whatever waits.
 
-    Works with no worker running (it reads what waits). The engine shown is the one a
-    producer would use now: the explicit choice, else the engine the live workers announce.
+    Works with no worker running (it reads what waits). The engine shown is the explicit
+    choice, else the engine the live workers announce, else the one whose keys hold jobs.
     A queue whose module is broken gets a row with its ``error`` (a key only such rows have)
     and no counts."""
     settings = client.settings
@@ -81,8 +82,12 @@ async def queue_metrics(client: Any) -> list[dict[str, Any]]:
     rows = []
     for name, spec in sorted(client.registry.queues.items()):
         live = await live_engine_beats(client.redis, keys, name, settings.worker_offline_after)
-        engine = queue_config.choose_engine(queue_config.explicit_engine_for(spec, settings), live,
-                                            settings.worker_backend)
+        explicit = queue_config.explicit_engine_for(spec, settings)
+        if not explicit and not live:
+            # No one chose and no worker runs: show the engine whose keys hold the queue's jobs.
+            held = {engine: await waiting_in(client.redis, keys, name, engine) for engine in ENGINES}
+            live = {engine: count for engine, count in held.items() if count}
+        engine = queue_config.choose_engine(explicit, live, settings.worker_backend)
         cfg = queue_config.with_engine(queue_config.resolve(spec, settings), engine)
         adapter = engine_class(cfg.engine)(settings, keys, cfg)
         try:
