@@ -6,14 +6,16 @@ refuses to start on a queue that live workers serve on another engine
 (``check_engine_free``). When the other engine's workers are gone (stopped, or offline
 past ``WORKER_OFFLINE_AFTER``), a worker starting on the new engine takes over what still
 waits in the old engine's keys: it re-sends each waiting envelope on its own engine and
-only then deletes it from the old keys (``take_over``). Foreign messages (not the
-layer's envelope) are left where they are. A crash between the two leaves a
-duplicate message, never a lost one, and the runtime skips a duplicate at claim.
+only then deletes it from the old keys (``take_over``). A crash between the two leaves a
+duplicate message, never a lost one, and the runtime skips a duplicate at claim. Foreign
+messages (not the layer's envelope) are left where they are. While it runs, the worker
+repeats this every ``SWEEP_S`` (three counts when nothing waits elsewhere), for jobs a
+producer sent to the old engine during the switch.
 
-The old engine's keys are read directly (their layout is in each adapter's docstring):
-arq's sorted set of message ids with one ``arq:job:<id>`` key per message, Dramatiq's list
-plus ``.msgs`` hash, TaskIQ's stream. Each holds the layer's envelope as the first argument
-of the dispatcher. The work is proportional to what waits there, and done once per switch.
+The engines' keys are read directly, a page at a time with cursors (``waiting_pages``, also
+used by ``app dequeue``): arq's sorted set of message ids with one job key per message,
+Dramatiq's list plus ``.msgs`` hash, TaskIQ's stream; each message holds the layer's envelope
+as the dispatcher's first argument. The work is proportional to what waits in that queue.
 """
 
 from __future__ import annotations
