@@ -96,7 +96,8 @@ class Adapter(EngineAdapter):
         )
         worker = self._worker
         self._main = asyncio.create_task(
-            keep_running("arq", worker.async_run, lambda: not worker.allow_pick_jobs), name="arq-worker"
+            keep_running("arq", worker.async_run, lambda: not worker.allow_pick_jobs, self.consumer),
+            name="arq-worker",
         )
 
     async def stop_fetching(self) -> None:

@@ -22,19 +22,58 @@ Handle = Callable[[str], Awaitable[None]]
 logger = logging.getLogger(__name__)
 
 
-async def keep_running(name: str, serve: Callable[[], Awaitable[None]], done: Callable[[], bool]) -> None:
+SETTLE_S = 5.0  # a restarted consumer counts as running again once it has lasted this long
+
+
+@dataclass
+class ConsumerState:
+    """What the heartbeat reports about an engine's consume loop: ``running``, or
+    ``restarting`` with the error that stopped it. A worker whose consumer is not running is
+    alive but consumes nothing, and health must say so (an arq worker under an ACL without
+    ``INFO`` restarts its consumer forever while its heartbeat looks fine)."""
+
+    state: str = "running"
+    error: str = ""
+    restarts: int = 0
+
+    def restarting(self, exc: BaseException) -> None:
+        self.state, self.error = "restarting", f"{type(exc).__name__}: {exc}"[:300]
+        self.restarts += 1
+
+    def running(self) -> None:
+        self.state, self.error = "running", ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {"consumer": self.state, "consumer_error": self.error}
+
+
+async def keep_running(
+    name: str, serve: Callable[[], Awaitable[None]], done: Callable[[], bool], state: ConsumerState | None = None,
+) -> None:
     """Run an engine's consume loop; when it dies (Redis down), restart it with backoff
-    (1 s, doubling to 60 s) instead of leaving a live process that consumes nothing."""
+    (1 s, doubling to 60 s) instead of leaving a live process that consumes nothing.
+    ``state`` (the adapter's ``consumer``) says ``restarting`` from a failure until a restarted
+    loop has lasted ``SETTLE_S``: a loop that dies at once on every start never looks running."""
     delay = 1.0
+    state = state if state is not None else ConsumerState()
     while not done():
+        task = asyncio.ensure_future(serve())
         try:
-            await serve()
+            if state.state != "running":
+                finished, _ = await asyncio.wait({task}, timeout=SETTLE_S)
+                if not finished:
+                    state.running()
+                    logger.warning("%s consumer running again after %d restart(s)", name, state.restarts)
+            await task
             delay = 1.0
         except asyncio.CancelledError:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
             raise
         except Exception as exc:  # noqa: BLE001
             if done():
                 return
+            state.restarting(exc)
             logger.warning("%s consumer stopped (%s: %s); restarting in %.0fs", name, type(exc).__name__, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 60.0)
@@ -54,7 +93,14 @@ class EngineAdapter(ABC):
         self.settings = settings
         self.keys = keys
         self.config = config
+        self.consumer = ConsumerState()
         self._redis: Any = None
+
+    def consumer_state(self) -> dict[str, str]:
+        """The consume loop's state for the heartbeat: ``{"consumer": "running"|"restarting",
+        "consumer_error": "..."}``. Adapters that run their loop through ``keep_running(...,
+        state=self.consumer)`` get it for free; others override this."""
+        return self.consumer.as_dict()
 
     @abstractmethod
     async def stage(self, pipe: Any, messages: list[tuple[str, str]]) -> None:

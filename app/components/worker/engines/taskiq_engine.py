@@ -133,7 +133,8 @@ class Adapter(EngineAdapter):
             wait_tasks_timeout=self.settings.worker_shutdown_timeout,
         )
         self._listen = asyncio.create_task(
-            keep_running("taskiq", lambda: receiver.listen(self._finish), self._finish.is_set), name="taskiq-receiver"
+            keep_running("taskiq", lambda: receiver.listen(self._finish), self._finish.is_set, self.consumer),
+            name="taskiq-receiver",
         )
 
     async def recover(self, dead_instance: str) -> int:
