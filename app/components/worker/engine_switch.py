@@ -26,9 +26,9 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from app.components.worker.clock import now_ms
 from app.components.worker.config import QueueConfig, with_engine
 from app.components.worker.envelope import DISPATCH_NAME, Envelope
+from app.components.worker.health import redis_now_ms
 from app.components.worker.keys import Keys
 from app.core.errors import EngineMismatch
 from app.core.settings import ENGINES, Settings
@@ -49,8 +49,10 @@ def _text(value: Any) -> str:
 async def live_engine_beats(redis: Any, keys: Keys, queue: str, offline_after: float) -> dict[str, int]:
     """Engine -> last beat (ms) of the queue's workers, for those beaten within the offline threshold."""
     raw = await redis.hgetall(keys.engines(queue))
-    cutoff = now_ms() - offline_after * 1000
-    return {_text(k): int(v) for k, v in raw.items() if int(v) >= cutoff}
+    if not raw:
+        return {}
+    cutoff = await redis_now_ms(redis) - offline_after * 1000  # beats are written in Redis's clock
+    return {_text(k): int(float(v)) for k, v in raw.items() if int(float(v)) >= cutoff}
 
 
 async def check_engine_free(redis: Any, keys: Keys, queue: str, engine: str, offline_after: float) -> None:
@@ -58,7 +60,7 @@ async def check_engine_free(redis: Any, keys: Keys, queue: str, engine: str, off
     live = await live_engine_beats(redis, keys, queue, offline_after)
     others = sorted(e for e in live if e != engine)
     if others:
-        age = (now_ms() - max(live[e] for e in others)) / 1000
+        age = (await redis_now_ms(redis) - max(live[e] for e in others)) / 1000
         served = ", ".join(others)
         raise EngineMismatch(
             f"queue {queue!r} is served by live {served} workers (last beat {age:.0f}s ago): a {engine} worker "
@@ -232,7 +234,7 @@ async def settle_engine(redis: Any, keys: Keys, settings: Settings, config: Queu
     several workers stops) may have written into the default engine's keys; those jobs are
     moved here within seconds instead of waiting for the next worker start."""
     await check_engine_free(redis, keys, config.name, config.engine, settings.worker_offline_after)
-    await redis.hset(keys.engines(config.name), config.engine, now_ms())
+    await redis.hset(keys.engines(config.name), config.engine, await redis_now_ms(redis))
     moved = await take_over(redis, keys, settings, config)
     if stop is None:
         return moved
