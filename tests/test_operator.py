@@ -160,8 +160,10 @@ def test_producers_follow_the_live_engine_and_a_second_engine_is_refused(
     mismatch = one_line_error(app({**env, "WORKER_BACKEND": other}, "enqueue", "add", "--", "a=1", "b=1"))
     assert f"served by {engine} workers" in mismatch and f"set to {other}" in mismatch
     refused = one_line_error(app(env, "worker", "contract", "--backend", other))
-    assert f"served by live {engine} workers" in refused and f"a {other} worker" in refused
+    assert f"served by live {engine} workers" in refused and f"a worker on {other}" in refused
     assert f"--backend {engine}" in refused
+    supervised = one_line_error(app(env, "worker", "contract", "--backend", other, "--processes", "2"))
+    assert f"served by live {engine} workers" in supervised
 
 
 @pytest.mark.parametrize(("old", "new"), [("arq", "dramatiq"), ("dramatiq", "taskiq"), ("taskiq", "arq")])

@@ -63,10 +63,27 @@ async def check_engine_free(redis: Any, keys: Keys, queue: str, engine: str, off
         age = (await redis_now_ms(redis) - max(live[e] for e in others)) / 1000
         served = ", ".join(others)
         raise EngineMismatch(
-            f"queue {queue!r} is served by live {served} workers (last beat {age:.0f}s ago): a {engine} worker "
+            f"queue {queue!r} is served by live {served} workers (last beat {age:.0f}s ago): a worker on {engine} "
             f"would split its jobs across two engines; start it with --backend {others[0]}, or stop the "
             f"{served} workers first (a killed worker counts as live for WORKER_OFFLINE_AFTER={offline_after:g}s)"
         )
+
+
+def ensure_engine_free(settings: Settings, queue: str, engine: str) -> None:
+    """``check_engine_free`` from sync code, on a connection of its own: a supervisor checks
+    once before starting N processes, instead of restarting N refused children forever."""
+    from app.core.redis import async_client, ping
+
+    async def check() -> None:
+        redis = async_client(settings)
+        try:
+            await ping(redis, settings)
+            await check_engine_free(redis, Keys(settings.worker_key_prefix), queue, engine,
+                                    settings.worker_offline_after)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(check())
 
 
 def _envelope_of(args: Any) -> tuple[str, str] | None:
