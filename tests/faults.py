@@ -1,150 +1,189 @@
-"""Fault injection for the chaos tests: a TCP proxy that partitions one client from Redis,
-and faults of the Redis server itself (frozen process, memory full).
+"""Fault helpers for tests: a TCP proxy that can cut one process off from Redis, and restore it.
 
-The proxy runs its own event loop on a daemon thread, so a test that blocks its loop (or a
-worker under test) never slows the forwarding. API, shared by the chaos and liveness tests:
+Put a worker behind ``TcpProxy`` (its ``REDIS_URL`` pointing at ``proxy.url``) while others talk
+to Redis directly: ``cut()`` is a network partition of that worker alone. Two ways to cut:
 
-    proxy = TcpProxy(port_of_redis).start()   # proxy.url -> redis://127.0.0.1:<proxy port>
-    proxy.cut()        # close every connection and refuse new ones (the peer sees a reset)
-    proxy.blackhole()  # connections stay open but no byte moves either way (a partition:
-                       # bytes wait in the kernel, as with packets TCP keeps retransmitting)
-    proxy.restore()    # forward again; bytes held by a blackhole are delivered, in order
-    proxy.stop()
+- ``"close"``: every connection is reset and new ones are closed at once (the peer learns at
+  once: a Redis restart, a firewall that rejects);
+- ``"blackhole"``: connections stay open but bytes go nowhere, and new ones are accepted and
+  left silent (a half-open connection, a firewall that drops: only client timeouts notice).
+
+``restore()`` forwards again for new connections; connections cut in ``blackhole`` mode stay
+dead, as they would on a real network. The proxy runs its own event loop on a thread, so a
+test may block (``wait_until``, ``subprocess``) without stalling it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
+import socket
 import threading
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-from app.core.redis_server import RedisServer, free_port
+CHUNK = 65536
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class TcpProxy:
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1", port: int | None = None) -> None:
-        self.target = (target_host, target_port)
+    def __init__(self, target_url: str, port: int | None = None) -> None:
+        """``target_url`` is a redis:// URL; the proxy listens on 127.0.0.1:``port`` (a free one
+        by default) and ``url`` is the same URL pointing at the proxy."""
+        parts = urlsplit(target_url)
+        self.target_host = parts.hostname or "127.0.0.1"
+        self.target_port = parts.port or 6379
         self.port = port or free_port()
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="tcp-proxy", daemon=True)
+        netloc = f"{parts.username or ''}{':' + parts.password if parts.password else ''}"
+        netloc = f"{netloc}@" if netloc else ""
+        self.url = urlunsplit((parts.scheme, f"{netloc}127.0.0.1:{self.port}", parts.path, parts.query, ""))
+        self.mode: str | None = None  # None: forwarding; "close" or "blackhole": cut
+        self.accepted = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="tcp-proxy", daemon=True)
         self._server: asyncio.base_events.Server | None = None
-        self._open: asyncio.Event | None = None
-        self._refusing = False
-        self._writers: set[asyncio.StreamWriter] = set()
-        self.connections = 0  # accepted since start, for tests that check a client reconnected
+        self._conns: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._dead: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()  # blackholed for good
+        self._silent: set[asyncio.StreamWriter] = set()
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    def _call(self, fn: Any) -> Any:
-        async def run() -> Any:
-            return fn()
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
+    # -- control, from the test's thread -------------------------------------------------------
 
     def start(self) -> TcpProxy:
         self._thread.start()
-
-        async def listen() -> None:
-            self._open = asyncio.Event()
-            self._open.set()
-            self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
-
-        asyncio.run_coroutine_threadsafe(listen(), self.loop).result(10)
+        self._call(self._start())
         return self
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._refusing:
-            _abort(writer)
-            return
-        self.connections += 1
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            _abort(writer)
-            return
-        self._writers.update((writer, up_writer))
-        try:
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-        finally:
-            for w in (writer, up_writer):
-                self._writers.discard(w)
-                _abort(w)
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        assert self._open is not None
-        try:
-            while True:
-                await self._open.wait()
-                data = await reader.read(65536)
-                if not data:
-                    break
-                await self._open.wait()  # a blackhole holds what was read until restore
-                writer.write(data)
-                await writer.drain()
-        except (OSError, asyncio.CancelledError):
-            pass
-        finally:
-            _abort(writer)
-
-    def cut(self) -> None:
-        """Reset every connection through the proxy and refuse new ones until ``restore``."""
-        def do() -> None:
-            self._refusing = True
-            for w in list(self._writers):
-                _abort(w)
-        self._call(do)
+    def cut(self, mode: str = "close") -> None:
+        """Partition: see the module docstring for ``mode``."""
+        if mode not in ("close", "blackhole"):
+            raise ValueError("mode is 'close' or 'blackhole'")
+        self._call(self._cut(mode))
 
     def blackhole(self) -> None:
-        """Stop moving bytes both ways; connections (old and new) stay open and silent."""
-        self._call(lambda: self._open.clear())  # type: ignore[union-attr]
+        """``cut("blackhole")``: the name the chaos tests use."""
+        self.cut("blackhole")
 
     def restore(self) -> None:
-        def do() -> None:
-            self._refusing = False
-            self._open.set()  # type: ignore[union-attr]
-        self._call(do)
+        self._call(self._restore())
 
     def stop(self) -> None:
         if not self._thread.is_alive():
             return
-
-        async def close() -> None:
-            if self._server is not None:
-                self._server.close()
-            for w in list(self._writers):
-                _abort(w)
-
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
+        self._call(self._stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
 
     def __enter__(self) -> TcpProxy:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    # -- the proxy, on its own loop ------------------------------------------------------------
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def _cut(self, mode: str) -> None:
+        self.mode = mode
+        if mode == "blackhole":
+            self._dead.update(self._conns)
+            return
+        for client, upstream in list(self._conns):
+            _abort(client)
+            _abort(upstream)
+        self._conns.clear()
+
+    async def _restore(self) -> None:
+        self.mode = None
+
+    async def _stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for client, upstream in list(self._conns):
+            _abort(client)
+            _abort(upstream)
+        for writer in list(self._silent):
+            _abort(writer)
+        self._conns.clear()
+        self._silent.clear()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        if self.mode == "close":
+            _abort(writer)
+            return
+        if self.mode == "blackhole":
+            await self._swallow(reader, writer)
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
+        except OSError:
+            _abort(writer)
+            return
+        pair = (writer, up_writer)
+        self._conns.add(pair)
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer, pair), self._pipe(up_reader, writer, pair))
+        finally:
+            self._conns.discard(pair)
+            self._dead.discard(pair)
+            _abort(writer)
+            _abort(up_writer)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: Any) -> None:
+        try:
+            while True:
+                data = await reader.read(CHUNK)
+                if not data:
+                    break
+                if self.mode == "blackhole" or pair in self._dead:
+                    continue  # bytes go nowhere; the connection stays open (and dead after a restore)
+                if self.mode == "close":
+                    break
+                writer.write(data)
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            _abort(writer)
+
+    async def _swallow(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._silent.add(writer)
+        try:
+            while await reader.read(CHUNK):
+                pass
+        except OSError:
+            pass
+        finally:
+            self._silent.discard(writer)
+            _abort(writer)
 
 
 def _abort(writer: asyncio.StreamWriter) -> None:
-    """Close at once with a reset, as a dead peer or a killed proxy does."""
     transport = writer.transport
     if not transport.is_closing():
         transport.abort()
 
 
-def freeze(server: RedisServer) -> None:
+# -- faults of the Redis server itself (a test-private redis-server: app.core.redis_server) ------
+
+def freeze(server: Any) -> None:
     """Stop the redis-server process (SIGSTOP): connections stay open, nothing answers."""
-    assert server.process is not None
     os.kill(server.process.pid, signal.SIGSTOP)
 
 
-def thaw(server: RedisServer) -> None:
-    assert server.process is not None
+def thaw(server: Any) -> None:
     os.kill(server.process.pid, signal.SIGCONT)
 
 
