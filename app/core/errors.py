@@ -63,3 +63,7 @@ class JobFailed(AppError):
         self.error_type = error_type
         self.message = message
         super().__init__(f"job {job_id} failed: {error_type}: {message}")
+
+
+class InvalidOption(AppError):
+    """An option's value is out of range or of the wrong kind (a delay, a timeout, a job id)."""

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from app.core.errors import AppError
+from app.core.lifeline import pdeathsig_preexec
 
 
 def find_redis_server() -> str:
@@ -50,9 +51,12 @@ class RedisServer:
 
     def __init__(
         self, port: int | None = None, *, password: str | None = None, aof: bool = False,
-        extra: list[str] | None = None, tls: tuple[str, str, str] | None = None,
+        extra: list[str] | None = None, tls: tuple[str, str, str] | None = None, die_with_parent: bool = False,
     ) -> None:
-        """``tls``: (cert, key, CA cert) files: serve TLS only, on ``port``."""
+        """``tls``: (cert, key, CA cert) files: serve TLS only, on ``port``. ``die_with_parent``:
+        the server gets SIGTERM when this process dies, even by SIGKILL (Linux; call start()
+        from the main thread, see ``app.core.lifeline``)."""
+        self.die_with_parent = die_with_parent
         self.tls = tls
         self.port = port or free_port()
         self.password = password
@@ -85,7 +89,8 @@ class RedisServer:
         # Own session: a Ctrl-C in the terminal must not take Redis down before the workers
         # that still need it have stopped; stop() ends it.
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True,
+                                        preexec_fn=pdeathsig_preexec() if self.die_with_parent else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

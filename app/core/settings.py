@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     redis_ssl: bool = False
     redis_max_connections: int = Field(default=50, ge=1)
     redis_connection_timeout: float = Field(default=5.0, gt=0)
+    # Deadline of every Redis read/write: a half-open connection fails after this, not after the kernel's TCP timeout.
+    redis_socket_timeout: float = Field(default=10.0, gt=1)
     redis_socket_keepalive: bool = True
 
     # Engines and queue-wide tuning (None: fall back to the queue's WorkerSettings)

@@ -99,6 +99,13 @@ async def chaos_job(directory: str, key: str, ms: int) -> str:
     return key
 
 
+async def cancels_itself() -> None:
+    """Awaits a future that something else cancels: a CancelledError that no shutdown caused."""
+    future = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(future.cancel)
+    await future
+
+
 def kill_my_worker() -> None:
     """Dies the hard way, like an OOM kill: the job must not loop forever."""
     os.kill(os.getpid(), signal.SIGKILL)
@@ -107,7 +114,7 @@ def kill_my_worker() -> None:
 class WorkerSettings:
     functions = [add, multiply, echo, whoami, whoami_sync, always_fails, always_fails_4, permanent, flaky,
                  slow_async, slow_sync, returns_unserialisable, started_at, touch, wait_for_file,
-                 kill_my_worker, chaos_job]
+                 kill_my_worker, chaos_job, cancels_itself]
     queue_name = "contract"
     max_jobs = 8
     job_timeout = 30

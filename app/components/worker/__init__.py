@@ -12,8 +12,23 @@ from app.components.worker.api import (
 from app.components.worker.middleware import Middleware, SkipJob
 from app.components.worker.runtime.context import JobContext, WorkerContext, current_job
 from app.components.worker.task import PermanentError, Retry, task
+from app.core.errors import (
+    AppError,
+    DuplicateJob,
+    EngineMismatch,
+    InvalidOption,
+    JobFailed,
+    JobNotFound,
+    PayloadError,
+    RedisUnavailable,
+    ResultTimeout,
+    UnknownQueue,
+    UnknownTask,
+)
 
 __all__ = [
-    "Job", "JobContext", "JobRequest", "Middleware", "PermanentError", "Retry", "SkipJob", "SyncJob", "SyncWorkerClient",
-    "WorkerClient", "WorkerContext", "current_job", "enqueue", "enqueue_sync", "task",
+    "AppError", "DuplicateJob", "EngineMismatch", "InvalidOption", "Job", "JobContext", "JobFailed", "JobNotFound",
+    "JobRequest", "Middleware", "PayloadError", "PermanentError", "RedisUnavailable", "ResultTimeout", "Retry",
+    "SkipJob", "SyncJob", "SyncWorkerClient", "UnknownQueue", "UnknownTask", "WorkerClient", "WorkerContext",
+    "current_job", "enqueue", "enqueue_sync", "task",
 ]

@@ -20,29 +20,55 @@ import asyncio
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
-from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from app.components.worker import config as queue_config
 from app.components.worker.engines import engine_class
 from app.components.worker.engines.base import EngineAdapter
-from app.components.worker.envelope import Envelope, new_job_id, now_ms
+from app.components.worker.envelope import Envelope, new_job_id, new_run, now_ms
 from app.components.worker.health import live_engines
 from app.components.worker.keys import Keys
 from app.components.worker.middleware import MiddlewareChain, load_middleware
 from app.components.worker.registry import Registry
 from app.components.worker.runtime import scripts
 from app.components.worker.runtime.store import read_result, read_status
-from app.core.errors import DuplicateJob, EngineMismatch, JobFailed, JobNotFound, PayloadError, ResultTimeout
-from app.core.redis import async_client, explain
+from app.components.worker.validation import MAX_DEPTH, check_depth, validate_delay, validate_job_id, validate_timeout
+from app.core.errors import (
+    AppError,
+    DuplicateJob,
+    EngineMismatch,
+    InvalidOption,
+    JobFailed,
+    JobNotFound,
+    PayloadError,
+    RedisUnavailable,
+    ResultTimeout,
+)
+from app.core.redis import async_client, describe, explain
 from app.core.settings import Settings, get_settings
 
 T = TypeVar("T")
 ENGINE_CHECK_TTL_S = 2.0
+ENQUEUE_CHUNK = 1000  # jobs per enqueue script call: one atomic step, a few ms of Redis time
+
+
+class Accepting(NamedTuple):
+    """One job on its way into ``enqueue.lua``."""
+
+    env: Envelope
+    raw: str
+    delay_ms: int  # 0: deliverable now
+    engine: str
+    chosen: bool  # a caller-chosen id (may be refused as a duplicate)
+
+
+def _delay_ms(delay: float) -> int:
+    """A validated delay in seconds as the relative ms the enqueue script adds to Redis time."""
+    return int(round(delay * 1000))
 
 
 class WorkerClient:
@@ -54,7 +80,6 @@ class WorkerClient:
         self.keys = Keys(self.settings.worker_key_prefix)
         self.redis = async_client(self.settings)
         self._enqueue_script = self.redis.register_script(scripts.source("enqueue"))
-        self._enqueue_loaded = False
         self._adapters: dict[str, EngineAdapter] = {}
         self._global_middleware = load_middleware(self.settings.middleware_paths)
         self._chains: dict[str, MiddlewareChain] = {}
@@ -98,9 +123,16 @@ class WorkerClient:
 
     def _envelope(self, task: str | Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                   queue: str | None, job_id: str | None) -> tuple[Envelope, str]:
+        """The message of one new job, with a fresh run token; raises (writing nothing) for an
+        invalid id, an unknown task, arguments that cannot travel or are too big or too deep."""
+        if job_id is not None:
+            validate_job_id(job_id)
         spec = self.registry.task(task, queue)
-        env = Envelope(job_id or new_job_id(), spec.name, spec.queue, list(args), kwargs, 1, now_ms())
+        env = Envelope(job_id or new_job_id(), spec.name, spec.queue, list(args), kwargs, 1, now_ms(), new_run())
         raw = env.encode()
+        if raw.count("[") + raw.count("{") > MAX_DEPTH:  # only then can an argument be too deep
+            for value in (*env.args, *env.kwargs.values()):
+                check_depth(value, MAX_DEPTH)
         if len(raw) > self.settings.worker_max_payload_bytes:
             raise PayloadError(
                 f"job for {spec.name!r} is {len(raw)} bytes, over WORKER_MAX_PAYLOAD_BYTES="
@@ -112,132 +144,115 @@ class WorkerClient:
         self, task: str | Callable[..., Any], *args: Any, _queue: str | None = None,
         _job_id: str | None = None, _delay: float | None = None, **kwargs: Any,
     ) -> Job:
+        delay = validate_delay(_delay) if _delay is not None else 0.0
         env, raw = self._envelope(task, args, kwargs, _queue, _job_id)
         engine = self.engine_of(env.queue)
-        due = now_ms() + int(_delay * 1000) if _delay and _delay > 0 else 0
         chain = self._chain(env.queue)
         view = self._hook_view(env, _delay)
         await chain.call("before_enqueue", view, job_id=env.id)
         try:
             await self._check_engine(env.queue, engine)
-            if _job_id is None and not due:
-                # A fresh id cannot be a duplicate: record and send in one round trip.
-                await self._pipelined(lambda pipe: self._record_and_stage(pipe, env, raw, engine),
-                                      transaction=True)
-            else:
-                if not (await self._record(self.redis, env.queue, engine, [(env, raw, due)]))[0]:
-                    raise DuplicateJob(
-                        f"job id {env.id!r} is already queued or running: not enqueued again "
-                        "(wait for it to finish or choose another id)"
-                    )
-                if not due:
-                    try:
-                        await self._adapter(env.queue).send([(env.message_id, raw)])
-                    except BaseException:
-                        await self.redis.delete(self.keys.job(env.id))
-                        raise
+            (flag,) = await self._accept([Accepting(env, raw, _delay_ms(delay), engine, _job_id is not None)])
         except RedisError as exc:
-            raise explain(exc, self.settings) from None
+            raise self._refused(exc) from None
+        if not flag:
+            raise DuplicateJob(
+                f"job id {env.id!r} is already queued or running: not enqueued again "
+                "(wait for it to finish or choose another id)"
+            )
         await chain.call("after_enqueue", view, job_id=env.id)
         return Job(self, env.id, env.queue, env.task)
 
     async def enqueue_many(self, requests: Iterable[JobRequest]) -> list[Job | None]:
-        """Enqueue many jobs with one pipeline for the records and one batch per engine.
+        """Enqueue many jobs: each chunk of up to ``ENQUEUE_CHUNK`` jobs is one atomic script call.
 
-        Returns a handle per request, in order; ``None`` where a caller-chosen id was
-        refused because that job is still queued or running. Raises before writing anything
-        when any request is invalid (unknown task, bad arguments, oversized payload).
+        Returns a handle per request, in order; ``None`` where a caller-chosen id was refused
+        because that job is still queued or running (or appears earlier in the same batch).
+        Raises before writing anything when any request is invalid (unknown task, bad
+        arguments, oversized payload, bad delay or id). If Redis refuses a chunk (out of
+        memory), that chunk and the rest are not enqueued, and the error says how many earlier
+        jobs were accepted (they will run).
         """
         prepared = []
-        chosen_ids = []
         for req in requests:
-            chosen_ids.append(req.job_id)
+            delay = validate_delay(req.delay) if req.delay is not None else 0.0
             env, raw = self._envelope(req.task, tuple(req.args), dict(req.kwargs), req.queue, req.job_id)
-            due = now_ms() + int(req.delay * 1000) if req.delay and req.delay > 0 else 0
-            prepared.append((env, raw, due, self.engine_of(env.queue)))
-        for env, _, _, _ in prepared:
+            prepared.append(Accepting(env, raw, _delay_ms(delay), self.engine_of(env.queue), req.job_id is not None))
+        for env, *_ in prepared:
             chain = self._chain(env.queue)
             if chain.has("before_enqueue"):
                 await chain.call("before_enqueue", self._hook_view(env, None), job_id=env.id)
+        flags: list[int] = []
         try:
-            for queue, engine in {(p[0].queue, p[3]) for p in prepared}:
+            for queue, engine in {(p.env.queue, p.engine) for p in prepared}:
                 await self._check_engine(queue, engine)
-            fresh = all(job_id is None for job_id in chosen_ids)
-            groups: dict[tuple[str, str], list[int]] = {}
-            for index, (env, _, _, engine) in enumerate(prepared):
-                groups.setdefault((env.queue, engine), []).append(index)
-            async def build(pipe: Pipeline) -> None:
-                for (queue, engine), indexes in groups.items():
-                    await self._record(pipe, queue, engine, [prepared[i][:3] for i in indexes])
-                if fresh:  # no id can be a duplicate: records and messages in one round trip
-                    for queue, messages in self._immediate(prepared).items():
-                        await self._adapter(queue).stage(pipe, messages)
-
-            replies = await self._pipelined(build, transaction=False)
-            recorded = [0] * len(prepared)
-            for reply, indexes in zip(replies, groups.values(), strict=False):
-                for index, flag in zip(indexes, reply, strict=True):
-                    recorded[index] = int(flag)
-            if not fresh:
-                accepted = [p for p, ok in zip(prepared, recorded, strict=True) if int(ok)]
-                for queue, messages in self._immediate(accepted).items():
-                    await self._adapter(queue).send(messages)
+            for start in range(0, len(prepared), ENQUEUE_CHUNK):
+                flags += await self._accept(prepared[start:start + ENQUEUE_CHUNK])
         except RedisError as exc:
-            raise explain(exc, self.settings) from None
-        for (env, _, _, _), ok in zip(prepared, recorded, strict=False):
+            raise self._refused(exc, accepted=sum(1 for f in flags if f), total=len(prepared)) from None
+        for (env, *_), ok in zip(prepared, flags, strict=True):
             chain = self._chain(env.queue)
-            if int(ok) and chain.has("after_enqueue"):
+            if ok and chain.has("after_enqueue"):
                 await chain.call("after_enqueue", self._hook_view(env, None), job_id=env.id)
-        return [Job(self, env.id, env.queue, env.task) if int(ok) else None
-                for (env, _, _, _), ok in zip(prepared, recorded, strict=False)]
+        return [Job(self, env.id, env.queue, env.task) if ok else None
+                for (env, *_), ok in zip(prepared, flags, strict=True)]
 
-    async def _record(self, client: Any, queue: str, engine: str, jobs: list[tuple[Envelope, str, int]]) -> Any:
-        """The layer's records of new jobs of one queue, with their job.enqueued events, in one
-        script call on a client (returns a flag per job) or a pipeline."""
-        args: list[Any] = [self.keys.prefix, now_ms(), self.settings.worker_events_maxlen, engine, queue]
-        for env, raw, due in jobs:
-            args += [env.id, raw, env.task, due]
-        keys = [self.keys.delayed(queue), self.keys.events]
-        if isinstance(client, Pipeline):
-            # EVALSHA of a script loaded once: a registered Script in a pipeline makes redis-py
-            # send SCRIPT EXISTS first, one more round trip on every enqueue.
-            if not self._enqueue_loaded:
-                await self.redis.script_load(self._enqueue_script.script)
-                self._enqueue_loaded = True
-            return client.evalsha(self._enqueue_script.sha, len(keys), *keys, *args)
-        return await self._enqueue_script(keys=keys, args=args, client=client)
+    async def _accept(self, jobs: list[Accepting]) -> list[int]:
+        """Record jobs and make them deliverable in one script call (enqueue.lua): per job
+        1 accepted, 2 accepted by an earlier try of this very call (its reply was lost),
+        0 refused (its id is queued, delayed or running). A refused job writes nothing.
 
-    async def _record_and_stage(self, pipe: Pipeline, env: Envelope, raw: str, engine: str) -> None:
-        await self._record(pipe, env.queue, engine, [(env, raw, 0)])
-        await self._adapter(env.queue).stage(pipe, [(env.message_id, raw)])
+        The engine's commands are recorded from its adapter's ``stage`` and replayed by the
+        script: per job for a caller-chosen id (run only if that job is accepted), and once per
+        queue for fresh ids, which cannot be refused (one batch, as the engine stages it)."""
+        recorder = self.redis.pipeline(transaction=False)  # collects an engine's commands, never executed
 
-    async def _pipelined(self, build: Callable[[Pipeline], Awaitable[None]], *, transaction: bool) -> list[Any]:
-        """Run a pipeline; if Redis lost its script cache (a restart), load the script and run
-        it again (the record script recognises its own retry; a duplicate message is skipped
-        at claim)."""
-        for attempt in (1, 2):
-            async with self.redis.pipeline(transaction=transaction) as pipe:
-                await build(pipe)
-                try:
-                    return await pipe.execute()  # type: ignore[no-any-return]
-                except NoScriptError:
-                    self._enqueue_loaded = False
-                    if attempt == 2:
-                        raise
-                    await self.redis.script_load(self._enqueue_script.script)
-                    self._enqueue_loaded = True
-        raise AssertionError("unreachable")
+        async def staged(queue: str, messages: list[tuple[str, str]]) -> list[tuple[Any, ...]]:
+            await self._adapter(queue).stage(recorder, messages)
+            commands = [words for words, _ in recorder.command_stack]
+            recorder.command_stack.clear()
+            return commands
 
-    @staticmethod
-    def _immediate(prepared: list[tuple[Envelope, str, int, str]]) -> dict[str, list[tuple[str, str]]]:
-        by_queue: dict[str, list[tuple[str, str]]] = {}
-        for env, raw, due, _ in prepared:
-            if not due:
-                by_queue.setdefault(env.queue, []).append((env.message_id, raw))
-        return by_queue
+        args: list[Any] = [self.settings.worker_events_maxlen, self.keys.job(""), self.keys.result(""), len(jobs)]
+        batched: dict[str, list[tuple[str, str]]] = {}
+        for job in jobs:
+            env, raw, delay_ms = job.env, job.raw, job.delay_ms
+            commands: list[tuple[Any, ...]] = []
+            if not delay_ms and job.chosen:
+                commands = await staged(env.queue, [(env.message_id, raw)])
+            elif not delay_ms:
+                batched.setdefault(env.queue, []).append((env.message_id, raw))
+            args += [env.id, env.run, raw, env.task, env.queue, job.engine, delay_ms,
+                     self.keys.delayed(env.queue) if delay_ms else "", int(not delay_ms and not job.chosen),
+                     len(commands)]
+            for words in commands:
+                args += [len(words), *words]
+        for queue, messages in batched.items():
+            for words in await staged(queue, messages):
+                args += [len(words), *words]
+        # The registered Script sends EVALSHA and loads the script once on NOSCRIPT (a Redis
+        # restart); a call resent after a lost reply is recognised by its run tokens.
+        reply = await self._enqueue_script(keys=[self.keys.events], args=args)
+        return [1 if int(flag) else 0 for flag in reply]
+
+    def _refused(self, exc: RedisError, accepted: int = 0, total: int = 1) -> AppError:
+        """One line naming why Redis refused an enqueue, never the payload it carried."""
+        if not isinstance(exc, ResponseError):
+            return explain(exc, self.settings)
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        if first.startswith("OOM") or "maxmemory" in first:
+            cause = "it is out of memory (maxmemory reached): free memory, raise maxmemory or consume jobs"
+        else:
+            cause = f"{first[:200]}"
+        if accepted:
+            outcome = f"{accepted} of {total} jobs were accepted before that and will run; the rest were not enqueued"
+        else:
+            outcome = "nothing was enqueued"
+        return RedisUnavailable(f"Redis at {describe(self.settings)} refused the enqueue, {outcome}: {cause}")
 
     def job(self, job_id: str) -> Job:
-        return Job(self, job_id)
+        """A handle on a job by id; an id no enqueue could have accepted raises InvalidOption."""
+        return Job(self, validate_job_id(job_id))
 
     async def close(self) -> None:
         for adapter in self._adapters.values():
@@ -287,6 +302,8 @@ class Job:
     async def result(self, timeout: float | None = None) -> Any:
         """The job's return value; raises JobFailed with the job's error, ResultTimeout, or
         JobNotFound for an unknown or expired id."""
+        if timeout is not None:
+            timeout = validate_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.005
         while True:
@@ -329,6 +346,11 @@ class SyncWorkerClient:
 
     def enqueue(self, task: str | Callable[..., Any], *args: Any, **kwargs: Any) -> SyncJob:
         return SyncJob(self, self._portal.call(self.client.enqueue(task, *args, **kwargs)))
+
+    def enqueue_many(self, requests: Iterable[JobRequest]) -> list[SyncJob | None]:
+        """``WorkerClient.enqueue_many`` for sync code: a handle per request, None where refused."""
+        jobs = self._portal.call(self.client.enqueue_many(list(requests)))
+        return [SyncJob(self, job) if job is not None else None for job in jobs]
 
     def job(self, job_id: str) -> SyncJob:
         return SyncJob(self, self.client.job(job_id))
@@ -388,6 +410,7 @@ def enqueue_sync(task: str | Callable[..., Any], *args: Any, **kwargs: Any) -> S
 
 
 __all__ = [
-    "DuplicateJob", "EngineMismatch", "Job", "JobRequest", "JobFailed", "JobNotFound", "PayloadError", "ResultTimeout",
+    "AppError", "DuplicateJob", "EngineMismatch", "InvalidOption", "Job", "JobRequest", "JobFailed", "JobNotFound",
+    "PayloadError", "RedisUnavailable", "ResultTimeout",
     "SyncJob", "SyncWorkerClient", "WorkerClient", "default_client", "enqueue", "enqueue_sync",
 ]

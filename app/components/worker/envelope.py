@@ -3,25 +3,67 @@
 Engines carry it opaquely as the single argument of one dispatcher function, so unknown
 tasks, bad arguments and attempt counting are decided by the layer, not by an engine.
 ``try`` is the attempt this delivery is for; the runtime refuses stale deliveries with it.
+``run`` is a random token drawn once per accepted enqueue and stored in the job record: a
+delivery runs only when it belongs to the current run of its id, so a stale message of an
+earlier job under a reused id never runs with the old arguments.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from app.components.worker.clock import now_ms
 from app.core.errors import PayloadError
 
-__all__ = ["DISPATCH_NAME", "Envelope", "new_job_id", "now_ms"]
+__all__ = ["DISPATCH_NAME", "Envelope", "Recovered", "new_job_id", "new_run", "now_ms", "recover_id"]
 
 DISPATCH_NAME = "app.run"
+
+# Message ids: a per-process random prefix and a counter, so two sends never share an id,
+# across processes too, at the cost of a counter step per send.
+_SEND_PREFIX = os.urandom(3).hex()
+_sends = itertools.count(1)
+_ID_PATTERN = re.compile(r'"id"\s*:\s*"([^"\\\x00-\x1f]{1,256})"')
+_RUN_PATTERN = re.compile(r'"run"\s*:\s*"([0-9a-f]{1,64})"')
+_TRY_PATTERN = re.compile(r'"try"\s*:\s*([0-9]{1,9})\b')
+_TASK_PATTERN = re.compile(r'"task"\s*:\s*"([^"\\\x00-\x1f]{1,256})"')
 
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
+
+
+def new_run() -> str:
+    """A fresh run token: 64 random bits, hex."""
+    return os.urandom(8).hex()
+
+
+class Recovered(NamedTuple):
+    job_id: str
+    run: str  # "" when not found
+    try_: int  # 0 when not found
+    task: str  # "" when not found
+
+
+def recover_id(raw: str) -> Recovered | None:
+    """What a regex can still read from a message that cannot be decoded (too deep, bad UTF-8,
+    a broken field), so its job can be ended; None when no job id is found."""
+    found = _ID_PATTERN.search(raw)
+    if not found:
+        return None
+    # The layer writes id and task before the arguments, try and run after them: the first
+    # and the last match are the envelope's own, whatever keys the arguments hold.
+    runs = _RUN_PATTERN.findall(raw)
+    tries = _TRY_PATTERN.findall(raw)
+    task = _TASK_PATTERN.search(raw)
+    return Recovered(found.group(1), runs[-1] if runs else "", int(tries[-1]) if tries else 0,
+                     task.group(1) if task else "")
 
 
 @dataclass
@@ -33,13 +75,14 @@ class Envelope:
     kwargs: dict[str, Any] = field(default_factory=dict)
     try_: int = 1
     enqueued_at: int = 0
+    run: str = ""
 
     def encode(self) -> str:
         try:
             return json.dumps(
                 {
                     "id": self.id, "task": self.task, "queue": self.queue, "args": self.args,
-                    "kwargs": self.kwargs, "try": self.try_, "enqueued_at": self.enqueued_at,
+                    "kwargs": self.kwargs, "try": self.try_, "enqueued_at": self.enqueued_at, "run": self.run,
                 },
                 separators=(",", ":"),
                 allow_nan=False,
@@ -49,19 +92,25 @@ class Envelope:
                 f"arguments of {self.task!r} cannot be sent as JSON ({exc}): pass str, int, float, "
                 "bool, None, lists and dicts"
             ) from None
+        except RecursionError:
+            raise PayloadError(f"arguments of {self.task!r} are nested too deep to send as JSON") from None
 
     @property
     def message_id(self) -> str:
-        """The engine-level id of this delivery: unique per attempt, so engines that refuse
-        a reused id (arq) accept the retry."""
-        return f"{self.id}.{self.try_}"
+        """A fresh engine-level id for one send of this delivery: each read gives a new one
+        (``<job id>.<try>.<token>``), so no two sends share an id, not even a hand-back of the
+        same attempt (arq deletes by id when it ends a delivery)."""
+        return f"{self.id}.{self.try_}.{_SEND_PREFIX}{next(_sends):x}"
 
     def next_try(self, attempt: int) -> Envelope:
-        return Envelope(self.id, self.task, self.queue, self.args, self.kwargs, attempt + 1, self.enqueued_at)
+        return Envelope(self.id, self.task, self.queue, self.args, self.kwargs, attempt + 1, self.enqueued_at,
+                        self.run)
 
     @classmethod
     def decode(cls, raw: str | bytes) -> Envelope:
-        """Parse a message; raises ValueError with a reason for anything malformed."""
+        """Parse a message; raises ValueError with a reason for anything malformed (a message
+        nested too deep raises RecursionError, bad UTF-8 UnicodeDecodeError: callers catch
+        every Exception)."""
         data = json.loads(raw)
         if not isinstance(data, dict):
             raise ValueError("message is not a JSON object")
@@ -72,6 +121,12 @@ class Envelope:
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise ValueError("message args must be a list and kwargs an object")
         try_ = data.get("try", 1)
-        if not isinstance(try_, int) or try_ < 1:
+        if not isinstance(try_, int) or isinstance(try_, bool) or try_ < 1:
             raise ValueError("message try must be a positive integer")
-        return cls(job_id, task, queue, args, kwargs, try_, int(data.get("enqueued_at") or 0))
+        enqueued_at = data.get("enqueued_at") or 0
+        if not isinstance(enqueued_at, (int, float)) or isinstance(enqueued_at, bool) or not 0 <= enqueued_at < 1e15:
+            raise ValueError("message enqueued_at must be a time in ms")
+        run = data.get("run", "")
+        if not isinstance(run, str):
+            raise ValueError("message run must be a string")
+        return cls(job_id, task, queue, args, kwargs, try_, int(enqueued_at), run)

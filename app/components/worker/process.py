@@ -12,6 +12,7 @@ import inspect
 import logging
 import os
 import signal
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ from app.components.worker.runtime.delayed import DelayedMover
 from app.components.worker.runtime.reaper import Reaper
 from app.components.worker.runtime.store import JobStore
 from app.components.worker.runtime.wrapper import JobRuntime
-from app.core.redis import async_client, ping, sync_client
+from app.core.redis import async_client, heartbeat_client, ping
 from app.core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
     runtime = JobRuntime(spec, config, store, chain, worker, publisher)
     adapter = engine_class(config.engine)(settings, keys, config)
     heartbeat = Heartbeat(
-        sync_client(settings), keys, settings, queue=spec.name, engine=config.engine, worker_id=worker_id, instance=worker.instance,
+        heartbeat_client(settings), keys, settings, queue=spec.name, engine=config.engine, worker_id=worker_id, instance=worker.instance,
         labels={**settings.labels, **options.labels}, concurrency=config.threads,
         counters=lambda: {"running": runtime.running, "done": runtime.done, "failed": runtime.failed},
     )
@@ -108,7 +109,9 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
 
 
 def run(settings: Settings, registry: Registry, options: WorkerOptions) -> None:
-    """Serve in this process; the first SIGTERM/SIGINT stops gracefully, a second exits at once."""
+    """Serve in this process. The first SIGTERM/SIGINT/SIGHUP stops gracefully; a second
+    exits at once. A graceful stop that cannot end (Redis gone while jobs wait to be handed
+    back) is cut short ``STOP_MARGIN_S`` after the grace: a stop always ends."""
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -122,10 +125,23 @@ def run(settings: Settings, registry: Registry, options: WorkerOptions) -> None:
                 logger.warning("second %s: exiting now; running jobs return through crash recovery",
                                signal.Signals(signum).name)
                 os._exit(1)
+            limit = settings.worker_shutdown_timeout + STOP_MARGIN_S
+            timer = threading.Timer(limit, _give_up, args=(limit,))
+            timer.daemon = True
+            timer.start()
             stop.set()
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, on_signal, sig)
         await serve(settings, registry, options, stop)
 
     asyncio.run(main())
+
+
+STOP_MARGIN_S = 15.0
+
+
+def _give_up(limit: float) -> None:
+    logger.error("graceful stop did not end within %gs: exiting; what was running returns through crash recovery",
+                 limit)
+    os._exit(1)

@@ -2,8 +2,17 @@
 
 A child that dies (SIGKILL, OOM) is restarted with backoff (1 s, doubling to 30 s, reset
 after a minute of good health) without touching its siblings. The jobs it held come back
-through crash recovery. SIGTERM/SIGINT are passed to every child; the supervisor exits
-when they have all stopped.
+through crash recovery.
+
+Signals: children run in sessions of their own, so a terminal's Ctrl-C (SIGINT to the whole
+foreground process group) reaches the supervisor only. Whatever asked it to stop (Ctrl-C,
+`docker stop`'s SIGTERM to PID 1, `kill -TERM`, a closed terminal's SIGHUP), the supervisor
+sends each child one SIGTERM: the graceful stop (running jobs finish within
+WORKER_SHUTDOWN_TIMEOUT, worker.stopped, exit 0). Before, the terminal's SIGINT reached each
+child directly and the forwarded copy counted as a second signal, which is the hard exit.
+A second signal to the supervisor is forwarded once more: that is the deliberate hard exit.
+Children die with the supervisor (``app.core.lifeline``), so a SIGKILLed supervisor leaves
+no orphans: they get SIGTERM and stop gracefully.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import time
 from dataclasses import dataclass
 
 from app.components.worker.process import WorkerOptions
+from app.core.lifeline import child_env
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +40,7 @@ class Child:
     restart_at: float = 0.0
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.argv)
+        self.process = subprocess.Popen(self.argv, env=child_env(), start_new_session=True)
         self.started = time.monotonic()
         logger.info("started worker process %d (pid %d)", self.index, self.process.pid)
 
@@ -48,21 +58,30 @@ def child_argv(options: WorkerOptions, index: int) -> list[str]:
     return argv
 
 
-def supervise(options: WorkerOptions, processes: int) -> None:
+def supervise(options: WorkerOptions, processes: int) -> int:
+    """Run the children until a signal stops them all; the exit code: 0 when every child
+    stopped cleanly, else 1."""
     children = [Child(i, child_argv(options, i)) for i in range(1, processes + 1)]
     stopping = False
-    received: list[int] = []
+    signals_seen = 0
 
     def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        received.append(signum)
+        nonlocal stopping, signals_seen
+        signals_seen += 1
         stopping = True
+        if signals_seen == 1:
+            logger.info("%s: stopping %d worker process(es) gracefully", signal.Signals(signum).name, len(children))
+        else:
+            logger.warning("second %s: worker processes exit now; running jobs return through crash recovery",
+                           signal.Signals(signum).name)
+        if signals_seen > 2:
+            return
         for child in children:
             if child.process and child.process.poll() is None:
-                child.process.send_signal(signum)
+                child.process.send_signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     for child in children:
         child.start()
     while True:
@@ -86,6 +105,9 @@ def supervise(options: WorkerOptions, processes: int) -> None:
             if now >= child.restart_at:
                 child.start()
                 alive += 1
+                if stopping and child.process is not None:  # a signal arrived while it started
+                    child.process.send_signal(signal.SIGTERM)
         if stopping and alive == 0:
-            return
+            clean = all(c.process is None or c.process.returncode == 0 for c in children)
+            return 0 if clean else 1
         time.sleep(0.2)

@@ -1,35 +1,42 @@
 -- claim: a worker takes one delivery of a job, or learns it must skip it.
 -- KEYS[1] job hash   KEYS[2] held set of this worker instance   KEYS[3] events stream
--- ARGV[1] job id  ARGV[2] try (attempt this delivery is for)  ARGV[3] worker id  ARGV[4] now ms
--- ARGV[5] envelope JSON  ARGV[6] queue  ARGV[7] task  ARGV[8] worker instance (owner)
--- ARGV[9] engine  ARGV[10] events maxlen  ARGV[11] delivery token (unique per delivery handled)
--- Returns {1, attempt} to run, or {0, reason}: completed|failed|cancelled|running|stale.
--- A delivery runs only when the job waits (queued/delayed) for exactly this attempt, so a
--- duplicate delivery (engine redelivery racing a completion, taskiq's double read) is skipped.
+-- ARGV[1] job id  ARGV[2] try (attempt this delivery is for)  ARGV[3] worker id
+-- ARGV[4] run token of the delivery's envelope  ARGV[5] queue  ARGV[6] task
+-- ARGV[7] worker instance (owner)  ARGV[8] engine  ARGV[9] events maxlen
+-- ARGV[10] delivery token (unique per delivery handled)
+-- Returns {1, attempt} to run, or {0, reason}: completed|failed|cancelled|running|stale (another
+-- attempt), otherrun (a message of an earlier job under this id), norecord (no job record: the
+-- caller ends the delivery with StaleDelivery, see reject.lua).
+-- A delivery runs only when the record exists, belongs to the delivery's run, and waits
+-- (queued/delayed) for exactly this attempt, so a duplicate delivery (engine redelivery racing
+-- a completion, taskiq's double read) or a stale message of a reused id is skipped.
 -- The job.started event is written here, with the attempt count, so a crash cannot lose it.
+-- started_at is Redis time (TIME), comparable across hosts.
 local try = tonumber(ARGV[2])
-local status = redis.call('HGET', KEYS[1], 'status')
-if status then
-  local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
-  if status == 'running' and attempt == try and redis.call('HGET', KEYS[1], 'delivery') == ARGV[11] then
-    return {1, try}  -- this very claim, retried after its reply was lost (a Redis restart)
-  end
-  if status ~= 'queued' and status ~= 'delayed' then
-    return {0, status}
-  end
-  if attempt ~= try - 1 then
-    return {0, 'stale'}
-  end
-  redis.call('HSET', KEYS[1], 'status', 'running', 'attempt', try, 'worker', ARGV[3], 'owner', ARGV[8],
-    'started_at', ARGV[4], 'delivery', ARGV[11])
-else
-  -- No record (written behind the layer's back, or expired): run it, and record it now.
-  redis.call('HSET', KEYS[1], 'status', 'running', 'attempt', try, 'queue', ARGV[6], 'task', ARGV[7],
-    'envelope', ARGV[5], 'enqueued_at', ARGV[4], 'worker', ARGV[3], 'owner', ARGV[8], 'started_at', ARGV[4],
-    'engine', ARGV[9], 'delivery', ARGV[11])
+local job = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'delivery', 'run')
+local status = job[1]
+if not status then
+  return {0, 'norecord'}
 end
+if (job[4] or '') ~= ARGV[4] then
+  return {0, 'otherrun'}
+end
+local attempt = tonumber(job[2] or '0')
+if status == 'running' and attempt == try and job[3] == ARGV[10] then
+  return {1, try}  -- this very claim, retried after its reply was lost (a Redis restart)
+end
+if status ~= 'queued' and status ~= 'delayed' then
+  return {0, status}
+end
+if attempt ~= try - 1 then
+  return {0, 'stale'}
+end
+local t = redis.call('TIME')
+local now = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+redis.call('HSET', KEYS[1], 'status', 'running', 'attempt', try, 'worker', ARGV[3], 'owner', ARGV[7],
+  'started_at', now, 'delivery', ARGV[10])
 redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[10], '*', 'type', 'job.started', 'ts', ARGV[4],
-  'queue', ARGV[6], 'backend', ARGV[9], 'job_id', ARGV[1], 'task', ARGV[7], 'attempt', try,
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[9], '*', 'type', 'job.started', 'ts', now,
+  'queue', ARGV[5], 'backend', ARGV[8], 'job_id', ARGV[1], 'task', ARGV[6], 'attempt', try,
   'worker_id', ARGV[3], 'duration_ms', '', 'error', '')
 return {1, try}

@@ -32,22 +32,40 @@ class JobStore:
         self.keys = keys
         self.events_maxlen = events_maxlen
         self._due = redis.register_script(scripts.source("due"))
-        self._batch = ScriptBatcher(redis, {name: scripts.source(name) for name in ("claim", "finish", "requeue")})
+        self._batch = ScriptBatcher(redis, {name: scripts.source(name) for name in ("claim", "finish", "requeue", "reject")})
 
     async def claim(
-        self, env: Envelope, raw: str, worker_id: str, instance: str, engine: str, delivery: str
+        self, env: Envelope, worker_id: str, instance: str, engine: str, delivery: str
     ) -> tuple[bool, int | str]:
-        """``delivery`` is unique per message handled: a retried call of this claim (its reply
-        lost) is recognised by it; a second delivery of the same message is not."""
+        """Take this delivery if it is the current one of its job: same run, waiting, for this
+        attempt. ``delivery`` is unique per message handled: a retried call of this claim (its
+        reply lost) is recognised by it; a second delivery of the same message is not.
+        Returns (True, attempt) or (False, reason), reason ``norecord`` when no record exists."""
         ok, value = await self._batch.call(
             "claim",
             [self.keys.job(env.id), self.keys.held(instance), self.keys.events],
-            [env.id, env.try_, worker_id, now_ms(), raw, env.queue, env.task, instance, engine,
+            [env.id, env.try_, worker_id, env.run, env.queue, env.task, instance, engine,
              self.events_maxlen, delivery],
         )
         if int(ok) == 1:
             return True, int(value)
         return False, value.decode() if isinstance(value, bytes) else str(value)
+
+    async def reject(
+        self, job_id: str, run: str | None, try_: int, queue: str, task: str, engine: str,
+        record: dict[str, Any], keep: int, events: Events,
+    ) -> bool:
+        """End a job whose delivery cannot run (undecodable, or no record) as failed, with its
+        events, once; the script adds ``finished_at`` to ``record`` (Redis's clock).
+        ``run=None`` / ``try_=0``: not known (read from a broken message).
+        False when that delivery is not the job's current one: nothing is written."""
+        done = await self._batch.call(
+            "reject",
+            [self.keys.job(job_id), self.keys.result(job_id), self.keys.events],
+            [job_id, "*" if run is None else run, try_, queue, task, engine, keep, self.events_maxlen,
+             json.dumps(record, default=str), *(json.dumps(e) for e in events)],
+        )
+        return bool(int(done))
 
     async def finish(
         self, env: Envelope, owner: str, attempt: int, status: str, record: dict[str, Any], keep: int,

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from redis.exceptions import RedisError
 
 from app.components.worker.config import QueueConfig
-from app.components.worker.envelope import Envelope, now_ms
+from app.components.worker.envelope import Envelope, now_ms, recover_id
 from app.components.worker.events import EventPublisher
 from app.components.worker.middleware import MiddlewareChain, SkipJob
 from app.components.worker.registry import QueueSpec, TaskSpec
@@ -49,6 +49,16 @@ class ResultNotSerializable(NonRetryable):
     pass
 
 
+class StaleDelivery(NonRetryable):
+    """A delivery of a job the layer has no record of."""
+
+
+class TaskCancelled(Exception):
+    """The task itself ended with ``CancelledError`` (it awaited something that was
+    cancelled): an ordinary failed attempt, retried per policy. Only a cancellation by this
+    worker's own shutdown (``drain``) hands a job back without counting the attempt."""
+
+
 class JobRuntime:
     def __init__(
         self,
@@ -70,6 +80,7 @@ class JobRuntime:
         self.done = 0
         self.failed = 0
         self.stopping = False
+        self._interrupted: set[asyncio.Task[Any]] = set()  # the tasks drain() cancelled
         self._deliveries = itertools.count()  # with the instance id: unique per delivery
 
     @property
@@ -78,39 +89,77 @@ class JobRuntime:
 
     async def execute(self, raw: str | bytes) -> None:
         """Run one delivery. Returns normally when the engine may ack the message."""
-        if isinstance(raw, bytes):
-            raw = raw.decode()
         try:
-            env = Envelope.decode(raw)
-        except (ValueError, TypeError) as exc:
-            # No job id to attach it to: acked so it cannot jam the queue, but never silently:
-            # it is logged and leaves a job.failed event with the reason.
-            logger.error("queue %s: malformed message removed (%s): %.200s", self.queue.name, exc, raw)
-            self.failed += 1
-            job = JobContext(job_id="", task="", queue=self.queue.name, engine=self.config.engine, attempt=0,
-                             max_tries=0, enqueued_at=0, worker_id=self.worker.worker_id, worker=self.worker,
-                             started_ms=now_ms())
-            foreign = raw.startswith("<") and raw.endswith(">")  # an adapter's stand-in
-            reason = raw[1:-1] if foreign else f"{exc}: {raw[:200]!r}"
-            await self.middleware.call("on_failure", job, MalformedMessage(reason))
+            text = raw.decode() if isinstance(raw, bytes) else raw
+            env = Envelope.decode(text)
+        except Exception as exc:  # noqa: BLE001 - ValueError, RecursionError, UnicodeDecodeError...
+            await self._malformed(raw, exc)
             return
         task = asyncio.current_task()
         if task is not None:
             self.inflight.add(task)
         try:
-            await self._execute(env, raw)
+            await self._execute(env, text)
         finally:
             if task is not None:
                 self.inflight.discard(task)
+
+    async def _malformed(self, raw: str | bytes, exc: Exception) -> None:
+        """A message no worker can decode: acked so it cannot jam the queue, but never
+        silently: it is logged and ends with a job.failed event. When its job id can still be
+        read (a regex on the text), that job's record ends too (failed, MalformedMessage), so
+        its status is never ``queued`` forever."""
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        why = "nested too deep to decode" if isinstance(exc, RecursionError) else (str(exc) or type(exc).__name__)
+        logger.error("queue %s: malformed message removed (%s): %.200s", self.queue.name, why, text)
+        self.failed += 1
+        foreign = text.startswith("<") and text.endswith(">")  # an adapter's stand-in
+        reason = text[1:-1] if foreign else f"{why}: {text[:200]!r}"
+        found = None if foreign else recover_id(text)
+        if found is not None:
+            if await self._reject(found.job_id, found.run or None, found.try_, found.task, MalformedMessage(reason)):
+                return
+            reason = f"{reason} (job {found.job_id} not waiting for this delivery: left as it is)"
+        job = self._job_context("", "", 0)
+        await self.middleware.call("on_failure", job, MalformedMessage(reason))
+
+    def _job_context(self, job_id: str, task: str, attempt: int, enqueued_at: int = 0) -> JobContext:
+        return JobContext(job_id=job_id, task=task, queue=self.queue.name, engine=self.config.engine,
+                          attempt=attempt, max_tries=0, enqueued_at=enqueued_at, worker_id=self.worker.worker_id,
+                          worker=self.worker, started_ms=now_ms())
+
+    async def _reject(self, job_id: str, run: str | None, try_: int, task: str, error: Exception,
+                      enqueued_at: int = 0) -> bool:
+        """End a job whose delivery cannot run, with one job.failed event (see reject.lua)."""
+        job = self._job_context(job_id, task, 0, enqueued_at)
+        kind, message = describe_error(error)
+        record: dict[str, Any] = {
+            "job_id": job_id, "queue": self.queue.name, "task": task, "status": "failed", "attempts": 0,
+            "engine": self.config.engine, "worker_id": self.worker.worker_id, "enqueued_at": enqueued_at,
+            "started_at": None, "result": None, "error": message, "error_type": kind,  # finished_at: Redis's
+        }
+        await self.middleware.call("on_failure", job, error, job_id=job_id)
+        done = await self._write(job_id, "rejection", lambda events: self.store.reject(
+            job_id, run, try_, self.queue.name, task, self.config.engine, record, self.config.keep_result, events))
+        if done:
+            logger.warning("job %s: %s: %s", job_id, kind, message)
+        return done
 
     async def _execute(self, env: Envelope, raw: str) -> None:
         delivery = f"{self.worker.instance}:{next(self._deliveries)}"
         claimed, value = await self._persist(
             env.id, "claim",
-            lambda: self.store.claim(env, raw, self.worker.worker_id, self.worker.instance, self.config.engine,
-                                     delivery),
+            lambda: self.store.claim(env, self.worker.worker_id, self.worker.instance, self.config.engine, delivery),
         )
         if not claimed:
+            if value == "norecord":
+                # Its record expired after keep_result, or the message was written behind the
+                # layer's back: running it could repeat a finished job; dropping it silently
+                # would lose one. It ends as failed, with one event.
+                await self._reject(env.id, env.run, env.try_, env.task, StaleDelivery(
+                    f"no record of job {env.id} (expired after keep_result, or written behind the layer's back): "
+                    "not run"), env.enqueued_at)
+                return
             logger.debug("job %s: delivery for try %d skipped (%s)", env.id, env.try_, value)
             return
         attempt = int(value)
@@ -139,12 +188,21 @@ class JobRuntime:
                     raise ResultNotSerializable(
                         f"result of {env.task!r} is not JSON ({exc}): return JSON types") from None
         except asyncio.CancelledError:
-            await self._hand_back(env, attempt)
+            if self._interrupted_by_shutdown():
+                await self._hand_back(env, attempt)
+                return
+            # Not ours: the task awaited something that was cancelled, or an engine cancelled
+            # it. Handing it back would redeliver it forever without counting an attempt.
+            await self._failed(env, job, policy, TaskCancelled(
+                f"{env.task} was cancelled (CancelledError) while this worker was not stopping"))
             return
         except SkipJob as exc:
             await self._finish(env, job, "cancelled", error=exc)
             return
         except Exception as exc:  # noqa: BLE001 - a job's failure is data, not a crash
+            if self._interrupted_by_shutdown():  # it turned our cancellation into an error
+                await self._hand_back(env, attempt)
+                return
             await self._failed(env, job, policy, exc)
             return
         await self._finish(env, job, "completed", result=result)
@@ -255,6 +313,9 @@ class JobRuntime:
 
         return await self._persist(job_id, what, attempt)
 
+    def _interrupted_by_shutdown(self) -> bool:
+        return asyncio.current_task() in self._interrupted
+
     async def _hand_back(self, env: Envelope, attempt: int) -> None:
         """The worker is stopping and this job did not finish in the grace period: put it back
         to wait for the same attempt (a shutdown is not the job's fault)."""
@@ -298,6 +359,7 @@ class JobRuntime:
             await asyncio.wait(set(self.inflight), timeout=grace)
         leftover = [t for t in self.inflight if not t.done()]
         for task in leftover:
+            self._interrupted.add(task)  # before cancel(): _execute tells our cancellation from the task's own
             task.cancel()
         if leftover:
             await asyncio.wait(leftover, timeout=5)
