@@ -514,13 +514,15 @@ async def test_redis_paused(engine: str, prefix: str, tmp_path: Path, private_re
 @pytest.mark.parametrize("engine", ENGINES)
 async def test_redis_out_of_memory(engine: str, prefix: str, tmp_path: Path, private_redis: RedisServer,
                                    start_worker: Any) -> None:
-    """maxmemory just above used memory (noeviction) while jobs run and a batch of
-    caller-chosen ids is enqueued; then memory is freed and the same batch enqueued again.
-    A refused enqueue leaves nothing, or jobs that will run: never a record without a message."""
+    """maxmemory just above used memory (noeviction) for 3 s, past the offline threshold,
+    while two workers run jobs and a batch of caller-chosen ids is enqueued; then memory is
+    freed and the same batch enqueued again. A refused enqueue leaves nothing, or jobs that
+    will run: never a record without a message. Live workers that could not beat meanwhile
+    may be taken for dead: their redeliveries are a figure."""
     runs = tmp_path / "runs"
     runs.mkdir()
     url = private_redis.url
-    worker = start_worker(QUEUE, engine, "--threads", "4", redis_url=url, **FAST)
+    workers = start_many(start_worker, engine, url, prefix, {"redis_url": url}, {"redis_url": url})
     client = make_client(url, prefix, engine)
     admin = redis_sync.Redis.from_url(url)
     try:
@@ -535,7 +537,7 @@ async def test_redis_out_of_memory(engine: str, prefix: str, tmp_path: Path, pri
             await client.enqueue_many(batch)
         except (AppError, RedisError) as exc:
             refused_error = type(exc).__name__
-        await asyncio.sleep(1.5)  # the fault's length: workers write while Redis refuses writes
+        await asyncio.sleep(3)  # the fault's length, past the offline threshold: no heartbeat can be written
         faults.free_memory(admin)
         again = await client.enqueue_many(batch)
         duplicates = [r.job_id for r, handle in zip(batch, again, strict=True) if handle is None]
@@ -543,7 +545,8 @@ async def test_redis_out_of_memory(engine: str, prefix: str, tmp_path: Path, pri
         took = await wait_terminal(client, ids, 25, f"out of memory on {engine} ({len(duplicates)} of the batch "
                                    "refused as duplicates after the failed enqueue)")
         await all_runs_ended(runs)
-        worker.stop(timeout=20)
+        for worker in workers:
+            worker.stop(timeout=20)
         keys = {**job_keys(jobs, running), **{r.job_id: r.args[1] for r in batch}}
         report = analyse("redis-oom", engine, await read_trail(client), ids, runs, keys,
                          first_enqueue_error=refused_error, refused_as_duplicate_after=len(duplicates),
