@@ -322,6 +322,12 @@ async def test_graceful_stops_mid_burst(engine: str, env: dict[str, str], prefix
         events = await read_trail(client)
         stopped = {how: sum(1 for e in events if e["type"] == "worker.stopped" and e["worker_id"] in wids)
                    for how, wids in children.items()}
+        consumers_left = None
+        if engine == "taskiq":  # a stopped worker leaves the consumer group (issue 11, item 20)
+            try:
+                consumers_left = len(await client.redis.xinfo_consumers(client._adapter(QUEUE).stream, "app"))
+            except RedisError:
+                consumers_left = 0  # no group at all
         start_worker(QUEUE, engine, "--threads", "6", **FAST)
         took = await wait_terminal(client, ids, 40, f"graceful stops on {engine}")
         await all_runs_ended(runs)
@@ -329,12 +335,14 @@ async def test_graceful_stops_mid_burst(engine: str, env: dict[str, str], prefix
         extra_attempts = sum(1 for info in infos if info and info["attempts"] > 1)
         report = analyse("graceful-stops", engine, await read_trail(client), ids, runs, job_keys(jobs, requests),
                          exit_codes=codes, stop_s=stop_s, children_stopped=stopped,
-                         jobs_with_extra_attempts=extra_attempts, finish_rest_s=round(took, 2))
+                         jobs_with_extra_attempts=extra_attempts, finish_rest_s=round(took, 2),
+                         taskiq_consumers_left=consumers_left)
         for how in procs:
             assert codes[how] == 0, f"{how} on {engine}: the worker exited with {codes[how]}, not 0 (graceful)"
             assert stopped[how] == 2, f"{how} on {engine}: {stopped[how]} of 2 worker processes wrote worker.stopped"
         assert_trail(report)
         assert extra_attempts == 0, f"graceful stops on {engine}: {extra_attempts} jobs lost an attempt"
+        assert not consumers_left, f"graceful stops on taskiq: {consumers_left} stopped consumers left in the group"
     finally:
         for proc in procs.values():
             if proc.poll() is None:
