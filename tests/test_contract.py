@@ -268,8 +268,8 @@ def _inject_foreign(engine: str, client: WorkerClient, url: str) -> int:
     ns = client.keys.engine_namespace(engine)
     try:
         if engine == "arq":
-            r.set("arq:job:foreign-1", b"\x80 not json")
-            r.set("arq:job:foreign-2", json.dumps({"t": 1, "f": "other_function", "a": [], "k": {}, "et": 1}))
+            r.set(f"{ns}:job:foreign-1", b"\x80 not json")
+            r.set(f"{ns}:job:foreign-2", json.dumps({"t": 1, "f": "other_function", "a": [], "k": {}, "et": 1}))
             r.zadd(f"{ns}:contract", {"foreign-1": 1, "foreign-2": 1})
         elif engine == "dramatiq":
             other = {"queue_name": "contract", "actor_name": "other_actor", "args": [], "kwargs": {},

@@ -6,8 +6,8 @@
 - queue metrics (ready, delayed, running, per minute) against a known set of jobs, on every engine;
 - a Redis outage: the worker survives, jobs and events resume, on every engine;
 - `app events --json` (one job, and --follow);
-- the event publisher: batching, buffering while Redis is unreachable, and each event
-  written once when a job takes buffered events into its own MULTI during a flush;
+- the event publisher: batching, buffering while Redis is unreachable, and a job's own
+  events never written in the background (only by the script of its state change);
 - no event lost by --follow between two reads; a heartbeat that beats again at once after
   a long outage.
 
@@ -43,7 +43,8 @@ from tests.conftest import BASE_ENV, ROOT, WorkerProcess, wait_until
 
 ENGINES = ["arq", "dramatiq", "taskiq"]
 RESULT_TIMEOUT = 30
-WORKER_JSON_KEYS = {"worker_id", "queue", "engine", "state", "labels", "last_beat_age_s", "running", "done", "failed"}
+WORKER_JSON_KEYS = {"worker_id", "queue", "engine", "state", "reason", "labels", "last_beat_age_s", "running", "done",
+                    "failed"}
 QUEUE_JSON_KEYS = {"queue", "engine", "ready", "delayed", "running", "failed", "per_minute", "workers"}
 
 
@@ -397,7 +398,7 @@ async def test_publisher_batches_ten_thousand_events(redis_url: str, prefix: str
     publisher.start()
     try:
         for i in range(10_000):
-            publisher.emit("job.completed", queue="contract", backend="arq", job_id=f"j{i}", task="add", attempt=1)
+            publisher.emit("job.enqueued", queue="contract", backend="arq", job_id=f"j{i}", task="add", attempt=1)
         await publisher.close(timeout=30)
         assert publisher.sent == 10_000 and publisher.dropped == 0 and not publisher.buffer
         assert await conn.xlen(keys.events) == 10_000
@@ -552,9 +553,9 @@ class GatedRedis:
         return pipe
 
 
-async def test_publisher_flush_and_take_never_double_or_drop_events(redis_url: str, prefix: str) -> None:
-    """The runtime takes buffered events into a job's own MULTI (``take``) while the background
-    flush may be writing: each event must be written exactly once."""
+async def test_publisher_never_writes_a_jobs_state_events_in_the_background(redis_url: str, prefix: str) -> None:
+    """A job's lifecycle events are held for the script of its state change: the background
+    flush never writes them, even while a flush is under way, and ``take`` hands them once."""
     import redis.asyncio as aioredis
 
     conn = aioredis.Redis.from_url(redis_url)
@@ -565,8 +566,9 @@ async def test_publisher_flush_and_take_never_double_or_drop_events(redis_url: s
     try:
         publisher.emit("worker.started", worker_id="w")
         await asyncio.wait_for(gated.entered.wait(), 10)  # the flush of worker.started is under way
-        assert publisher.take("w") == []  # ... so that event is the flush's, not a job's
+        assert publisher.take("w") == []  # ... and that event is not a job's
         publisher.emit("job.completed", job_id="j1")  # emitted while the flush waits for Redis
+        publisher.emit("job.failed", job_id="")  # no job (a malformed message): the background's, after j1's
         gated.release.set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10
@@ -574,8 +576,12 @@ async def test_publisher_flush_and_take_never_double_or_drop_events(redis_url: s
             assert loop.time() < deadline, (publisher.sent, list(publisher.buffer), publisher.failures)
             await asyncio.sleep(0.01)
         written = [(f[b"type"], f[b"job_id"]) for _, f in await conn.xrange(keys.events)]
-        assert written == [(b"worker.started", b""), (b"job.completed", b"j1")]
-        assert publisher.failures == 0 and publisher.dropped == 0 and not publisher.buffer
+        assert written == [(b"worker.started", b""), (b"job.failed", b"")]
+        taken = publisher.take("j1")
+        assert [(e["type"], e["job_id"]) for e in taken] == [("job.completed", "j1")]
+        assert publisher.take("j1") == []
+        publisher.settled(taken, written=False)
+        assert publisher.refused == 1 and publisher.failures == 0 and publisher.dropped == 0
     finally:
         await publisher.close(timeout=5)
         await conn.aclose()

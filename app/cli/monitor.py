@@ -73,13 +73,15 @@ def workers(
     """Workers seen recently, with their health state by heartbeat age."""
     rows = run(lambda: _workers(queue))
     if as_json:
-        keys = ("worker_id", "queue", "engine", "state", "labels", "last_beat_age_s", "running", "done", "failed")
+        keys = ("worker_id", "queue", "engine", "state", "reason", "labels", "last_beat_age_s", "running", "done",
+                "failed")
         print_json([{k: r[k] for k in keys} for r in rows])
         return
     table = Table("worker", "queue", "engine", "state", "beat age", "running", "done", "failed", "labels")
     for r in rows:
         labels = ",".join(f"{k}={v}" for k, v in r["labels"].items())
-        table.add_row(r["worker_id"], r["queue"], r["engine"], r["state"], f"{r['last_beat_age_s']:.1f}s",
+        state = f"{r['state']} ({r['reason']})" if r.get("reason") and r["state"] != "stopped" else r["state"]
+        table.add_row(r["worker_id"], r["queue"], r["engine"], state, f"{r['last_beat_age_s']:.1f}s",
                       str(r["running"]), str(r["done"]), str(r["failed"]), labels)
     Console().print(table)
 
@@ -110,6 +112,10 @@ def queues(as_json: JSON = False) -> None:
     Console().print(table)
 
 
+def _age(row: dict) -> str:
+    return f"{row['last_beat_age_s']:.0f}s"
+
+
 def health(queue: Annotated[str, typer.Argument(help="Queue to check.")]) -> None:
     """Exit 0 when at least one healthy worker serves QUEUE, else 1 with the reason (for health checks)."""
     rows = run(lambda: _workers(queue))
@@ -120,6 +126,6 @@ def health(queue: Annotated[str, typer.Argument(help="Queue to check.")]) -> Non
     if not rows:
         typer.echo(f"{queue}: no worker has a heartbeat: start one with `app worker {queue}`", err=True)
     else:
-        states = ", ".join(f"{r['worker_id']} {r['state']} ({r['last_beat_age_s']:.0f}s)" for r in rows)
+        states = ", ".join(f"{r['worker_id']} {r['state']} ({r.get('reason') or _age(r)})" for r in rows)
         typer.echo(f"{queue}: no healthy worker: {states}", err=True)
     raise typer.Exit(1)

@@ -29,6 +29,7 @@ class QueueConfig:
     keep_result: int
     backoff: float
     backoff_max: float
+    longest_timeout: float = 0.0  # the queue's timeout or any task's own, whichever is longest
 
 
 def _first(*values: Any) -> Any:
@@ -50,6 +51,10 @@ def engine_for(queue: QueueSpec, settings: Settings, cli_backend: str | None = N
     )
 
 
+def _longest_timeout(queue: QueueSpec, timeout: float) -> float:
+    return max([timeout, *(t.timeout for t in queue.tasks.values() if t.timeout)])
+
+
 def resolve(
     queue: QueueSpec,
     settings: Settings,
@@ -58,14 +63,16 @@ def resolve(
     processes: int | None = None,
     threads: int | None = None,
 ) -> QueueConfig:
+    timeout = float(_first(settings.worker_timeout_seconds, queue.job_timeout, DEFAULT_TIMEOUT))
     return QueueConfig(
         name=queue.name,
         engine=engine_for(queue, settings, backend),
         processes=_first(processes, settings.worker_processes, 1),
         threads=_first(threads, settings.worker_threads, queue.max_jobs, DEFAULT_THREADS),
-        timeout=float(_first(settings.worker_timeout_seconds, queue.job_timeout, DEFAULT_TIMEOUT)),
+        timeout=timeout,
         max_tries=_first(settings.worker_max_tries, queue.max_tries, DEFAULT_MAX_TRIES),
         keep_result=_first(settings.worker_keep_result_seconds, queue.keep_result, DEFAULT_KEEP_RESULT),
         backoff=settings.worker_retry_backoff_seconds,
         backoff_max=settings.worker_retry_backoff_max_seconds,
+        longest_timeout=_longest_timeout(queue, timeout),
     )

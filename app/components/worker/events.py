@@ -1,9 +1,17 @@
 """Lifecycle events in one Redis Stream: the publisher, its middleware, and a reader.
 
-Publishing never costs the job a round trip: ``emit`` appends to an in-memory buffer that
-a background task writes in batches (one pipeline for many XADDs). When Redis is down the
-buffer keeps up to ``max_buffer`` events and retries with backoff; events that still cannot
-be written are counted in ``dropped`` and logged, never lost silently.
+Two roads, by what an event reports:
+
+- A job's lifecycle events (``job.started``, ``job.completed``, ``job.retried``,
+  ``job.failed`` carrying a job id) are held per job until the runtime takes them into the
+  Lua script that changes that job's state. They are written by that script or not at all:
+  a finish refused because another worker redelivered the job (a partition), or retried
+  after its reply was lost, can never leave a second terminal event.
+- Everything else (worker events, a malformed message with no job id) goes to an
+  in-memory buffer that a background task writes in batches (one pipeline for many
+  XADDs). Publishing never costs a round trip. When Redis is down the buffer keeps up to
+  ``max_buffer`` events and retries with backoff; events that still cannot be written are
+  counted in ``dropped`` and logged, never lost silently.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ logger = logging.getLogger(__name__)
 FIELDS = ("type", "ts", "queue", "backend", "job_id", "task", "attempt", "worker_id", "duration_ms", "error")
 TYPES = ("worker.started", "worker.stopped", "job.enqueued", "job.started", "job.completed",
          "job.retried", "job.failed")
+# Written only by the script that changes the job's state (see the module docstring).
+JOB_STATE_TYPES = frozenset({"job.started", "job.completed", "job.retried", "job.failed"})
 
 
 class EventPublisher:
@@ -41,8 +51,10 @@ class EventPublisher:
         self.interval = interval
         self.max_buffer = max_buffer
         self.buffer: deque[dict[str, str]] = deque()
+        self.held: dict[str, list[dict[str, str]]] = {}
         self.sent = 0
         self.dropped = 0
+        self.refused = 0  # job events whose state change was refused (another worker owns the job)
         self.failures = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -54,6 +66,12 @@ class EventPublisher:
         event["ts"] = str(now_ms())
         for name, value in fields.items():
             event[name] = "" if value is None else str(value)
+        if event["job_id"] and type_ in JOB_STATE_TYPES:
+            self.held.setdefault(event["job_id"], []).append(event)
+            return
+        self._append(event)
+
+    def _append(self, event: dict[str, str]) -> None:
         if len(self.buffer) >= self.max_buffer:
             self.buffer.popleft()
             self.dropped += 1
@@ -64,22 +82,20 @@ class EventPublisher:
             self._wake.set()
 
     def take(self, job_id: str) -> list[dict[str, str]]:
-        """Hand one job's buffered events to the runtime, which writes them in the Lua
-        script of that job's state change; on failure it must ``restore`` them. Events the
-        background flush is writing at that moment are not in the buffer, so not handed."""
-        if not any(e["job_id"] == job_id for e in self.buffer):
-            return []
-        mine = [e for e in self.buffer if e["job_id"] == job_id]
-        others = [e for e in self.buffer if e["job_id"] != job_id]
-        self.buffer.clear()
-        self.buffer.extend(others)
-        return mine
+        """Hand one job's held events to the runtime, for the Lua script of that job's state
+        change. They are the runtime's from now on: it retries the same write with them, and
+        reports with ``settled`` whether the script wrote them. Never written in the background."""
+        return self.held.pop(job_id, [])
 
-    def restore(self, events: list[dict[str, str]]) -> None:
-        self.buffer.extendleft(reversed(events))
-
-    def wrote(self, events: list[dict[str, str]]) -> None:
-        self.sent += len(events)
+    def settled(self, events: list[dict[str, str]], written: bool) -> None:
+        """The state change that carried ``events`` ended: written, or refused (the job is no
+        longer this attempt's; whoever changed it wrote its own events)."""
+        if written:
+            self.sent += len(events)
+        elif events:
+            self.refused += len(events)
+            logger.info("job %s: state change refused, its %d event(s) not written (another worker "
+                        "ended or moved the job)", events[0]["job_id"], len(events))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="event-publisher")
@@ -117,7 +133,7 @@ class EventPublisher:
                     pipe.xadd(self.stream, event, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
                 await pipe.execute()
         except BaseException:
-            self.restore(chunk)
+            self.buffer.extendleft(reversed(chunk))
             raise
         self.sent += len(chunk)
 
@@ -142,8 +158,8 @@ class EventPublishMiddleware(Middleware):
 
     ``job.started`` is not emitted here: the claim script writes it together with the
     attempt count, so a worker killed mid-job can never leave an attempt without it.
-    Terminal and retry events are buffered by these hooks and written by the runtime in
-    the same MULTI as the job's state change (see ``runtime.store``).
+    Terminal and retry events are held by these hooks and written by the runtime in the
+    Lua script of the job's state change, or not at all (see ``EventPublisher``).
     """
 
     def __init__(self, publisher: EventPublisher) -> None:

@@ -3,9 +3,19 @@
 Every worker process writes ``<prefix>:heartbeat:<queue>:<worker_id>`` (JSON, with a TTL)
 each ``WORKER_HEARTBEAT_INTERVAL`` seconds, and notes the engine it serves in
 ``<prefix>:engines:<queue>`` so producers can refuse to write into the wrong engine's keys.
-The state is read from the age of the last beat: healthy, warning, unhealthy, offline. The
-key outlives the offline threshold by two minutes, so a dead worker is listed as offline
-for a while instead of vanishing.
+The state is read from the age of the last beat: healthy, warning, unhealthy, offline; a
+worker that stopped cleanly is ``stopped``. The key outlives the offline threshold by two
+minutes, so a dead worker is listed as offline for a while instead of vanishing.
+
+Every time here that is compared across processes is Redis's clock: a beat is written by a
+script that stamps it with ``TIME``, and ages are computed against ``TIME`` read once per
+listing, so a host whose clock is off neither looks dead nor makes others look dead.
+
+Beyond its age, a beat carries the engine consumer's state: a process that beats but whose
+consume loop keeps failing (arq under an ACL without ``INFO``) is listed ``unhealthy`` with
+the reason. When beats stop because Redis refuses writes (``maxmemory`` reached with
+``noeviction``), the worker cannot say so (any write is refused): it logs the OOM error, and
+the listing, seeing stale beats, reads ``INFO memory`` and gives that as the reason.
 """
 
 from __future__ import annotations
@@ -23,14 +33,16 @@ from typing import Any
 
 import redis as redis_sync
 import redis.asyncio as aioredis
+from redis.exceptions import OutOfMemoryError
 
-from app.components.worker.envelope import now_ms
 from app.components.worker.keys import Keys
+from app.components.worker.runtime import scripts
 from app.core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 LISTED_AFTER_OFFLINE_S = 120
+OOM_REASON = "heartbeats failing: Redis refuses writes (OOM)"
 
 
 def default_worker_id() -> str:
@@ -74,7 +86,7 @@ class Heartbeat:
     def __init__(
         self, redis: redis_sync.Redis, keys: Keys, settings: Settings, *, queue: str, engine: str,
         worker_id: str, instance: str, labels: dict[str, str], concurrency: int,
-        counters: Callable[[], dict[str, int]],
+        counters: Callable[[], dict[str, int]], consumer: Callable[[], dict[str, str]] | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -88,54 +100,55 @@ class Heartbeat:
         self.labels = labels
         self.concurrency = concurrency
         self.counters = counters
+        self.consumer = consumer or (lambda: {"consumer": "running", "consumer_error": ""})
         self.started_at = time.time()
+        self.failures = 0
+        self.last_error = ""  # why the last beat failed, for logs (Redis cannot store it then)
+        self._script = redis.register_script(scripts.source("beat"))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def payload(self, state: str | None = None) -> dict[str, Any]:
+        """The beat's JSON; the beat script adds ``last_beat`` / ``last_beat_ms`` (Redis's clock)."""
         data: dict[str, Any] = {
             "worker_id": self.worker_id, "instance": self.instance, "queue": self.queue, "engine": self.engine,
             "hostname": socket.gethostname(), "pid": os.getpid(), "labels": self.labels,
-            "started_at": self.started_at, "last_beat": time.time(), "concurrency": self.concurrency,
-            **self.counters(),
+            "started_at": self.started_at, "concurrency": self.concurrency, **self.counters(), **self.consumer(),
         }
         if state:
             data["state"] = state
         return data
 
     def beat(self, state: str | None = None) -> None:
-        now = now_ms()
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.set(self.keys.heartbeat(self.queue, self.worker_id), json.dumps(self.payload(state)), ex=self.ttl)
-        pipe.zadd(self.keys.workers, {f"{self.queue}|{self.worker_id}": now})
-        if state == "stopped":
-            # Stopped on purpose, running jobs drained or handed back: nothing to recover.
-            pipe.hdel(self.keys.engines(self.queue), self.engine)
-            pipe.zrem(self.keys.instances, f"{self.queue}|{self.instance}")
-            pipe.delete(self.keys.held(self.instance))
-        else:
-            pipe.hset(self.keys.engines(self.queue), self.engine, now)
-            pipe.zadd(self.keys.instances, {f"{self.queue}|{self.instance}": now})
-        pipe.execute()
+        """One beat, stamped by Redis. The last one (``stopped``) takes the instance off the
+        reaper's list only if it holds no job: a job whose hand-back failed is recovered."""
+        self._script(
+            keys=[self.keys.heartbeat(self.queue, self.worker_id), self.keys.workers, self.keys.engines(self.queue),
+                  self.keys.instances, self.keys.held(self.instance)],
+            args=[json.dumps(self.payload(state)), self.ttl, f"{self.queue}|{self.worker_id}", self.engine,
+                  f"{self.queue}|{self.instance}", state or ""],
+        )
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        failures = 0
         delay = self.interval
         while not self._stop.wait(delay):
             try:
                 self.beat()
-                if failures:
-                    logger.warning("heartbeat written again after %d failed tries", failures)
-                failures, delay = 0, self.interval
+                if self.failures:
+                    logger.warning("heartbeat written again after %d failed tries (last error: %s)",
+                                   self.failures, self.last_error)
+                self.failures, self.last_error, delay = 0, "", self.interval
             except Exception as exc:  # noqa: BLE001 - heartbeats recover by themselves
-                failures += 1
-                delay = min(1.5 ** (failures - 1), self.max_backoff)
-                if failures == 1 or failures % self.LOG_FAILURE_EVERY == 0:
-                    logger.warning("heartbeat failed %d time(s) (%s); next try in %.1fs", failures, exc, delay)
+                self.failures += 1
+                self.last_error = describe_beat_error(exc)
+                delay = min(1.5 ** (self.failures - 1), self.max_backoff)
+                if self.failures == 1 or self.failures % self.LOG_FAILURE_EVERY == 0:
+                    logger.warning("heartbeat failed %d time(s): %s; next try in %.1fs",
+                                   self.failures, self.last_error, delay)
 
     def _stop_and_mark(self) -> None:
         self._stop.set()
@@ -152,17 +165,57 @@ class Heartbeat:
         await asyncio.to_thread(self._stop_and_mark)
 
 
+def describe_beat_error(exc: BaseException) -> str:
+    """Why a beat failed, in words an operator acts on."""
+    if isinstance(exc, OutOfMemoryError) or str(exc).startswith("OOM "):
+        return (f"{OOM_REASON}: {exc}. This worker looks offline to `app workers` until a beat is "
+                "written again: free memory in Redis or raise maxmemory")
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def redis_now_ms(redis: aioredis.Redis) -> int:
+    """Redis's clock (``TIME``), the one every beat is stamped with."""
+    seconds, micros = await redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+async def redis_refuses_writes(redis: aioredis.Redis) -> bool:
+    """True when Redis is at ``maxmemory`` and would refuse writes (read from ``INFO memory``;
+    False when that cannot be told, e.g. an ACL without ``INFO``)."""
+    try:
+        info = await redis.info("memory")
+    except Exception:  # noqa: BLE001 - a best-effort reason, never an error of its own
+        return False
+    maxmemory = int(info.get("maxmemory") or 0)
+    policy = str(info.get("maxmemory_policy") or "")
+    evicts = policy.startswith("allkeys")  # volatile-* refuses too when no key has a TTL
+    return maxmemory > 0 and not evicts and int(info.get("used_memory") or 0) >= maxmemory
+
+
 async def live_engines(redis: aioredis.Redis, keys: Keys, queue: str, offline_after: float) -> set[str]:
-    """Engines that workers of ``queue`` announced within the offline threshold."""
+    """Engines that workers of ``queue`` announced within the offline threshold (Redis's clock)."""
     raw = await redis.hgetall(keys.engines(queue))
-    cutoff = now_ms() - offline_after * 1000
-    return {(k.decode() if isinstance(k, bytes) else k) for k, v in raw.items() if int(v) >= cutoff}
+    if not raw:
+        return set()
+    cutoff = await redis_now_ms(redis) - offline_after * 1000
+    return {(k.decode() if isinstance(k, bytes) else k) for k, v in raw.items() if int(float(v)) >= cutoff}
+
+
+def _beat_ms(data: dict[str, Any]) -> float:
+    if data.get("last_beat_ms") is not None:
+        return float(data["last_beat_ms"])
+    return float(data.get("last_beat", 0)) * 1000
 
 
 async def list_workers(
     redis: aioredis.Redis, keys: Keys, thresholds: Thresholds, queue: str | None = None
 ) -> list[dict[str, Any]]:
-    """Every worker whose heartbeat key still exists, with its state."""
+    """Every worker whose heartbeat key still exists, with its state and, when it is not
+    healthy, the reason (``reason``; empty for a healthy worker).
+
+    States: healthy / warning / unhealthy / offline by the age of the last beat (Redis's clock);
+    ``stopped`` for a clean stop; ``unhealthy`` for a live worker whose engine consumer is not
+    running. Stale beats while Redis is at ``maxmemory`` give the reason ``OOM_REASON``."""
     members = await redis.zrange(keys.workers, 0, -1)
     pairs = []
     for member in members:
@@ -173,21 +226,36 @@ async def list_workers(
     if not pairs:
         return []
     values = await redis.mget([keys.heartbeat(q, w) for q, w, _ in pairs])
-    now = time.time()
+    now = await redis_now_ms(redis)
     workers, gone = [], []
+    oom: bool | None = None
     for (q, wid, member), value in zip(pairs, values, strict=False):
         if value is None:
             gone.append(member)
             continue
         data = json.loads(value)
-        age = max(0.0, now - float(data.get("last_beat", 0)))
-        state = "offline" if data.get("state") == "stopped" else thresholds.state(age)
+        age = max(0.0, (now - _beat_ms(data)) / 1000)
+        stopped = data.get("state") == "stopped"
+        reason = ""
+        if stopped:
+            state, reason = "stopped", "stopped cleanly"
+        else:
+            state = thresholds.state(age)
+            if state != "healthy":
+                if oom is None:
+                    oom = await redis_refuses_writes(redis)
+                reason = OOM_REASON if oom else f"no heartbeat for {age:.0f}s"
+            consumer = data.get("consumer", "running")
+            if consumer != "running" and state in ("healthy", "warning"):
+                state = "unhealthy"
+                reason = f"engine consumer {consumer}" + (f" ({data['consumer_error']})"
+                                                          if data.get("consumer_error") else "")
         workers.append({
-            "worker_id": wid, "queue": q, "engine": data.get("engine", ""), "state": state,
+            "worker_id": wid, "queue": q, "engine": data.get("engine", ""), "state": state, "reason": reason,
             "labels": data.get("labels", {}), "last_beat_age_s": round(age, 3),
             "running": data.get("running", 0), "done": data.get("done", 0), "failed": data.get("failed", 0),
             "hostname": data.get("hostname", ""), "pid": data.get("pid"), "concurrency": data.get("concurrency"),
-            "stopped": data.get("state") == "stopped",
+            "consumer": data.get("consumer", "running"), "stopped": stopped,
         })
     if gone:
         await redis.zrem(keys.workers, *gone)

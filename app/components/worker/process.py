@@ -71,8 +71,10 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
         heartbeat_client(settings), keys, settings, queue=spec.name, engine=config.engine, worker_id=worker_id, instance=worker.instance,
         labels={**settings.labels, **options.labels}, concurrency=config.threads,
         counters=lambda: {"running": runtime.running, "done": runtime.done, "failed": runtime.failed},
+        consumer=adapter.consumer_state,
     )
-    mover = DelayedMover(store, spec.name, adapter.send, settings.worker_delay_poll_seconds)
+    mover = DelayedMover(store, spec.name, adapter.send, settings.worker_delay_poll_seconds, engine=config.engine,
+                         worker_id=worker_id)
     reaper = Reaper(redis, keys, runtime, adapter, settings.worker_offline_after)
 
     if spec.on_startup is not None:

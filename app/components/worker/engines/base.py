@@ -3,6 +3,11 @@
 Everything else (attempts, retries, delays, timeouts, results, events, duplicate guard)
 is the runtime's. An adapter carries the layer's JSON envelope as the single argument of
 one dispatcher function named ``app.run``, and acks a message when ``handle`` returns.
+
+Idle workers do not poll: the engines that have no blocking read (arq, Dramatiq) wait on a
+small wake-up list ``<prefix>:<engine>:<queue>:wake`` with ``BLPOP``; whatever puts messages
+on the queue (``stage``) also pushes up to ``WAKE_TOKENS`` tokens there. A worker checks the
+queue at least every ``WORKER_IDLE_POLL_MS`` anyway, for messages that arrive another way.
 """
 
 from __future__ import annotations
@@ -21,27 +26,81 @@ from app.core.settings import Settings
 Handle = Callable[[str], Awaitable[None]]
 logger = logging.getLogger(__name__)
 
+WAKE_TOKENS = 64  # at most this many idle workers woken per batch, and tokens kept while all are busy
+WAKE_TTL_MS = 60_000  # tokens nobody took (no idle worker) are dropped after this
+IDLE_WAIT_S = 1.0  # default longest idle wait between checks of the queue
 
-async def keep_running(name: str, serve: Callable[[], Awaitable[None]], done: Callable[[], bool]) -> None:
+
+SETTLE_S = 5.0  # a restarted consumer counts as running again once it has lasted this long
+
+
+@dataclass
+class ConsumerState:
+    """What the heartbeat reports about an engine's consume loop: ``running``, or
+    ``restarting`` with the error that stopped it. A worker whose consumer is not running is
+    alive but consumes nothing, and health must say so (an arq worker under an ACL without
+    ``INFO`` restarts its consumer forever while its heartbeat looks fine)."""
+
+    state: str = "running"
+    error: str = ""
+    restarts: int = 0
+
+    def restarting(self, exc: BaseException) -> None:
+        self.state, self.error = "restarting", f"{type(exc).__name__}: {exc}"[:300]
+        self.restarts += 1
+
+    def running(self) -> None:
+        self.state, self.error = "running", ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {"consumer": self.state, "consumer_error": self.error}
+
+
+async def keep_running(
+    name: str, serve: Callable[[], Awaitable[None]], done: Callable[[], bool], state: ConsumerState | None = None,
+) -> None:
     """Run an engine's consume loop; when it dies (Redis down), restart it with backoff
-    (1 s, doubling to 60 s) instead of leaving a live process that consumes nothing."""
+    (1 s, doubling to 60 s) instead of leaving a live process that consumes nothing.
+    ``state`` (the adapter's ``consumer``) says ``restarting`` from a failure until a restarted
+    loop has lasted ``SETTLE_S``: a loop that dies at once on every start never looks running."""
     delay = 1.0
+    state = state if state is not None else ConsumerState()
     while not done():
+        task = asyncio.ensure_future(serve())
         try:
-            await serve()
+            if state.state != "running":
+                finished, _ = await asyncio.wait({task}, timeout=SETTLE_S)
+                if not finished:
+                    state.running()
+                    logger.warning("%s consumer running again after %d restart(s)", name, state.restarts)
+            await task
             delay = 1.0
         except asyncio.CancelledError:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
             raise
         except Exception as exc:  # noqa: BLE001
             if done():
                 return
+            state.restarting(exc)
             logger.warning("%s consumer stopped (%s: %s); restarting in %.0fs", name, type(exc).__name__, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 60.0)
 
 
+def stand_in(reason: str, data: Any) -> str:
+    """The argument handed to the runtime for a message the layer did not write (or cannot
+    read): ``<reason: data>``. The runtime fails it with MalformedMessage and a job.failed
+    event, and the adapter then removes it from the engine's keys like any finished message."""
+    shown = data[:200] if isinstance(data, (bytes, str)) else data
+    return f"<{reason}: {shown!r:.300}>"
+
+
 @dataclass(frozen=True)
 class EngineStats:
+    """Counts from the engine's own keys. ``running``: messages taken off the queue by a
+    worker (fetched, prefetched or running: engines cannot tell these apart cheaply)."""
+
     ready: int
     running: int
     dead: int
@@ -54,13 +113,42 @@ class EngineAdapter(ABC):
         self.settings = settings
         self.keys = keys
         self.config = config
+        self.consumer = ConsumerState()
         self._redis: Any = None
+
+    @property
+    def namespace(self) -> str:
+        """Where this engine keeps its keys: under the layer's prefix, like every key."""
+        return self.keys.engine_namespace(self.name)
+
+    @property
+    def wake_key(self) -> str:
+        return f"{self.namespace}:{self.config.name}:wake"
+
+    @property
+    def idle_wait(self) -> float:
+        """Seconds an idle worker blocks waiting for a wake-up (``WORKER_IDLE_POLL_MS``),
+        kept well inside the socket timeout so a blocking read is never taken for a dead link."""
+        wait = (self.settings.worker_idle_poll_ms or IDLE_WAIT_S * 1000) / 1000
+        return max(0.001, min(wait, getattr(self.settings, "redis_socket_timeout", 10.0) / 2))
+
+    def stage_wake(self, pipe: Any, count: int) -> None:
+        """Wake up to ``count`` idle workers (on ``pipe``, in the same round trip as the messages)."""
+        pipe.lpush(self.wake_key, *[b"1"] * max(1, min(count, WAKE_TOKENS)))
+        pipe.ltrim(self.wake_key, 0, WAKE_TOKENS - 1)
+        pipe.pexpire(self.wake_key, WAKE_TTL_MS)
+
+    def consumer_state(self) -> dict[str, str]:
+        """The consume loop's state for the heartbeat: ``{"consumer": "running"|"restarting",
+        "consumer_error": "..."}``. Adapters that run their loop through ``keep_running(...,
+        state=self.consumer)`` get it for free; others override this."""
+        return self.consumer.as_dict()
 
     @abstractmethod
     async def stage(self, pipe: Any, messages: list[tuple[str, str]]) -> None:
         """Queue on ``pipe`` (an async Redis pipeline) the commands that put (message id,
-        envelope JSON) pairs on the queue, in the engine's own format: the producer sends them
-        with the layer's job records in one round trip."""
+        envelope JSON) pairs on the queue, in the engine's own format, and wake idle workers:
+        the producer sends them with the layer's job records in one round trip."""
 
     async def send(self, messages: list[tuple[str, str]]) -> None:
         """Put messages on the queue now, in one pipeline."""
@@ -88,8 +176,9 @@ class EngineAdapter(ABC):
         ``instance`` names this consumer where the engine tracks consumers."""
 
     async def recover(self, dead_instance: str) -> int:
-        """Return to the queue what a dead instance fetched but never started; how many.
-        Engines without prefetch (arq), or that do it themselves (Dramatiq), need nothing."""
+        """Return to the queue what an instance fetched but never finished, and forget the
+        instance in the engine's keys; how many messages. Called by the reaper for a dead
+        instance and by ``close`` for this one. Engines without prefetch (arq) need nothing."""
         return 0
 
     @abstractmethod
@@ -98,8 +187,9 @@ class EngineAdapter(ABC):
 
     @abstractmethod
     async def close(self) -> None:
-        """Release connections (after running jobs were drained)."""
+        """Hand back what this process fetched and did not run, then release connections
+        (after running jobs were drained)."""
 
     @abstractmethod
     async def stats(self) -> EngineStats:
-        """Counts read from the engine's own keys."""
+        """Counts read from the engine's own keys, in O(1) or O(log n) commands."""

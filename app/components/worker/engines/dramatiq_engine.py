@@ -5,53 +5,106 @@ runtime retries), no TimeLimit (the runtime times out), no AgeLimit/Callbacks/Pi
 The dispatcher actor is sync (Dramatiq runs actors on its threads) and hands each message
 to the runtime on the process's event loop, blocking its thread until the job ends, so
 ``threads`` means the same as on the other engines.
+
+The consumer is the layer's (``_Consumer``): it fetches ids with their data (one script),
+so a message it cannot read is reported and acked instead of jamming the consumer or
+staying in ``.msgs`` forever; it blocks on the queue's wake-up list when the queue is empty
+instead of polling; it takes nothing once the worker stops fetching, and gives back what it
+fetched when it closes. The broker id is the layer's instance id, so the messages an
+instance fetched are ``<ns>:__acks__.<instance>.<queue>``: the reaper's ``recover`` puts
+them back when the instance dies, which replaces Dramatiq's maintenance (turned off: it ran
+``KEYS`` on a share of all commands and acted only after its own heartbeat timeout).
+There is no consumer for Dramatiq's delay queue: delays are the layer's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import json
 import logging
+import time
 import uuid
 from typing import Any
 
 import dramatiq
-from dramatiq.brokers.redis import RedisBroker
-from dramatiq.errors import DecodeError
+import redis
+from dramatiq.broker import MessageProxy
+from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
+from dramatiq.errors import ConnectionClosed
 
-from app.components.worker.engines.base import EngineAdapter, EngineStats, Handle
+from app.components.worker.engines.base import WAKE_TOKENS, WAKE_TTL_MS, EngineAdapter, EngineStats, Handle, stand_in
 from app.components.worker.envelope import DISPATCH_NAME
+from app.components.worker.runtime import scripts
 from app.core.redis import sync_client
 
 logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_MS = 10_000
-IDLE_POLL_MS = 8  # the longest an idle consumer sleeps between fetches (Dramatiq's default: 1 s)
-MAINTENANCE_CHANCE = 100_000  # out of 1,000,000 commands
+THREAD_WAIT_MS = 100  # worker threads' wait on the in-process work queue (no Redis calls)
+BUSY_WAIT_S = 0.005  # a consumer whose prefetch is full checks again after this (no Redis calls)
 
 
-class _Encoder(dramatiq.JSONEncoder):
-    """Dramatiq's JSON, except that a message the layer did not write (another actor, or
-    bytes that are not a message) reaches the runtime as a malformed envelope and ends with
-    a job.failed event. Dramatiq itself raises on undecodable bytes, and its consumer then
-    drops the rest of its prefetched batch until the process restarts."""
+class _Consumer(_RedisConsumer):
+    """Dramatiq's Redis consumer, with the layer's fetch, decoding, idle wait and hand-back."""
 
-    def __init__(self, queue_name: str) -> None:
-        self.queue_name = queue_name
+    def __init__(self, adapter: Adapter, broker: RedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+        super().__init__(broker, queue_name, prefetch, timeout)
+        self.adapter = adapter
+        self.message_cache: list[tuple[str, bytes | None]] = []  # type: ignore[assignment]
 
-    def decode(self, data: bytes) -> dict[str, Any]:
+    def __next__(self) -> MessageProxy | None:
+        adapter = self.adapter
         try:
-            message = super().decode(data)
-        except DecodeError:
-            message = None
-        if isinstance(message, dict) and message.get("actor_name") == DISPATCH_NAME:
-            return message
-        what = f"for actor {message.get('actor_name')!r}" if isinstance(message, dict) else "that is not JSON"
-        return {
-            "queue_name": self.queue_name, "actor_name": DISPATCH_NAME,
-            "args": [f"<foreign dramatiq message {what}: {data[:200]!r}>"], "kwargs": {},
-            "options": (message or {}).get("options", {}), "message_id": uuid.uuid4().hex,
-            "message_timestamp": 0,
-        }
+            if not adapter.fetching:  # stopping: what is cached goes back in close()
+                time.sleep(THREAD_WAIT_MS / 1000)
+                return None
+            if self.message_cache:
+                redis_id, data = self.message_cache.pop(0)
+                message = adapter.decode(redis_id, data)
+                self.queued_message_ids.add(message.message_id)
+                return MessageProxy(message)
+            free = self.prefetch - self.outstanding_message_count
+            if free <= 0:
+                time.sleep(BUSY_WAIT_S)
+                return None
+            fetched = adapter.fetch(free)
+            if adapter.consumer.state != "running":
+                adapter.consumer.running()  # Dramatiq's ConsumerThread restarted it and Redis answers
+            if fetched:
+                self.message_cache = fetched
+                return self.__next__()
+            adapter.wait_for_wake()
+            return None
+        except redis.RedisError as exc:
+            adapter.consumer.restarting(exc)  # for the heartbeat; Dramatiq restarts the consumer
+            if isinstance(exc, redis.ConnectionError):
+                raise ConnectionClosed(exc) from None
+            raise
+
+    def close(self) -> None:
+        """Give back what was fetched but not yet handed to a worker thread (Dramatiq's own
+        consumer leaves these in its acks set until maintenance finds the process dead)."""
+        ids = [redis_id for redis_id, _ in self.message_cache]
+        self.message_cache = []
+        if ids:
+            try:
+                self.broker.do_requeue(self.queue_name, *ids)
+            except redis.RedisError as exc:  # they stay in the acks set: recover() returns them
+                logger.warning("queue %s: requeueing %d fetched message(s) failed (%s)", self.queue_name, len(ids), exc)
+
+
+class _Broker(RedisBroker):
+    adapter: Adapter
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> _Consumer:
+        return _Consumer(self.adapter, self, queue_name, prefetch, timeout)
+
+
+class _Worker(dramatiq.Worker):
+    def _add_consumer(self, queue_name: str, *, delay: bool = False) -> None:
+        if not delay:  # the layer never uses Dramatiq's delay queue: no consumer polling it
+            super()._add_consumer(queue_name)
 
 
 class Adapter(EngineAdapter):
@@ -60,16 +113,15 @@ class Adapter(EngineAdapter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue_name = self.config.name
-        self.namespace = self.keys.engine_namespace("dramatiq")
-        # Messages a dead process fetched but never started come back through Dramatiq's
-        # maintenance: make it notice a dead consumer after the layer's offline threshold and
-        # run often enough (~10% of commands) to act within about a second.
-        self.broker = RedisBroker(
-            client=sync_client(self.settings), namespace=self.namespace, middleware=[],
-            heartbeat_timeout=int(self.settings.worker_offline_after * 1000), maintenance_chance=MAINTENANCE_CHANCE,
-        )
+        self.base = f"{self.namespace}:{self.queue_name}"
+        self.broker = _Broker(client=sync_client(self.settings), namespace=self.namespace, middleware=[],
+                              maintenance_chance=0)
+        self.broker.adapter = self
         self.broker.declare_queue(self.queue_name)
-        dramatiq.set_encoder(_Encoder(self.queue_name))
+        self._fetch = self.broker.client.register_script(scripts.source("dramatiq_fetch"))
+        self._recover = self.broker.client.register_script(scripts.source("dramatiq_recover"))
+        self.fetching = True
+        self.instance = self.broker.broker_id
         self._worker: dramatiq.Worker | None = None
         self._handle: Handle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -84,9 +136,60 @@ class Adapter(EngineAdapter):
         future = asyncio.run_coroutine_threadsafe(self._handle(raw), self._loop)
         try:
             future.result()
-        except asyncio.CancelledError:
-            # The runtime handed the job back during shutdown; ack this delivery.
+        except (asyncio.CancelledError, concurrent.futures.CancelledError):
+            # Cancelled by the shutdown: the job's record says what happens to it (handed
+            # back, or recovered); acked here, not failed into Dramatiq's dead-letter queue.
             return
+
+    def acks_key(self, instance: str) -> str:
+        """Dramatiq's set of the messages one broker (here: one layer instance) fetched."""
+        return f"{self.namespace}:__acks__.{instance}.{self.queue_name}"
+
+    @property
+    def own_wake_key(self) -> str:
+        """Where ``stop_fetching`` wakes this process's consumer out of its idle wait."""
+        return f"{self.wake_key}:{self.instance}"
+
+    def fetch(self, count: int) -> list[tuple[str, bytes | None]]:
+        """Take up to ``count`` messages (their ids into this instance's acks set)."""
+        flat = self._fetch(keys=[self.base, f"{self.base}.msgs", self.acks_key(self.instance)], args=[count])
+        return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
+
+    def wait_for_wake(self) -> None:
+        self.broker.client.blpop([self.wake_key, self.own_wake_key], timeout=self.idle_wait)
+
+    def decode(self, redis_id: str, data: bytes | None) -> dramatiq.Message[Any]:
+        """The message for ``redis_id``, rebuilt from its checked fields; anything the layer
+        did not write becomes a stand-in that the runtime fails with a job.failed event and
+        that is acked like any message (Dramatiq's decoder would raise: no ack, no event)."""
+        arg = self._argument(data) if data is not None else stand_in("dramatiq list entry without a message", redis_id)
+        try:
+            fields = json.loads(data) if data is not None else {}
+        except ValueError:
+            fields = {}
+        message_id = fields.get("message_id") if isinstance(fields, dict) else None
+        timestamp = fields.get("message_timestamp") if isinstance(fields, dict) else None
+        return dramatiq.Message(
+            queue_name=self.queue_name, actor_name=DISPATCH_NAME, args=(arg,), kwargs={},
+            options={"redis_message_id": redis_id},
+            message_id=message_id if isinstance(message_id, str) and message_id else uuid.uuid4().hex,
+            message_timestamp=timestamp if isinstance(timestamp, int) else 0,
+        )
+
+    @staticmethod
+    def _argument(data: bytes) -> str:
+        try:
+            message = json.loads(data)
+        except ValueError:
+            return stand_in("undecodable dramatiq message", data)
+        if not isinstance(message, dict):
+            return stand_in("dramatiq message that is not an object", data)
+        if message.get("actor_name") != DISPATCH_NAME:
+            return stand_in(f"foreign dramatiq message for actor {message.get('actor_name')!r}", data)
+        args = message.get("args")
+        if not (isinstance(args, list) and len(args) == 1 and isinstance(args[0], str)) or message.get("kwargs") not in (None, {}):
+            return stand_in("dramatiq message whose arguments are not one envelope string", data)
+        return args[0]
 
     async def stage(self, pipe: Any, messages: list[tuple[str, str]]) -> None:
         """What ``RedisBroker.enqueue`` writes (its dispatch script's "enqueue": the message in
@@ -99,42 +202,60 @@ class Adapter(EngineAdapter):
                 queue_name=self.queue_name, actor_name=DISPATCH_NAME, args=(raw,), kwargs={},
                 options={"redis_message_id": redis_id}, message_id=message_id,
             ).encode()
-        base = f"{self.namespace}:{self.queue_name}"
-        pipe.hset(f"{base}.msgs", mapping=stored)
-        pipe.rpush(base, *stored)
+        pipe.hset(f"{self.base}.msgs", mapping=stored)
+        pipe.rpush(self.base, *stored)
+        self.stage_wake(pipe, len(messages))
 
     async def start(self, handle: Handle, instance: str) -> None:
         self._handle = handle
         self._loop = asyncio.get_running_loop()
+        self.instance = self.broker.broker_id = instance
         # Without process_boot, Dramatiq middleware that depends on it silently does nothing.
         self.broker.emit_after("process_boot")
-        self._worker = dramatiq.Worker(
-            self.broker, queues={self.queue_name}, worker_threads=self.config.threads, worker_timeout=max(1, int(self.settings.worker_idle_poll_ms or IDLE_POLL_MS)),
-        )
+        self._worker = _Worker(self.broker, queues={self.queue_name}, worker_threads=self.config.threads,
+                               worker_timeout=THREAD_WAIT_MS)
         self._worker.start()
 
+    async def recover(self, dead_instance: str) -> int:
+        return int(await asyncio.to_thread(
+            self._recover, keys=[self.acks_key(dead_instance), self.base, f"{self.namespace}:__heartbeats__", self.wake_key],
+            args=[dead_instance, WAKE_TOKENS, WAKE_TTL_MS],
+        ))
+
     async def stop_fetching(self) -> None:
+        # Not ConsumerThread.pause(): a paused consumer thread "restarts" with a 3 s sleep.
+        self.fetching = False
         if self._worker is not None:
-            for consumer in self._worker.consumers.values():
-                consumer.pause()
+            # Worker threads take no more prefetched messages: Worker.stop requeues them as
+            # they are, instead of each being claimed and handed back by the runtime.
+            for thread in self._worker.workers:
+                thread.pause()
+            await asyncio.to_thread(self.broker.client.lpush, self.own_wake_key, b"1")
 
     async def close(self) -> None:
         if self._worker is not None:
-            # Stops worker threads, then consumers, which requeue what they prefetched.
+            self.fetching = False
+            # Stops worker threads, then consumers; the work queue and the consumers' caches
+            # go back to the queue. What is left in this instance's acks set then (a requeue
+            # that failed) goes back too.
             await asyncio.to_thread(self._worker.stop, STOP_TIMEOUT_MS)
             self._worker = None
+            try:
+                await self.recover(self.instance)
+                await asyncio.to_thread(self.broker.client.delete, self.own_wake_key)
+            except redis.RedisError as exc:
+                logger.warning("queue %s: could not hand back fetched messages (%s)", self.queue_name, exc)
         self.broker.close()
         await self.close_redis()
 
     async def stats(self) -> EngineStats:
         client = self.broker.client
-        base = f"{self.namespace}:{self.queue_name}"
 
         def read() -> list[int]:
             pipe = client.pipeline(transaction=False)
-            pipe.llen(base)
-            pipe.hlen(f"{base}.msgs")
-            pipe.zcard(f"{base}.XQ")
+            pipe.llen(self.base)
+            pipe.hlen(f"{self.base}.msgs")
+            pipe.zcard(f"{self.base}.XQ")
             return pipe.execute()  # type: ignore[no-any-return]
 
         ready, stored, dead = await asyncio.to_thread(read)

@@ -7,37 +7,64 @@ only as many entries as this process has slots (taskiq's 100 piles them onto one
 the group is created at id 0 by whoever starts first (producer or worker);
 XAUTOCLAIM's idle time is a day, because crash recovery is the layer's, driven by worker
 heartbeats, and a shorter idle time would run long jobs twice. Delays are the layer's.
+A stopping worker re-adds the entries it read and did not run (taskiq drops a batch that
+was read but not handed out, and a read cut short by the stop) and leaves the group; the
+reaper does the same for a dead one. Entries the layer did not write end with job.failed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from taskiq.abc.broker import AckableMessage
 from taskiq.acks import AcknowledgeType
 from taskiq.message import TaskiqMessage
 from taskiq.receiver import Receiver
 from taskiq_redis import RedisStreamBroker
 
-from app.components.worker.engines.base import EngineAdapter, EngineStats, Handle, keep_running
+from app.components.worker.engines.base import EngineAdapter, EngineStats, Handle, keep_running, stand_in
 from app.components.worker.envelope import DISPATCH_NAME
 from app.core.redis import connection_kwargs, redis_url
+
+logger = logging.getLogger(__name__)
 
 GROUP = "app"
 IDLE_TIMEOUT_MS = 24 * 3600 * 1000
 
 
-def _foreign(reason: str, data: bytes) -> bytes:
-    """A stand-in for a message the layer did not write: it reaches the runtime as a
-    malformed envelope, so it ends with a job.failed event instead of a log line."""
-    return json.dumps({"task_id": uuid.uuid4().hex, "task_name": DISPATCH_NAME, "labels": {},
-                       "args": [f"<{reason}: {data[:200]!r}>"], "kwargs": {}}).encode()
+def _message(arg: str, task_id: str | None = None) -> bytes:
+    return json.dumps({"task_id": task_id or uuid.uuid4().hex, "task_name": DISPATCH_NAME, "labels": {},
+                       "labels_types": None, "args": [arg], "kwargs": {}}).encode()
+
+
+def _checked(data: bytes | None, fields: Any) -> bytes:
+    """The entry's message if the layer wrote it; otherwise a stand-in for the runtime, which
+    fails it with a job.failed event, after which the entry is acked and deleted like any
+    other. taskiq's receiver would log and skip a message it cannot parse without acking it
+    (pending forever), or call the dispatcher with the wrong arguments (acked, no event)."""
+    if data is None:
+        return _message(stand_in("stream entry without a data field", repr(fields)))
+    try:
+        message = json.loads(data)
+    except ValueError:
+        return _message(stand_in("undecodable taskiq message", data))
+    if not isinstance(message, dict) or message.get("task_name") != DISPATCH_NAME:
+        what = repr(message.get("task_name")) if isinstance(message, dict) else "that is not an object"
+        return _message(stand_in(f"foreign taskiq message {what}", data))
+    args, task_id = message.get("args"), message.get("task_id")
+    if not (isinstance(args, list) and len(args) == 1 and isinstance(args[0], str)) or message.get("kwargs") not in (None, {}):
+        return _message(stand_in("taskiq message whose arguments are not one envelope string", data))
+    if isinstance(task_id, str) and message.get("labels") == {} and message.get("labels_types") in (None, {}) and \
+            message.get("kwargs") == {} and len(message) <= 6:
+        return data
+    return _message(args[0], task_id if isinstance(task_id, str) else None)  # labels could steer taskiq: dropped
 
 
 class _StreamBroker(RedisStreamBroker):
@@ -62,18 +89,8 @@ class _StreamBroker(RedisStreamBroker):
                     if start == "0":
                         start = entry_id  # keep paging through the pending list
                     data = fields.get(b"data") if fields else None
-                    yield AckableMessage(data=self._checked(data, fields), ack=self._ack_generator(entry_id))
+                    yield AckableMessage(data=_checked(data, fields), ack=self._ack_generator(entry_id))
 
-    def _checked(self, data: bytes | None, fields: Any) -> bytes:
-        if data is None:
-            return _foreign("stream entry without a data field", repr(fields).encode())
-        try:
-            message = json.loads(data)
-        except ValueError:
-            return _foreign("undecodable taskiq message", data)
-        if not isinstance(message, dict) or message.get("task_name") != DISPATCH_NAME:
-            return _foreign("foreign taskiq message", data)
-        return data
     _acker: Redis | None = None
 
     def _ack_generator(self, id: str) -> Callable[[], Awaitable[None]]:  # noqa: A002 - taskiq's name
@@ -97,12 +114,12 @@ class Adapter(EngineAdapter):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.stream = f"{self.keys.engine_namespace('taskiq')}:{self.config.name}"
+        self.stream = f"{self.namespace}:{self.config.name}"
         kwargs_ = connection_kwargs(self.settings)
         pool_size = kwargs_.pop("max_connections")
         self.broker = _StreamBroker(
             redis_url(self.settings), queue_name=self.stream, consumer_group_name=GROUP,
-            max_connection_pool_size=pool_size, xread_count=self.config.threads, xread_block=1000,
+            max_connection_pool_size=pool_size, xread_count=self.config.threads, xread_block=int(self.idle_wait * 1000),
             idle_timeout=IDLE_TIMEOUT_MS, consumer_id="0", **kwargs_,
         )
         self._handle: Handle | None = None
@@ -133,26 +150,35 @@ class Adapter(EngineAdapter):
             wait_tasks_timeout=self.settings.worker_shutdown_timeout,
         )
         self._listen = asyncio.create_task(
-            keep_running("taskiq", lambda: receiver.listen(self._finish), self._finish.is_set), name="taskiq-receiver"
+            keep_running("taskiq", lambda: receiver.listen(self._finish), self._finish.is_set, self.consumer),
+            name="taskiq-receiver",
         )
 
     async def recover(self, dead_instance: str) -> int:
-        """Re-add what the dead consumer read but never acked, then drop its entries."""
+        """Re-add what a consumer read but never acked, drop its entries, and remove the
+        consumer from the group (which otherwise keeps one consumer per worker life)."""
+        returned = 0
         async with Redis(connection_pool=self.broker.connection_pool) as conn:
-            pending = await conn.xpending_range(self.stream, GROUP, "-", "+", 10_000, consumername=dead_instance)
-            ids = [p["message_id"] for p in pending]
-            if not ids:
-                return 0
-            entries = await conn.xclaim(self.stream, GROUP, self.broker.consumer_name, 0, ids)
-            async with conn.pipeline(transaction=True) as pipe:
-                for _, fields in entries:
-                    if fields:
-                        pipe.xadd(self.stream, fields)
-                pipe.xack(self.stream, GROUP, *ids)
-                pipe.xdel(self.stream, *ids)
-                await pipe.execute()
-            await conn.xgroup_delconsumer(self.stream, GROUP, dead_instance)
-            return len(ids)
+            try:
+                while True:
+                    pending = await conn.xpending_range(self.stream, GROUP, "-", "+", 1000, consumername=dead_instance)
+                    ids = [p["message_id"] for p in pending]
+                    if not ids:
+                        break
+                    entries = await conn.xclaim(self.stream, GROUP, dead_instance, 0, ids)
+                    async with conn.pipeline(transaction=True) as pipe:
+                        for _, fields in entries:
+                            if fields:
+                                pipe.xadd(self.stream, fields)
+                        pipe.xack(self.stream, GROUP, *ids)
+                        pipe.xdel(self.stream, *ids)
+                        await pipe.execute()
+                    returned += len(ids)
+                await conn.xgroup_delconsumer(self.stream, GROUP, dead_instance)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+        return returned
 
     async def stop_fetching(self) -> None:
         self._finish.set()
@@ -164,6 +190,14 @@ class Adapter(EngineAdapter):
             except (TimeoutError, Exception):  # noqa: BLE001
                 self._listen.cancel()
                 await asyncio.gather(self._listen, return_exceptions=True)
+            # Entries read and not acked (a batch not yet handed out, a read cut short by the
+            # stop, a delivery the receiver discarded) go back; then the consumer leaves the group.
+            try:
+                returned = await self.recover(self.broker.consumer_name)
+                if returned:
+                    logger.info("queue %s: %d fetched message(s) handed back", self.config.name, returned)
+            except RedisError as exc:
+                logger.warning("queue %s: could not hand back fetched messages (%s)", self.config.name, exc)
         await self.broker.shutdown()
         await self.close_redis()
 

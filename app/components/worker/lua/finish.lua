@@ -1,24 +1,31 @@
 -- finish: end a running attempt with its result, terminal status and events, exactly once.
 -- KEYS[1] job hash   KEYS[2] result key   KEYS[3] held set of the owner instance   KEYS[4] events stream
--- ARGV[1] job id   ARGV[2] owner instance   ARGV[3] attempt   ARGV[4] status   ARGV[5] result record JSON
--- ARGV[6] keep seconds   ARGV[7] finished at (ms)   ARGV[8] events maxlen   ARGV[9..] events (JSON objects)
+-- ARGV[1] job id   ARGV[2] owner instance   ARGV[3] attempt   ARGV[4] status
+-- ARGV[5] result record: a JSON object, without finished_at (added here)   ARGV[6] keep seconds
+-- ARGV[7] events maxlen   ARGV[8..] events (JSON objects of string fields)
+-- finished_at and each event's ts are Redis's clock (TIME), comparable across hosts.
 -- Returns 1 when written, 0 when that attempt is no longer running there: a retry of a write
--- whose reply was lost (a Redis restart) must not write the terminal event twice.
+-- whose reply was lost (a Redis restart), or a worker cut off while another one recovered the
+-- job, must not write a terminal event a second time. Refused events are written by no one.
 redis.call('SREM', KEYS[3], ARGV[1])
 local job = redis.call('HMGET', KEYS[1], 'status', 'owner', 'attempt')
 if job[1] ~= 'running' or job[2] ~= ARGV[2] or job[3] ~= ARGV[3] then
   return 0
 end
+local t = redis.call('TIME')
+local now = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 local keep = tonumber(ARGV[6])
-redis.call('SET', KEYS[2], ARGV[5], 'EX', keep)
-redis.call('HSET', KEYS[1], 'status', ARGV[4], 'finished_at', ARGV[7])
+local record = string.sub(ARGV[5], 1, -2) .. ',"finished_at":' .. now .. '}'
+redis.call('SET', KEYS[2], record, 'EX', keep)
+redis.call('HSET', KEYS[1], 'status', ARGV[4], 'finished_at', now)
 redis.call('EXPIRE', KEYS[1], keep)
-for i = 9, #ARGV do
+for i = 8, #ARGV do
   local fields = {}
   for name, value in pairs(cjson.decode(ARGV[i])) do
+    if name == 'ts' then value = now end
     table.insert(fields, name)
     table.insert(fields, value)
   end
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', unpack(fields))
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', unpack(fields))
 end
 return 1

@@ -3,18 +3,25 @@
 -- and a crash recovery by the reaper (attempt stays: the lost attempt counts).
 -- KEYS[1] job hash   KEYS[2] delayed zset of the queue   KEYS[3] held set of the owner   KEYS[4] events
 -- ARGV[1] job id   ARGV[2] owner instance   ARGV[3] attempt running   ARGV[4] attempt to record
--- ARGV[5] next envelope JSON   ARGV[6] due ms   ARGV[7] events maxlen   ARGV[8..] events (JSON objects)
+-- ARGV[5] next envelope JSON   ARGV[6] delay ms from now (the backoff; 0: due at once)
+-- ARGV[7] events maxlen   ARGV[8..] events (JSON objects of string fields)
+-- The due time is Redis's clock (TIME) + the delay, so the host clock of the worker that
+-- decided the retry does not matter; each event's ts is Redis's clock too.
 -- Returns 1 when requeued, 0 when that attempt is no longer running there.
 redis.call('SREM', KEYS[3], ARGV[1])
 local job = redis.call('HMGET', KEYS[1], 'status', 'owner', 'attempt')
 if job[1] ~= 'running' or job[2] ~= ARGV[2] or job[3] ~= ARGV[3] then
   return 0
 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ts = string.format('%.0f', now)
 redis.call('HSET', KEYS[1], 'status', 'delayed', 'attempt', ARGV[4], 'envelope', ARGV[5])
-redis.call('ZADD', KEYS[2], tonumber(ARGV[6]), ARGV[5])
+redis.call('ZADD', KEYS[2], now + math.max(0, tonumber(ARGV[6])), ARGV[5])
 for i = 8, #ARGV do
   local fields = {}
   for name, value in pairs(cjson.decode(ARGV[i])) do
+    if name == 'ts' then value = ts end
     table.insert(fields, name)
     table.insert(fields, value)
   end

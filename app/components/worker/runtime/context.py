@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextvars
-import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from app.components.worker.clock import now_ms
 
 
 @dataclass
@@ -39,7 +40,7 @@ class JobContext:
     started_ms: int = 0
 
     def duration_ms(self) -> int:
-        return int(time.time() * 1000) - self.started_ms
+        return max(0, now_ms() - self.started_ms)  # started_ms: this host's clock (or, recovered, another's)
 
     @property
     def state(self) -> dict[str, Any]:

@@ -4,6 +4,12 @@ A delayed job (``delay=``, or a retry waiting out its backoff) waits in the laye
 set ``<prefix>:delayed:<queue>``, not in an engine or in a worker's memory, so a crash
 cannot strand it and TaskIQ's stream broker, which has no delay, behaves like the others.
 Every worker process of the queue runs a mover that hands due jobs to its engine.
+"Due" is judged by Redis's clock, the one every due time is written with.
+
+An entry that cannot be decoded (not UTF-8, not an envelope) is poison: left in place at the
+lowest score it would come back first on every pass and trap the jobs behind it. It is
+removed with a ``job.failed`` event (``MalformedMessage``, with the job id when one can be
+read), and the rest move on.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from app.components.worker.envelope import Envelope
+from app.components.worker.envelope import Envelope, recover_id
 from app.components.worker.runtime.store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -21,15 +27,32 @@ Send = Callable[[list[tuple[str, str]]], Awaitable[None]]
 
 LEASE_MS = 30_000
 BATCH = 200
+POISON_KEEP_S = 24 * 3600  # how long the failed record of a poisoned job stays readable
+
+
+def _job_id_of(raw: bytes) -> str:
+    """The job id an undecodable entry names, if one can be read (the same reading as the
+    runtime's for undecodable deliveries)."""
+    found = recover_id(raw.decode("utf-8", errors="replace"))
+    if found is None or "\ufffd" in found.job_id or not found.job_id.isprintable():
+        return ""
+    return found.job_id
 
 
 class DelayedMover:
-    def __init__(self, store: JobStore, queue: str, send: Send, poll: float) -> None:
+    def __init__(
+        self, store: JobStore, queue: str, send: Send, poll: float, *, engine: str = "", worker_id: str = "",
+        keep: int = POISON_KEEP_S,
+    ) -> None:
         self.store = store
         self.queue = queue
         self.send = send
         self.poll = poll
+        self.engine = engine
+        self.worker_id = worker_id
+        self.keep = keep
         self.moved = 0
+        self.poisoned = 0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -39,17 +62,28 @@ class DelayedMover:
         raws = await self.store.take_due(self.queue, BATCH, LEASE_MS)
         if not raws:
             return 0
-        messages = []
+        messages, sent = [], []
         for raw in raws:
             try:
-                messages.append((Envelope.decode(raw).message_id, raw))
-            except ValueError as exc:
-                logger.error("queue %s: malformed delayed entry removed (%s): %.200s", self.queue, exc, raw)
+                text = raw.decode() if isinstance(raw, bytes) else raw
+                messages.append((Envelope.decode(text).message_id, text))
+                sent.append(raw)
+            except (ValueError, TypeError, RecursionError) as exc:
+                await self._poison(raw if isinstance(raw, bytes) else raw.encode(), exc)
         if messages:
             await self.send(messages)
-        await self.store.drop_due(self.queue, raws)
+        await self.store.drop_due(self.queue, sent)
         self.moved += len(messages)
         return len(raws)
+
+    async def _poison(self, raw: bytes, exc: BaseException) -> None:
+        job_id = _job_id_of(raw)
+        reason = f"undecodable delayed entry ({type(exc).__name__}: {exc}): {raw[:200]!r}"
+        if await self.store.drop_poison(self.queue, raw, job_id, reason, keep=self.keep, engine=self.engine,
+                                        worker_id=self.worker_id):
+            self.poisoned += 1
+            logger.error("queue %s: %s removed, with a job.failed event%s", self.queue, reason,
+                         f" for job {job_id}" if job_id else "")
 
     async def _run(self) -> None:
         backoff = 1.0

@@ -7,6 +7,13 @@ then hands each job it was running to the runtime, which retries it (the lost at
 counts) or fails it with WorkerLost after max_tries. Jobs of live instances are never
 touched, however long they run. Recovery works on an idle queue too: it does not wait
 for a new message to arrive, unlike taskiq's XAUTOCLAIM or Dramatiq's maintenance.
+
+"Older" is judged by Redis's clock: beats are stamped with ``TIME`` and the cutoff is
+computed in a script, so a host whose clock runs ahead cannot reap live workers. Jobs are
+recovered one by one (each recovery removes its job from the held set in the same script),
+and the instance leaves the watch list only when its held set is empty and it is still
+offline, atomically: a claim made meanwhile is never dropped, and a frozen worker that
+beats again is live again.
 """
 
 from __future__ import annotations
@@ -18,8 +25,8 @@ import time
 import redis.asyncio as aioredis
 
 from app.components.worker.engines.base import EngineAdapter
-from app.components.worker.envelope import now_ms
 from app.components.worker.keys import Keys
+from app.components.worker.runtime import scripts
 from app.components.worker.runtime.wrapper import JobRuntime
 
 logger = logging.getLogger(__name__)
@@ -39,6 +46,8 @@ class Reaper:
         self.me = runtime.worker.instance
         self.interval = max(0.1, min(1.0, offline_after / 4))
         self.recovered = 0
+        self._offline = redis.register_script(scripts.source("offline"))
+        self._forget = redis.register_script(scripts.source("forget"))
         self._connected_since = time.monotonic()
         self._task: asyncio.Task[None] | None = None
 
@@ -63,11 +72,10 @@ class Reaper:
             await asyncio.sleep(self.interval)
 
     async def reap_once(self) -> int:
-        now = now_ms()
-        cutoff = now - int(self.offline_after * 1000)
-        members = await self.redis.zrangebyscore(self.keys.instances, "-inf", cutoff, withscores=True)
+        offline_ms = int(self.offline_after * 1000)
+        found = await self._offline(keys=[self.keys.instances], args=[offline_ms])
         count = 0
-        for member, last_beat in members:
+        for member, age_ms in zip(found[::2], found[1::2], strict=True):
             text = member.decode() if isinstance(member, bytes) else member
             queue, _, instance = text.partition("|")
             if queue != self.queue or instance == self.me:
@@ -76,8 +84,12 @@ class Reaper:
             if not await self.redis.set(lock, self.me, nx=True, px=60_000):
                 continue
             try:
-                count += await self._reap(instance, (now - last_beat) / 1000)
-                await self.redis.zrem(self.keys.instances, text)
+                count += await self._reap(instance, int(age_ms) / 1000)
+                forgotten = await self._forget(keys=[self.keys.instances, self.keys.held(instance)],
+                                               args=[text, offline_ms])
+                if int(forgotten) == 0:
+                    logger.warning("queue %s: instance %s still holds jobs; trying again next pass",
+                                   self.queue, instance)
             finally:
                 await self.redis.delete(lock)
         return count
@@ -89,8 +101,8 @@ class Reaper:
             logger.warning("queue %s: worker instance %s is offline (%.0fs); recovering %d running job(s), "
                            "%d fetched message(s)", self.queue, instance, lost_for, len(held), returned)
         for job_id in held:
+            # Each recovery takes its job out of the held set in the same script as its new state.
             await self.runtime.recover_lost(job_id, instance, lost_for)
-        await self.redis.delete(self.keys.held(instance))
         self.recovered += len(held)
         return len(held)
 

@@ -9,6 +9,10 @@ Each state change is one Lua script (one round trip) that checks it still applie
 compare-and-set on status, owner and attempt) and carries the job's lifecycle events: an
 event is written atomically with the state it reports, exactly once even when a write is
 retried after a lost reply, and publishing costs the job no round trip of its own.
+
+Times written here that other processes compare (finished_at, due times, event timestamps)
+are Redis's clock (``TIME`` inside the scripts): a retry's backoff travels as a delay, and
+the script adds it to Redis's now.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from app.components.worker.envelope import Envelope, now_ms
+from app.components.worker.envelope import Envelope
 from app.components.worker.keys import Keys
 from app.components.worker.runtime import scripts
 from app.components.worker.runtime.batch import ScriptBatcher
@@ -32,6 +36,7 @@ class JobStore:
         self.keys = keys
         self.events_maxlen = events_maxlen
         self._due = redis.register_script(scripts.source("due"))
+        self._poison = redis.register_script(scripts.source("poison"))
         self._batch = ScriptBatcher(redis, {name: scripts.source(name) for name in ("claim", "finish", "requeue", "reject")})
 
     async def claim(
@@ -71,25 +76,28 @@ class JobStore:
         self, env: Envelope, owner: str, attempt: int, status: str, record: dict[str, Any], keep: int,
         events: Events,
     ) -> bool:
-        """Write the result, the terminal status and the job's events together, once."""
+        """Write the result, the terminal status and the job's events together, once. The
+        script adds ``finished_at`` to ``record`` (Redis's clock)."""
+        body = {k: v for k, v in record.items() if k != "finished_at"}
         done = await self._batch.call(
             "finish",
             [self.keys.job(env.id), self.keys.result(env.id), self.keys.held(owner), self.keys.events],
-            [env.id, owner, attempt, status, json.dumps(record, default=str), keep, record["finished_at"],
+            [env.id, owner, attempt, status, json.dumps(body, default=str), keep,
              self.events_maxlen, *(json.dumps(e) for e in events)],
         )
         return bool(int(done))
 
     async def requeue(
-        self, env: Envelope, owner: str, attempt: int, *, record_attempt: int, due_ms: int, events: Events = (),  # type: ignore[assignment]
+        self, env: Envelope, owner: str, attempt: int, *, record_attempt: int, delay_ms: int = 0,
+        events: Events = (),  # type: ignore[assignment]
     ) -> bool:
         """Put a running attempt back to wait (a retry, a hand-back, a crash recovery), once.
-        ``env`` is the envelope of the delivery to come."""
+        ``env`` is the envelope of the delivery to come; it is due ``delay_ms`` after Redis's now."""
         raw = env.encode()
         done = await self._batch.call(
             "requeue",
             [self.keys.job(env.id), self.keys.delayed(env.queue), self.keys.held(owner), self.keys.events],
-            [env.id, owner, attempt, record_attempt, raw, due_ms, self.events_maxlen,
+            [env.id, owner, attempt, record_attempt, raw, max(0, int(delay_ms)), self.events_maxlen,
              *(json.dumps(e) for e in events)],
         )
         return bool(int(done))
@@ -101,13 +109,23 @@ class JobStore:
             return None
         return {k.decode(): v.decode() for k, v in raw.items()}
 
-    async def take_due(self, queue: str, limit: int, lease_ms: int) -> list[str]:
-        items = await self._due(keys=[self.keys.delayed(queue)], args=[now_ms(), limit, lease_ms])
-        return [i.decode() if isinstance(i, bytes) else i for i in items]
+    async def take_due(self, queue: str, limit: int, lease_ms: int) -> list[bytes]:
+        """Due entries, leased, as raw bytes: one that is not UTF-8 must not fail the batch."""
+        return list(await self._due(keys=[self.keys.delayed(queue)], args=[limit, lease_ms]))
 
-    async def drop_due(self, queue: str, raws: list[str]) -> None:
+    async def drop_due(self, queue: str, raws: list[bytes]) -> None:
         if raws:
             await self.redis.zrem(self.keys.delayed(queue), *raws)
+
+    async def drop_poison(
+        self, queue: str, raw: bytes, job_id: str, error: str, *, keep: int, engine: str = "", worker_id: str = ""
+    ) -> bool:
+        """Remove an undecodable delayed entry with a job.failed event (and fail its record
+        when the entry was that record's envelope). False when another mover removed it."""
+        keys = [self.keys.delayed(queue), self.keys.events, self.keys.job(job_id), self.keys.result(job_id)]
+        done = await self._poison(keys=keys, args=[raw, self.events_maxlen, queue, job_id, error, keep, engine,
+                                                   worker_id])
+        return bool(int(done))
 
 
 async def read_result(redis: aioredis.Redis, keys: Keys, job_id: str) -> dict[str, Any] | None:

@@ -252,11 +252,10 @@ class JobRuntime:
             kind, message = describe_error(exc)
             logger.info("job %s: %s attempt %d/%d failed (%s: %s), retry in %.2fs",
                         env.id, env.task, job.attempt, policy.max_tries, kind, message, delay)
-            due = now_ms() + int(delay * 1000)
             await self.middleware.call("on_retry", job, exc, delay, job_id=env.id)
             await self._write(env.id, "retry", lambda events: self.store.requeue(
                 env.next_try(job.attempt), self.worker.instance, job.attempt, record_attempt=job.attempt,
-                due_ms=due, events=events))
+                delay_ms=int(delay * 1000), events=events))
             return
         await self._finish(env, job, "failed", error=exc)
 
@@ -298,20 +297,19 @@ class JobRuntime:
                 delay = min(delay * 2, 5.0)
 
     async def _write(self, job_id: str, what: str, write: Callable[[list[dict[str, str]]], Awaitable[T]]) -> T:
-        """A state change, carrying the job's buffered events in the same script."""
-        async def attempt() -> T:
-            events = self.publisher.take(job_id) if self.publisher else []
-            try:
-                result = await write(events)
-            except BaseException:
-                if self.publisher:
-                    self.publisher.restore(events)
-                raise
-            if self.publisher:
-                self.publisher.wrote(events)
-            return result
+        """A state change, carrying the job's held events in the same script. The events are
+        taken once and the same ones go with every retry of the write; when the script refuses
+        (the attempt is no longer ours, or a retry after a lost reply) they are not written by
+        anyone else: a job's events exist only as part of the state change they report."""
+        events = self.publisher.take(job_id) if self.publisher else []
 
-        return await self._persist(job_id, what, attempt)
+        async def attempt() -> T:
+            return await write(events)
+
+        result = await self._persist(job_id, what, attempt)
+        if self.publisher:
+            self.publisher.settled(events, bool(result))
+        return result
 
     def _interrupted_by_shutdown(self) -> bool:
         return asyncio.current_task() in self._interrupted
@@ -322,7 +320,7 @@ class JobRuntime:
         logger.warning("job %s: interrupted by shutdown, handed back to queue %s", env.id, env.queue)
         try:
             await asyncio.shield(self.store.requeue(env, self.worker.instance, attempt, record_attempt=attempt - 1,
-                                                    due_ms=now_ms()))
+                                                    delay_ms=0))
         except Exception:  # noqa: BLE001
             logger.exception("job %s: hand-back failed; crash recovery will redeliver it", env.id)
 
@@ -346,7 +344,7 @@ class JobRuntime:
         if policy.should_retry(attempt, error):
             await self.middleware.call("on_retry", job, error, 0.0, job_id=env.id)
             moved = await self._write(env.id, "recovery", lambda events: self.store.requeue(
-                env.next_try(attempt), dead_instance, attempt, record_attempt=attempt, due_ms=now_ms(), events=events))
+                env.next_try(attempt), dead_instance, attempt, record_attempt=attempt, delay_ms=0, events=events))
             if moved:
                 logger.warning("job %s: %s; redelivering as attempt %d", env.id, error, attempt + 1)
             return
