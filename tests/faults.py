@@ -16,6 +16,8 @@ test may block (``wait_until``, ``subprocess``) without stalling it.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import threading
 from typing import Any
@@ -62,6 +64,10 @@ class TcpProxy:
         if mode not in ("close", "blackhole"):
             raise ValueError("mode is 'close' or 'blackhole'")
         self._call(self._cut(mode))
+
+    def blackhole(self) -> None:
+        """``cut("blackhole")``: the name the chaos tests use."""
+        self.cut("blackhole")
 
     def restore(self) -> None:
         self._call(self._restore())
@@ -168,3 +174,28 @@ def _abort(writer: asyncio.StreamWriter) -> None:
     transport = writer.transport
     if not transport.is_closing():
         transport.abort()
+
+
+# -- faults of the Redis server itself (a test-private redis-server: app.core.redis_server) ------
+
+def freeze(server: Any) -> None:
+    """Stop the redis-server process (SIGSTOP): connections stay open, nothing answers."""
+    os.kill(server.process.pid, signal.SIGSTOP)
+
+
+def thaw(server: Any) -> None:
+    os.kill(server.process.pid, signal.SIGCONT)
+
+
+def squeeze_memory(client: Any, margin: int = 64 * 1024) -> int:
+    """``maxmemory`` just above what Redis uses now, with ``noeviction``: writes that need
+    more memory are refused with OOM. ``client`` is a sync redis client. Returns the limit."""
+    used = int(client.info("memory")["used_memory"])
+    limit = used + margin
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", limit)
+    return limit
+
+
+def free_memory(client: Any) -> None:
+    client.config_set("maxmemory", 0)

@@ -32,7 +32,7 @@ ENGINES = ["arq", "dramatiq", "taskiq"]
 async def test_task_that_cancels_itself_fails_after_max_tries(engine: str, client: WorkerClient,
                                                               start_worker: Any) -> None:
     start_worker("contract", engine)
-    job = await client.enqueue("cancels_itself")
+    job = await client.enqueue("cancels_itself", _queue="contract")
     with pytest.raises(JobFailed) as failed:
         await job.result(30)
     assert failed.value.error_type == "TaskCancelled"

@@ -24,7 +24,10 @@ def test_extending_example(engine: str, env: dict[str, str], start_worker: Any, 
     (package / "queues").mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "queues" / "__init__.py").write_text("")
-    (package / "queues" / "reports.py").write_text(readme_block("queues/reports.py"))
+    reports = readme_block("queues/reports.py")
+    assert "/tmp/app-reports.db" in reports
+    # The example's database goes to this test's directory, not the shared /tmp.
+    (package / "queues" / "reports.py").write_text(reports.replace("/tmp/app-reports.db", str(tmp_path / "reports.db")))
     (package / "timing.py").write_text(readme_block("timing.py"))
     env.update({
         "PYTHONPATH": f"{tmp_path}:{ROOT}",

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis
 import typer
@@ -136,7 +136,7 @@ def dev(
         if not stop_requested:
             interruptible = True
             try:
-                _demo()
+                _demo(_hint_prefix(cfg, private=server is not None, backend=backend), once)
             finally:
                 interruptible = False
         if once or stop_requested:
@@ -165,7 +165,19 @@ def dev(
             server.cleanup()
 
 
-def _demo() -> None:
+def _hint_prefix(cfg: Any, *, private: bool, backend: str | None) -> str:
+    """What another terminal must set to reach the same Redis and engine: the private server's
+    URL, or the URL this process got from its environment (a `.env` in the same directory is
+    read there too, so it needs nothing); never a password."""
+    parts = []
+    if private or os.environ.get("REDIS_URL") or os.environ.get("REDIS_URL_LOCAL"):
+        parts.append(f"REDIS_URL={describe(cfg)}")
+    if backend:
+        parts.append(f"WORKER_BACKEND={backend}")
+    return " ".join(parts) + (" " if parts else "")
+
+
+def _demo(hint: str, once: bool) -> None:
     from app.components.worker.api import SyncWorkerClient
     from app.components.worker.events import read_events
 
@@ -195,9 +207,12 @@ def _demo() -> None:
                        f" worker={e['worker_id'] or '-'}{extra}")
     finally:
         client.close()
-    url = os.environ.get("REDIS_URL", "")
+    if once:
+        typer.echo("\n--once: the workers stop now. Run `app dev` without --once to keep them and enqueue "
+                   "from another terminal.")
+        return
     typer.echo(
         "\nenqueue more from another terminal:\n"
-        f"  REDIS_URL={url} app enqueue cpu_intensive_task --wait -- iterations=20000\n"
-        f"  REDIS_URL={url} app events --follow\n"
+        f"  {hint}app enqueue cpu_intensive_task --wait -- iterations=20000\n"
+        f"  {hint}app events --follow\n"
     )

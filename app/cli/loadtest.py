@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import os
 import sys
 import time
@@ -26,6 +27,7 @@ from app.components.worker.api import JobRequest, WorkerClient
 from app.components.worker.envelope import new_job_id
 from app.components.worker.events import read_events
 from app.components.worker.health import Thresholds, list_workers
+from app.components.worker.validation import validate_timeout
 from app.core.errors import AppError, ResultTimeout
 
 TASKS = {
@@ -213,7 +215,7 @@ def show(result: dict[str, Any], queue: str, engine: str, kind: str) -> None:
     def ms(p: dict[str, float | None]) -> str:
         return " / ".join("-" if p[k] is None else f"{p[k]:g}" for k in ("p50", "p95", "p99"))
 
-    console = Console(highlight=False)
+    console = Console(highlight=False) if sys.stdout.isatty() else Console(highlight=False, width=10_000)
     console.print(f"[bold]{result['jobs']}[/] {kind} jobs on queue {queue} ({engine}): "
                   f"{result['completed']} completed, {result['failed']} failed")
     console.print(f"enqueue     {result['enqueue_jobs_s'] or 0:,.0f} jobs/s")
@@ -243,6 +245,12 @@ def loadtest(
     """Enqueue JOBS jobs for the running workers of QUEUE, follow their events, report figures."""
     if type_ not in TASKS:
         fail(f"--type {type_!r} is invalid: use one of {', '.join(TASKS)}")
+    if rate is not None and not math.isfinite(rate):
+        fail(f"--rate must be a finite number of jobs per second, not {rate}")
+    try:
+        timeout = validate_timeout(timeout)
+    except AppError as exc:
+        fail(f"--timeout: {exc}")
     items = params or []
     stray = [item for item in items if item.startswith("--")]
     if stray:

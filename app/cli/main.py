@@ -40,4 +40,23 @@ cli.command()(loadtest.loadtest)
 
 
 def main() -> None:
-    cli()
+    """Run the CLI; a usage error (a bad flag value, a missing argument, an unknown command)
+    is one line on stderr and exit 2, like every other error, not a framed box."""
+    import sys
+
+    try:
+        code = cli(standalone_mode=False)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        code = 130
+    except typer.TyperException as exc:  # typer's click exceptions: usage errors and the like
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            typer.echo(ctx.get_help())
+            sys.exit(2)
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        sub = ctx is not None and ctx.parent is not None
+        hint = f" (see `app {ctx.info_name} --help`)" if sub else " (see `app --help`)"
+        typer.echo(f"error: {' '.join(str(message).split())}{hint}", err=True)
+        code = getattr(exc, "exit_code", 2)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -2,19 +2,50 @@
 
 from __future__ import annotations
 
+import sys
+from datetime import datetime
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from app.cli.common import print_json, run, settings
+from app.cli.common import fail, guarded, print_json, run, settings
 from app.components.worker.api import WorkerClient
-from app.components.worker.events import read_events
+from app.components.worker.events import TYPES, read_events
 from app.components.worker.health import Thresholds, list_workers
 from app.components.worker.keys import Keys
 
 JSON = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+PIPED_WIDTH = 10_000  # piped output is for grep/awk: never cut a table at 80 columns
+
+
+def console() -> Console:
+    """A console that wraps to the terminal, and does not cut tables when piped."""
+    return Console() if sys.stdout.isatty() else Console(width=PIPED_WIDTH)
+
+
+def local_time(ts: str | int | None) -> str:
+    """Unix ms as ISO local time with milliseconds (the table); --json keeps the raw ms."""
+    try:
+        return datetime.fromtimestamp(int(ts) / 1000).astimezone().isoformat(timespec="milliseconds")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return str(ts or "-")
+
+
+def _check_filters(queue: str | None, type_: str | None) -> None:
+    """Unknown filter values are a typo, not an empty result: say so and exit 2."""
+    if type_ is not None:
+        families = sorted({t.partition(".")[0] for t in TYPES})
+        if type_ not in TYPES and type_ not in families:
+            fail(f"unknown event type {type_!r}: use one of {', '.join(TYPES)} or a family ({', '.join(families)})")
+    if queue is not None:
+        from app.components.worker.registry import Registry
+
+        registry = Registry.discover(settings().queue_packages)
+        if queue not in registry.queues and queue not in registry.broken:
+            known = ", ".join(sorted([*registry.queues, *registry.broken])) or "none"
+            fail(f"unknown queue {queue!r}: known queues are {known}")
 
 
 def events(
@@ -28,6 +59,7 @@ def events(
     from app.core.redis import async_client, ping
 
     cfg = settings()
+    guarded(_check_filters)(queue, type_)
 
     async def body() -> int:
         redis = async_client(cfg)
@@ -40,7 +72,7 @@ def events(
                 else:
                     extra = f" {event['duration_ms']}ms" if event.get("duration_ms") else ""
                     err = f" {event['error']}" if event.get("error") else ""
-                    typer.echo(f"{event['ts']} {event['type']:<15} {event['queue']:<10} {event['backend']:<8} "
+                    typer.echo(f"{local_time(event['ts'])} {event['type']:<15} {event['queue']:<10} {event['backend']:<8} "
                                f"{event['job_id'] or '-'} {event['task'] or ''} #{event['attempt'] or '-'}"
                                f" {event['worker_id']}{extra}{err}")
         finally:
@@ -71,6 +103,8 @@ def workers(
     as_json: JSON = False,
 ) -> None:
     """Workers seen recently, with their health state by heartbeat age."""
+    if queue is not None:
+        guarded(_check_filters)(queue, None)
     rows = run(lambda: _workers(queue))
     if as_json:
         keys = ("worker_id", "queue", "engine", "state", "reason", "labels", "last_beat_age_s", "running", "done",
@@ -83,7 +117,7 @@ def workers(
         state = f"{r['state']} ({r['reason']})" if r.get("reason") and r["state"] != "stopped" else r["state"]
         table.add_row(r["worker_id"], r["queue"], r["engine"], state, f"{r['last_beat_age_s']:.1f}s",
                       str(r["running"]), str(r["done"]), str(r["failed"]), labels)
-    Console().print(table)
+    console().print(table)
 
 
 def queues(as_json: JSON = False) -> None:
@@ -104,12 +138,17 @@ def queues(as_json: JSON = False) -> None:
     if as_json:
         print_json(rows)
         return
-    table = Table("queue", "engine", "ready", "delayed", "running", "failed", "done/min", "failed/min", "workers")
+    broken = any(r.get("error") for r in rows)
+    columns = ["queue", "engine", "ready", "delayed", "running", "failed", "done/min", "failed/min", "workers"]
+    table = Table(*columns, *(["error"] if broken else []))
     for r in rows:
+        if r.get("error"):
+            table.add_row(r["queue"], "-", "-", "-", "-", "-", "-", "-", str(r["workers"]), r["error"])
+            continue
         table.add_row(r["queue"], r["engine"], str(r["ready"]), str(r["delayed"]), str(r["running"]),
                       str(r["failed"]), str(r["per_minute"]["completed"]), str(r["per_minute"]["failed"]),
-                      str(r["workers"]))
-    Console().print(table)
+                      str(r["workers"]), *([""] if broken else []))
+    console().print(table)
 
 
 def _age(row: dict) -> str:
@@ -118,6 +157,12 @@ def _age(row: dict) -> str:
 
 def health(queue: Annotated[str, typer.Argument(help="Queue to check.")]) -> None:
     """Exit 0 when at least one healthy worker serves QUEUE, else 1 with the reason (for health checks)."""
+    from app.components.worker.registry import Registry
+
+    guarded(_check_filters)(queue, None)
+    broken = Registry.discover(settings().queue_packages).broken.get(queue)
+    if broken is not None:
+        fail(broken.reason)
     rows = run(lambda: _workers(queue))
     healthy = [r for r in rows if r["state"] == "healthy"]
     if healthy:

@@ -49,7 +49,10 @@ def worker(
     if effective.processes == 1:
         run(cfg, registry, options)
     else:
+        from app.components.worker.engine_switch import ensure_engine_free
         from app.components.worker.supervisor import supervise
+
+        ensure_engine_free(cfg, spec.name, effective.engine)  # refused once, not per restarted child
 
         code = supervise(options, effective.processes)
         if code:

@@ -9,6 +9,7 @@ queue names are only known after discovery.
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from typing import Literal
 
@@ -72,6 +73,13 @@ class Settings(BaseSettings):
     environment: str = "development"
     app_env: str | None = None
 
+    @field_validator("redis_url", "redis_url_local")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_redis_url(value)
+        return value
+
     @field_validator("worker_backend", mode="before")
     @classmethod
     def _lower_backend(cls, value: object) -> object:
@@ -111,6 +119,31 @@ class Settings(BaseSettings):
         return value
 
 
+REDIS_URL_FORM = "redis://[user:password@]host[:port][/db] (or rediss://..., unix:///path/redis.sock)"
+
+
+def check_redis_url(url: str) -> None:
+    """Refuse what redis-py's ``from_url`` would refuse later with a traceback (or misread)."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url.strip())
+    if parsed.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"expected {REDIS_URL_FORM}")
+    try:
+        parsed.port  # noqa: B018 - raises on a port that is not a number in 0-65535
+    except ValueError:
+        raise ValueError(f"the port is not a number in 0-65535: expected {REDIS_URL_FORM}") from None
+    if parsed.scheme == "unix":
+        if not parsed.path:
+            raise ValueError(f"a unix URL needs a socket path: expected {REDIS_URL_FORM}")
+        return
+    if not parsed.hostname:
+        raise ValueError(f"no host: expected {REDIS_URL_FORM}")
+    db = parsed.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"the database {db!r} is not a number: expected {REDIS_URL_FORM}")
+
+
 def parse_labels(items: list[str]) -> dict[str, str]:
     labels: dict[str, str] = {}
     for item in items:
@@ -132,8 +165,10 @@ def load_settings(**overrides: object) -> Settings:
         first = exc.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else "?"
         value = first.get("input")
+        if field.startswith("redis_url") and isinstance(value, str):
+            value = re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", value)  # never echo a password
         raise ConfigError(
-            f"{field.upper()}={value!r} is invalid: {first['msg'].rstrip('.')}"
+            f"{field.upper()}={value!r} is invalid: {first['msg'].removeprefix('Value error, ').rstrip('.')}"
             f"{_accepts(field)}"
         ) from None
 

@@ -27,10 +27,10 @@ from typing import Any, NamedTuple, TypeVar
 from redis.exceptions import RedisError, ResponseError
 
 from app.components.worker import config as queue_config
+from app.components.worker.engine_switch import live_engine_beats
 from app.components.worker.engines import engine_class
 from app.components.worker.engines.base import EngineAdapter
 from app.components.worker.envelope import Envelope, new_job_id, new_run, now_ms
-from app.components.worker.health import live_engines
 from app.components.worker.keys import Keys
 from app.components.worker.middleware import MiddlewareChain, load_middleware
 from app.components.worker.registry import Registry
@@ -80,13 +80,17 @@ class WorkerClient:
         self.keys = Keys(self.settings.worker_key_prefix)
         self.redis = async_client(self.settings)
         self._enqueue_script = self.redis.register_script(scripts.source("enqueue"))
-        self._adapters: dict[str, EngineAdapter] = {}
+        self._adapters: dict[tuple[str, str], EngineAdapter] = {}
         self._global_middleware = load_middleware(self.settings.middleware_paths)
         self._chains: dict[str, MiddlewareChain] = {}
         self._engine_checked: dict[str, float] = {}
+        self._live: dict[str, dict[str, int]] = {}
 
     def engine_of(self, queue: str) -> str:
-        return queue_config.engine_for(self.registry.queue(queue), self.settings)
+        """The explicit engine (flag, WORKER_BACKEND*, WorkerSettings.backend), else the one the
+        queue's live workers announced at the last ``_check_engine``, else the default."""
+        explicit = queue_config.explicit_engine_for(self.registry.queue(queue), self.settings)
+        return queue_config.choose_engine(explicit, self._live.get(queue, {}), self.settings.worker_backend)
 
     def _chain(self, queue: str) -> MiddlewareChain:
         """Producer-side hooks (before/after enqueue): global middleware, then the queue's."""
@@ -100,18 +104,24 @@ class WorkerClient:
                 "kwargs": env.kwargs, "delay": delay}
 
     def _adapter(self, queue: str) -> EngineAdapter:
-        if queue not in self._adapters:
-            spec = self.registry.queue(queue)
-            cfg = queue_config.resolve(spec, self.settings)
-            self._adapters[queue] = engine_class(cfg.engine)(self.settings, self.keys, cfg)
-        return self._adapters[queue]
+        engine = self.engine_of(queue)
+        if (queue, engine) not in self._adapters:
+            cfg = queue_config.with_engine(queue_config.resolve(self.registry.queue(queue), self.settings), engine)
+            self._adapters[(queue, engine)] = engine_class(engine)(self.settings, self.keys, cfg)
+        return self._adapters[(queue, engine)]
 
-    async def _check_engine(self, queue: str, engine: str) -> None:
-        """Refuse to write into keys no live worker of this queue reads."""
+    async def _check_engine(self, queue: str) -> None:
+        """Learn the engines the queue's live workers announce (``engine_of`` follows them when
+        nothing explicit is set); refuse an explicit engine that no live worker reads."""
         checked = self._engine_checked.get(queue)
         if checked is not None and time.monotonic() - checked < ENGINE_CHECK_TTL_S:
             return
-        live = await live_engines(self.redis, self.keys, queue, self.settings.worker_offline_after)
+        try:
+            self._live[queue] = live = await live_engine_beats(
+                self.redis, self.keys, queue, self.settings.worker_offline_after)
+        except RedisError as exc:
+            raise explain(exc, self.settings) from None
+        engine = self.engine_of(queue)
         if live and engine not in live:
             served = ", ".join(sorted(live))
             var = "WORKER_BACKEND_" + queue.upper().replace("-", "_")
@@ -146,12 +156,12 @@ class WorkerClient:
     ) -> Job:
         delay = validate_delay(_delay) if _delay is not None else 0.0
         env, raw = self._envelope(task, args, kwargs, _queue, _job_id)
+        await self._check_engine(env.queue)
         engine = self.engine_of(env.queue)
         chain = self._chain(env.queue)
         view = self._hook_view(env, _delay)
         await chain.call("before_enqueue", view, job_id=env.id)
         try:
-            await self._check_engine(env.queue, engine)
             (flag,) = await self._accept([Accepting(env, raw, _delay_ms(delay), engine, _job_id is not None)])
         except RedisError as exc:
             raise self._refused(exc) from None
@@ -177,6 +187,7 @@ class WorkerClient:
         for req in requests:
             delay = validate_delay(req.delay) if req.delay is not None else 0.0
             env, raw = self._envelope(req.task, tuple(req.args), dict(req.kwargs), req.queue, req.job_id)
+            await self._check_engine(env.queue)
             prepared.append(Accepting(env, raw, _delay_ms(delay), self.engine_of(env.queue), req.job_id is not None))
         for env, *_ in prepared:
             chain = self._chain(env.queue)
@@ -184,8 +195,6 @@ class WorkerClient:
                 await chain.call("before_enqueue", self._hook_view(env, None), job_id=env.id)
         flags: list[int] = []
         try:
-            for queue, engine in {(p.env.queue, p.engine) for p in prepared}:
-                await self._check_engine(queue, engine)
             for start in range(0, len(prepared), ENQUEUE_CHUNK):
                 flags += await self._accept(prepared[start:start + ENQUEUE_CHUNK])
         except RedisError as exc:

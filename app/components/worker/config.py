@@ -6,7 +6,8 @@ and wins over all of these; that choice is made per job in the runtime.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from app.components.worker.registry import QueueSpec
@@ -39,16 +40,44 @@ def _first(*values: Any) -> Any:
     return None
 
 
-def engine_for(queue: QueueSpec, settings: Settings, cli_backend: str | None = None) -> str:
-    """CLI > WORKER_BACKEND_<QUEUE> > WORKER_BACKEND (when set) > WorkerSettings.backend > arq."""
+def explicit_engine_for(queue: QueueSpec, settings: Settings, cli_backend: str | None = None) -> str | None:
+    """The engine someone chose for this queue, if anyone did:
+    CLI > WORKER_BACKEND_<QUEUE> > WORKER_BACKEND (when set) > WorkerSettings.backend."""
     explicit_default = "worker_backend" in settings.model_fields_set
-    return _first(
+    return _first(  # type: ignore[no-any-return]
         cli_backend,
         settings.backend_for(queue.name),
         settings.worker_backend if explicit_default else None,
         queue.backend,
-        settings.worker_backend,
     )
+
+
+def choose_engine(explicit: str | None, live: Iterable[str] | Mapping[str, int], default: str) -> str:
+    """The engine a producer (or a reader of stats) uses for a queue.
+
+    An explicit choice wins (a disagreement with live workers is refused elsewhere, with a
+    message). With none, the producer follows the queue's live workers, so
+    ``app worker q --backend dramatiq`` plus a bare ``app enqueue`` just works. ``live`` maps
+    engine -> last beat (ms) or is a set; with several, the most recently announced wins
+    (several engines live on one queue is refused at worker start, but can show for one
+    heartbeat interval during a switch)."""
+    if explicit:
+        return explicit
+    if isinstance(live, Mapping):
+        if live:
+            return max(live, key=lambda engine: (live[engine], engine))
+        return default
+    engines = sorted(live)
+    return engines[0] if engines else default
+
+
+def engine_for(queue: QueueSpec, settings: Settings, cli_backend: str | None = None) -> str:
+    """The engine from settings alone: the explicit choice, else WORKER_BACKEND's default (arq)."""
+    return explicit_engine_for(queue, settings, cli_backend) or settings.worker_backend
+
+
+def with_engine(config: QueueConfig, engine: str) -> QueueConfig:
+    return replace(config, engine=engine)
 
 
 def _longest_timeout(queue: QueueSpec, timeout: float) -> float:

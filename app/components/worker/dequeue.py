@@ -1,12 +1,20 @@
-"""Cancelling waiting jobs (`app dequeue`): never a silent drop, always a terminal event."""
+"""Cancelling waiting jobs (`app dequeue`): never a silent drop, always a terminal event.
+
+The waiting jobs of a queue are found in the queue's own structures: its delayed set and
+the engines' keys of that queue (see ``engine_switch.waiting_pages``). The work is
+proportional to what waits in that queue, never to every job the layer keeps; one job
+(``--job``) costs a few commands whatever the backlog.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from app.components.worker import config as queue_config
-from app.components.worker.envelope import now_ms
+from app.components.worker.engine_switch import BATCH, delete_messages, waiting_pages
+from app.components.worker.envelope import Envelope, now_ms
 from app.components.worker.runtime import scripts
+from app.core.settings import ENGINES
 
 if TYPE_CHECKING:
     from app.components.worker.api import WorkerClient
@@ -14,28 +22,53 @@ if TYPE_CHECKING:
 REASON = "dequeued by operator"
 
 
-async def _waiting_ids(client: WorkerClient, queue: str) -> list[str]:
-    """Job ids of ``queue`` that wait (queued or delayed), from the layer's job records."""
-    ids = []
-    prefix = client.keys.job("")
-    async for key in client.redis.scan_iter(match=f"{prefix}*", count=1000):
-        name = key.decode() if isinstance(key, bytes) else key
-        q, status = await client.redis.hmget(name, "queue", "status")
-        if q is not None and q.decode() == queue and status in (b"queued", b"delayed"):
-            ids.append(name[len(prefix):])
-    return ids
+def _id_of(raw: bytes | str) -> str | None:
+    try:
+        return Envelope.decode(raw).id
+    except ValueError:
+        return None
 
 
 async def cancel_waiting(client: WorkerClient, queue: str, job_id: str | None = None) -> list[str]:
+    """Cancel one job of ``queue``, or every job waiting on it; returns the cancelled ids.
+    A cancelled job's message is also removed from the engine's keys when it is found there
+    (otherwise the worker skips it at claim)."""
     script = client.redis.register_script(scripts.source("cancel"))
     keep = queue_config.resolve(client.registry.queue(queue), client.settings).keep_result
-    ids = [job_id] if job_id else await _waiting_ids(client, queue)
-    cancelled = []
-    for jid in ids:
-        done = await script(
-            keys=[client.keys.job(jid), client.keys.delayed(queue), client.keys.result(jid), client.keys.events],
-            args=[jid, now_ms(), keep, client.settings.worker_events_maxlen, REASON],
-        )
-        if int(done):
-            cancelled.append(jid)
+    cancelled: list[str] = []
+
+    async def cancel(ids: list[str]) -> set[str]:
+        async with client.redis.pipeline(transaction=False) as pipe:
+            for jid in ids:
+                await script(
+                    keys=[client.keys.job(jid), client.keys.delayed(queue), client.keys.result(jid), client.keys.events],
+                    args=[jid, now_ms(), keep, client.settings.worker_events_maxlen, REASON], client=pipe,
+                )
+            replies = await pipe.execute()
+        done = [jid for jid, flag in zip(ids, replies, strict=True) if int(flag)]
+        cancelled.extend(done)
+        return set(done)
+
+    if job_id is not None:
+        owner = await client.redis.hget(client.keys.job(job_id), "queue")
+        if owner is not None and owner.decode() == queue:
+            await cancel([job_id])
+        return cancelled
+    cursor = 0
+    while True:  # delayed jobs: the cancel script removes them from the set
+        cursor, members = await client.redis.zscan(client.keys.delayed(queue), cursor, count=BATCH)
+        ids = list(dict.fromkeys(i for i in (_id_of(member) for member, _ in members) if i))
+        if ids:
+            await cancel(ids)
+        if int(cursor) == 0:
+            break
+    for engine in ENGINES:  # what the engines hold (all three: a switch may have left some)
+        async for page in waiting_pages(client.redis, client.keys, queue, engine):
+            refs = [(ref, Envelope.decode(message[1]).id) for ref, message in page if message is not None]
+            if not refs:
+                continue
+            done = await cancel(list(dict.fromkeys(jid for _, jid in refs)))
+            gone = [ref for ref, jid in refs if jid in done]
+            if gone:
+                await delete_messages(client.redis, client.keys, queue, engine, gone)
     return cancelled

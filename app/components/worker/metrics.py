@@ -16,27 +16,47 @@ from __future__ import annotations
 from typing import Any
 
 from app.components.worker import config as queue_config
+from app.components.worker.engine_switch import live_engine_beats, waiting_in
 from app.components.worker.engines import engine_class
 from app.components.worker.envelope import now_ms
 from app.components.worker.events import _decode
 from app.components.worker.health import Thresholds, list_workers
 from app.components.worker.keys import Keys
+from app.core.settings import ENGINES
 
 WINDOW_MS = 60_000
 
 
+RATE_SAMPLE = 10_000
+
+
 async def rates_last_minute(redis: Any, keys: Keys) -> dict[str, dict[str, int]]:
-    """Completed and failed per queue over the last minute, from the event stream."""
-    since = now_ms() - WINDOW_MS
+    """Completed and failed per queue over the last minute, from the event stream.
+
+    Reads at most ``RATE_SAMPLE`` of the newest events (newest first): under a load above
+    that many events a minute, the counts are scaled up from the span the sample covers,
+    so the command stays cheap however busy the queues are."""
+    now = now_ms()
+    since = now - WINDOW_MS
     rates: dict[str, dict[str, int]] = {}
-    entries = await redis.xrange(keys.events, min=f"{since}-0", max="+", count=1_000_000)
+    entries = await redis.xrevrange(keys.events, max="+", min=f"{since}-0", count=RATE_SAMPLE)
     for _, fields in entries:
         event = _decode(fields)
         kind = event.get("type")
         if kind in ("job.completed", "job.failed"):
             counts = rates.setdefault(event.get("queue", ""), {"completed": 0, "failed": 0})
             counts["completed" if kind == "job.completed" else "failed"] += 1
+    if len(entries) >= RATE_SAMPLE:
+        oldest = int(_text(entries[-1][0]).partition("-")[0])
+        scale = WINDOW_MS / max(1, now - oldest)
+        for counts in rates.values():
+            for kind in counts:
+                counts[kind] = round(counts[kind] * scale)
     return rates
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def running_jobs(workers: list[dict[str, Any]], queue: str) -> int:
@@ -48,7 +68,12 @@ def running_jobs(workers: list[dict[str, Any]], queue: str) -> int:
 
 
 async def queue_metrics(client: Any) -> list[dict[str, Any]]:
-    """One row per known queue; works with no worker running (it reads what waits)."""
+    """One row per known queue, O(queues): a few counts per queue, whatever waits.
+
+    Works with no worker running (it reads what waits). The engine shown is the explicit
+    choice, else the engine the live workers announce, else the one whose keys hold jobs.
+    A queue whose module is broken gets a row with its ``error`` (a key only such rows have)
+    and no counts."""
     settings = client.settings
     keys = client.keys
     thresholds = Thresholds.from_settings(settings)
@@ -56,7 +81,14 @@ async def queue_metrics(client: Any) -> list[dict[str, Any]]:
     rates = await rates_last_minute(client.redis, keys)
     rows = []
     for name, spec in sorted(client.registry.queues.items()):
-        cfg = queue_config.resolve(spec, settings)
+        live = await live_engine_beats(client.redis, keys, name, settings.worker_offline_after)
+        explicit = queue_config.explicit_engine_for(spec, settings)
+        if not explicit and not live:
+            # No one chose and no worker runs: show the engine whose keys hold the queue's jobs.
+            held = {engine: await waiting_in(client.redis, keys, name, engine) for engine in ENGINES}
+            live = {engine: count for engine, count in held.items() if count}
+        engine = queue_config.choose_engine(explicit, live, settings.worker_backend)
+        cfg = queue_config.with_engine(queue_config.resolve(spec, settings), engine)
         adapter = engine_class(cfg.engine)(settings, keys, cfg)
         try:
             stats = await adapter.stats()
@@ -70,5 +102,12 @@ async def queue_metrics(client: Any) -> list[dict[str, Any]]:
             "queue": name, "engine": cfg.engine, "ready": ready, "delayed": delayed,
             "running": running, "failed": stats.dead, "per_minute": rate,
             "workers": sum(1 for w in workers if w["queue"] == name and w["state"] == "healthy"),
+        })
+    for name, broken in sorted(client.registry.broken.items()):
+        rows.append({
+            "queue": name, "engine": None, "ready": None, "delayed": None, "running": None, "failed": None,
+            "per_minute": {"completed": 0, "failed": 0},
+            "workers": sum(1 for w in workers if w["queue"] == name and w["state"] == "healthy"),
+            "error": broken.reason,
         })
     return rows

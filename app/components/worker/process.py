@@ -14,10 +14,12 @@ import os
 import signal
 import threading
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.components.worker.config import resolve
+from app.components.worker.engine_switch import settle_engine
 from app.components.worker.engines import engine_class
 from app.components.worker.events import EventPublisher, EventPublishMiddleware
 from app.components.worker.health import Heartbeat, default_worker_id
@@ -50,6 +52,14 @@ async def _call_hook(hook: Any, ctx: WorkerContext) -> None:
         await result
 
 
+async def _step(what: str, step: Awaitable[Any]) -> None:
+    """One step of a graceful stop; a failure is logged and the stop goes on."""
+    try:
+        await step
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("while stopping: %s failed (%s: %s)", what, type(exc).__name__, exc)
+
+
 async def serve(settings: Settings, registry: Registry, options: WorkerOptions, stop: asyncio.Event) -> None:
     spec = registry.queue(options.queue)
     config = resolve(spec, settings, backend=options.backend, threads=options.threads, processes=1)
@@ -57,6 +67,7 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
     keys = Keys(settings.worker_key_prefix)
     redis = async_client(settings)
     await ping(redis, settings)
+    await settle_engine(redis, keys, settings, config, stop)  # one engine per queue; take over another's waiting jobs
 
     publisher = EventPublisher(redis, keys, settings.worker_events_maxlen)
     publisher.start()
@@ -93,21 +104,20 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
     finally:
         logger.info("worker %s stopping: finishing running jobs (grace %gs)", worker_id, settings.worker_shutdown_timeout)
         runtime.stopping = True
-        await reaper.stop()
-        await mover.stop()
-        await adapter.stop_fetching()
-        await runtime.drain(settings.worker_shutdown_timeout)
-        await adapter.close()
-        await chain.call("worker_stop", worker)
+        # Each step on its own: one Redis call that fails (a connection left dead by a
+        # partition) must not skip the drain, the hand-backs or the last heartbeat.
+        await _step("stop crash recovery", reaper.stop())
+        await _step("stop the delayed mover", mover.stop())
+        await _step("stop fetching", adapter.stop_fetching())
+        await _step("drain running jobs", runtime.drain(settings.worker_shutdown_timeout))
+        await _step("close the engine", adapter.close())
+        await _step("worker_stop middleware", chain.call("worker_stop", worker))
         if spec.on_shutdown is not None:
-            try:
-                await _call_hook(spec.on_shutdown, worker)
-            except Exception:  # noqa: BLE001
-                logger.exception("on_shutdown of queue %s failed", spec.name)
-        await heartbeat.stop()
-        await publisher.close()
+            await _step(f"on_shutdown of queue {spec.name}", _call_hook(spec.on_shutdown, worker))
+        await _step("last heartbeat", heartbeat.stop())
+        await _step("publish remaining events", publisher.close())
         runtime.close()
-        await redis.aclose()
+        await _step("close Redis", redis.aclose())
         logger.info("worker %s stopped: %d done, %d failed", worker_id, runtime.done, runtime.failed)
 
 

@@ -2,10 +2,18 @@
 
 A queue is a module in one of the queue packages (``WORKER_QUEUE_PACKAGES``, default
 ``app.components.worker.queues``). Its name is ``WorkerSettings.queue_name`` or the module name.
+
+A queue module that cannot be used (it fails to import, lists something that is not a
+function, misspells a setting) does not break the others: it is recorded as broken with a
+one-line reason, and only what is about that queue fails with that line (``app queues``
+lists it with its error). Unknown ``WorkerSettings`` attributes are refused, with the
+closest known name, because a misspelt ``max_job = 20`` silently ignored is a bug to find
+in production.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import pkgutil
@@ -21,6 +29,22 @@ from app.core.errors import ConfigError, UnknownQueue, UnknownTask
 from app.core.settings import ENGINES
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+# Every attribute a WorkerSettings may set; anything else is refused as a likely typo.
+SETTINGS_ATTRIBUTES = (
+    "functions", "queue_name", "max_jobs", "job_timeout", "max_tries", "keep_result", "backend",
+    "on_startup", "on_shutdown", "middleware",
+)
+_NUMBERS = {"max_jobs": (int, 1), "job_timeout": ((int, float), 0), "max_tries": (int, 1), "keep_result": (int, 1)}
+
+
+@dataclass(frozen=True)
+class BrokenQueue:
+    """A queue module that cannot be used, with the one line that says why."""
+
+    name: str
+    module: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -71,6 +95,7 @@ def _queue_from_module(module: Any) -> QueueSpec | None:
         return None
     short = module.__name__.rsplit(".", 1)[-1]
     name = getattr(ws, "queue_name", None) or short
+    _check_attributes(module.__name__, ws)
     if not NAME_RE.match(name):
         raise ConfigError(f"queue name {name!r} in {module.__name__} is invalid: use letters, digits, _ . -")
     backend = getattr(ws, "backend", None)
@@ -79,7 +104,14 @@ def _queue_from_module(module: Any) -> QueueSpec | None:
             f"{module.__name__}.WorkerSettings.backend={backend!r} is invalid: use one of {', '.join(ENGINES)}"
         )
     tasks: dict[str, TaskSpec] = {}
-    for func in getattr(ws, "functions", []):
+    functions = getattr(ws, "functions", [])
+    if isinstance(functions, (str, bytes)) or not hasattr(functions, "__iter__"):
+        raise ConfigError(f"{module.__name__}.WorkerSettings.functions must be a list of functions, "
+                          f"not {type(functions).__name__}")
+    for index, func in enumerate(functions):
+        if not callable(func):
+            raise ConfigError(f"{module.__name__}.WorkerSettings.functions[{index}] is {func!r} "
+                              f"({type(func).__name__}), not a function: list the function itself")
         opts = options_of(func)
         task_name = opts.name or func.__name__
         if task_name in tasks:
@@ -112,11 +144,41 @@ def _queue_from_module(module: Any) -> QueueSpec | None:
     )
 
 
-class Registry:
-    """Queues by name, and tasks by name across queues."""
+def _check_attributes(module: str, ws: Any) -> None:
+    """Refuse unknown (misspelt) settings and numbers that make no sense, naming them."""
+    klasses = inspect.getmro(ws)[:-1] if inspect.isclass(ws) else [type(ws), ws]
+    names = {n for klass in klasses for n in getattr(klass, "__dict__", {}) if not n.startswith("_")}
+    for attr in sorted(names - set(SETTINGS_ATTRIBUTES)):
+        close = difflib.get_close_matches(attr, SETTINGS_ATTRIBUTES, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known settings: {', '.join(SETTINGS_ATTRIBUTES)}"
+        raise ConfigError(f"{module}.WorkerSettings.{attr} is not a setting: {hint}")
+    for attr, (kind, low) in _NUMBERS.items():
+        value = getattr(ws, attr, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind) or value < low or value != value:
+            what = "an integer" if kind is int else "a number of seconds"
+            raise ConfigError(f"{module}.WorkerSettings.{attr}={value!r} is invalid: use {what} "
+                              f"{'>= ' + str(low) if kind is int else '> 0'}")
+        if kind is not int and value <= 0:
+            raise ConfigError(f"{module}.WorkerSettings.{attr}={value!r} is invalid: use a number of seconds > 0")
 
-    def __init__(self, queues: dict[str, QueueSpec]) -> None:
+
+def _import_error(module: str, exc: BaseException) -> str:
+    """One line for a module that failed to import: where, and what."""
+    if isinstance(exc, SyntaxError):
+        where = f" ({exc.filename}:{exc.lineno})" if exc.filename else ""
+        return f"queue module {module} cannot be imported: SyntaxError: {exc.msg}{where}"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"queue module {module} cannot be imported: {type(exc).__name__}: {text}"
+
+
+class Registry:
+    """Queues by name, and tasks by name across queues; broken queue modules by name."""
+
+    def __init__(self, queues: dict[str, QueueSpec], broken: dict[str, BrokenQueue] | None = None) -> None:
         self.queues = queues
+        self.broken = broken or {}
         self._by_task: dict[str, list[TaskSpec]] = {}
         self._by_func: dict[Any, TaskSpec] = {}
         for queue in queues.values():
@@ -127,31 +189,62 @@ class Registry:
     @classmethod
     def discover(cls, packages: list[str]) -> Registry:
         queues: dict[str, QueueSpec] = {}
+        broken: dict[str, BrokenQueue] = {}
+
+        def mark(name: str, module: str, reason: str) -> None:
+            broken.setdefault(name, BrokenQueue(name, module, reason))
+
         for package_name in packages:
             try:
                 package = importlib.import_module(package_name)
             except ImportError as exc:
-                raise ConfigError(f"queue package {package_name!r} cannot be imported: {exc}") from None
+                if getattr(exc, "name", None) and package_name.startswith(str(exc.name)):
+                    raise ConfigError(f"queue package {package_name!r} in WORKER_QUEUE_PACKAGES cannot be "
+                                      f"imported: {exc}") from None
+                raise ConfigError(_import_error(package_name, exc)) from None
+            except Exception as exc:  # noqa: BLE001 - any failure of user code is one line
+                raise ConfigError(_import_error(package_name, exc)) from None
             modules = [package]
             for info in pkgutil.iter_modules(getattr(package, "__path__", [])):
-                modules.append(importlib.import_module(f"{package_name}.{info.name}"))
+                path = f"{package_name}.{info.name}"
+                try:
+                    modules.append(importlib.import_module(path))
+                except Exception as exc:  # noqa: BLE001 - one broken module must not hide the others
+                    mark(info.name, path, _import_error(path, exc))
             for module in modules:
-                spec = _queue_from_module(module)
+                try:
+                    spec = _queue_from_module(module)
+                except ConfigError as exc:
+                    ws = getattr(module, "WorkerSettings", None)
+                    name = getattr(ws, "queue_name", None)
+                    name = name if isinstance(name, str) and name else module.__name__.rsplit(".", 1)[-1]
+                    mark(name, module.__name__, str(exc))
+                    continue
                 if spec is None:
                     continue
                 if spec.name in queues:
-                    raise ConfigError(
-                        f"queue {spec.name!r} is declared twice ({queues[spec.name].module}, {spec.module})"
-                    )
+                    mark(spec.name, spec.module,
+                         f"queue {spec.name!r} is declared twice ({queues[spec.name].module}, {spec.module})")
+                    continue
                 queues[spec.name] = spec
-        return cls(queues)
+        for name in broken:
+            queues.pop(name, None)  # a queue declared twice is broken as a whole
+        return cls(queues, broken)
 
     def queue(self, name: str) -> QueueSpec:
         try:
             return self.queues[name]
         except KeyError:
+            if name in self.broken:
+                raise ConfigError(self.broken[name].reason) from None
             known = ", ".join(sorted(self.queues)) or "none"
-            raise UnknownQueue(f"unknown queue {name!r}: known queues are {known}") from None
+            raise UnknownQueue(f"unknown queue {name!r}: known queues are {known}{self._broken_note()}") from None
+
+    def _broken_note(self) -> str:
+        if not self.broken:
+            return ""
+        names = ", ".join(sorted(self.broken))
+        return f" (queues not loaded because their module is broken: {names}; `app queues` says why)"
 
     def task(self, ref: str | Callable[..., Any], queue: str | None = None) -> TaskSpec:
         """Find a task by function or name; ``queue`` narrows the search and must hold it."""
@@ -160,6 +253,7 @@ class Registry:
             if spec is None:
                 raise UnknownTask(
                     f"{getattr(ref, '__qualname__', ref)!r} is not listed in any queue's WorkerSettings.functions"
+                    f"{self._broken_note()}"
                 )
             if queue is not None and spec.queue != queue:
                 self.queue(queue)
@@ -174,7 +268,7 @@ class Registry:
         candidates = self._by_task.get(ref, [])
         if not candidates:
             known = ", ".join(sorted(self._by_task)) or "none"
-            raise UnknownTask(f"unknown task {ref!r}: known tasks are {known}")
+            raise UnknownTask(f"unknown task {ref!r}: known tasks are {known}{self._broken_note()}")
         if len(candidates) > 1:
             names = ", ".join(c.queue for c in candidates)
             raise UnknownTask(f"task {ref!r} exists in several queues ({names}): name the queue (--queue Q, or _queue=\"Q\")")

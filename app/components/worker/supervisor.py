@@ -29,6 +29,8 @@ from app.core.lifeline import child_env
 
 logger = logging.getLogger(__name__)
 
+HARD_EXIT_GRACE_S = 2.0  # after a second signal, children still alive are killed
+
 
 @dataclass
 class Child:
@@ -65,6 +67,8 @@ def supervise(options: WorkerOptions, processes: int) -> int:
     stopping = False
     signals_seen = 0
 
+    hard_deadline: list[float] = []
+
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping, signals_seen
         signals_seen += 1
@@ -76,6 +80,10 @@ def supervise(options: WorkerOptions, processes: int) -> int:
                            signal.Signals(signum).name)
         if signals_seen > 2:
             return
+        if signals_seen == 2:
+            # Two SIGTERMs sent to a child in quick succession can merge into one pending
+            # signal, which it would take for the graceful one: kill what is left shortly after.
+            hard_deadline.append(time.monotonic() + HARD_EXIT_GRACE_S)
         for child in children:
             if child.process and child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
@@ -87,6 +95,10 @@ def supervise(options: WorkerOptions, processes: int) -> int:
     while True:
         alive = 0
         now = time.monotonic()
+        if hard_deadline and now >= hard_deadline[0]:
+            for child in children:
+                if child.process and child.process.poll() is None:
+                    child.process.kill()
         for child in children:
             proc = child.process
             if proc is not None and proc.poll() is None:

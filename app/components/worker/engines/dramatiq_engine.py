@@ -230,7 +230,10 @@ class Adapter(EngineAdapter):
             # they are, instead of each being claimed and handed back by the runtime.
             for thread in self._worker.workers:
                 thread.pause()
-            await asyncio.to_thread(self.broker.client.lpush, self.own_wake_key, b"1")
+            try:  # wakes this process's idle consumer at once; without it, it wakes within the idle wait
+                await asyncio.to_thread(self.broker.client.lpush, self.own_wake_key, b"1")
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("could not wake the idle consumer (%s); it stops within the idle wait", exc)
 
     async def close(self) -> None:
         if self._worker is not None:
