@@ -221,7 +221,8 @@ def test_app_dev_leaves_nothing_behind(sig: int, env: dict[str, str], tmp_path: 
 
     out = tmp_path / "dev.out"
     dev_env = {**env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}",  # nothing there: a private Redis
-               "WORKER_QUEUE_PACKAGES": "app.components.worker.queues", "WORKER_SHUTDOWN_TIMEOUT": "5"}
+               "WORKER_QUEUE_PACKAGES": "app.components.worker.queues", "WORKER_SHUTDOWN_TIMEOUT": "5",
+               "TMPDIR": str(tmp_path)}  # a SIGKILLed `app dev` cannot remove its Redis directory
     with out.open("wb") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "app", "dev"], env=dev_env, cwd=tmp_path,
                                 stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)

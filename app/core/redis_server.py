@@ -62,7 +62,7 @@ class RedisServer:
         self.password = password
         self.aof = aof
         self.extra = extra or []
-        self.dir = tempfile.mkdtemp(prefix="app-redis-")
+        self.dir: str | None = None  # made by start(): a server never started leaves no directory
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -73,6 +73,8 @@ class RedisServer:
         return f"redis://{auth}127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix="app-redis-")
         args = [
             find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", self.dir, "--save", "", "--daemonize", "no",
@@ -118,7 +120,9 @@ class RedisServer:
 
     def cleanup(self) -> None:
         self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
 
     def __enter__(self) -> RedisServer:
         return self.start()
