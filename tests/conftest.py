@@ -46,6 +46,20 @@ def wait_until(predicate: Callable[[], object], timeout: float = 20.0, interval:
         time.sleep(interval)
 
 
+async def until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "", interval: float = 0.02) -> Any:
+    """Await ``predicate()`` until it returns something truthy; fail after ``timeout``."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        assert loop.time() < deadline, f"timed out after {timeout}s waiting for {what or predicate}"
+        await asyncio.sleep(interval)
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer().start()

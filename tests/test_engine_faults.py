@@ -22,6 +22,7 @@ from app.components.worker.engines import engine_class
 from app.components.worker.envelope import DISPATCH_NAME
 from app.components.worker.events import read_events
 from app.core.errors import JobFailed
+from tests.conftest import until
 
 ENGINES = ["arq", "dramatiq", "taskiq"]
 TERMINAL = ("job.completed", "job.failed")
@@ -33,14 +34,7 @@ async def _events(client: WorkerClient, type_: str | None = None) -> list[dict[s
 
 
 async def _wait(predicate: Any, what: str, timeout: float = TIMEOUT) -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
+    return await until(predicate, timeout, what)
 
 
 async def _malformed(client: WorkerClient) -> list[dict[str, str]]:

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 from typing import Any
 
@@ -30,6 +29,7 @@ from app.components.worker.runtime.wrapper import JobRuntime
 from app.components.worker.validation import MAX_DEPTH
 from app.core.errors import DuplicateJob, InvalidOption, JobFailed, PayloadError, RedisUnavailable
 from app.core.redis_server import RedisServer
+from tests.conftest import until
 
 ENGINES = ["arq", "dramatiq", "taskiq"]
 RESULT_TIMEOUT = 30
@@ -48,14 +48,7 @@ async def trail(client: WorkerClient, job_id: str) -> list[dict[str, str]]:
 
 
 async def wait_for(check: Any, what: str, timeout: float = RESULT_TIMEOUT) -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
+    return await until(check, timeout, what)
 
 
 def adapter_of(client: WorkerClient, engine: str) -> Any:

@@ -43,7 +43,7 @@ from app.components.worker.runtime.context import JobContext, WorkerContext
 from app.components.worker.runtime.store import JobStore
 from app.components.worker.runtime.wrapper import JobRuntime
 from app.core.redis_server import RedisServer
-from tests.conftest import ENGINES, ROOT, wait_until
+from tests.conftest import ENGINES, ROOT, until, wait_until
 from tests.faults import TcpProxy, free_port
 
 FAST = {"worker_offline_after": "2", "worker_heartbeat_interval": "0.2"}
@@ -53,15 +53,6 @@ CUT_S = 3.0  # how long the partition lasts at least
 DELAYED_TIMEOUT = 15  # generous for a 1 s delay, far below the 60 s a skewed clock would add
 
 
-async def until(predicate: Any, timeout: float = TIMEOUT, what: str = "") -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        assert loop.time() < deadline, f"timed out after {timeout}s waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def events(client: WorkerClient) -> list[tuple[str, dict[str, str]]]:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from app.components.worker.api import WorkerClient
+from tests.conftest import until
 from tests.test_contract import wait_trail
 
 pytestmark = pytest.mark.parametrize("engine", ["arq", "dramatiq", "taskiq"])
@@ -27,15 +28,6 @@ async def client(make_settings: Any, engine: str) -> Any:
     await c.close()
 
 
-async def until(predicate: Any, timeout: float = TIMEOUT, what: str = "") -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def job_field(client: WorkerClient, job_id: str, field: str) -> str | None:

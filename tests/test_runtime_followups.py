@@ -32,21 +32,13 @@ from app.components.worker.runtime.context import WorkerContext
 from app.components.worker.runtime.delayed import DelayedMover
 from app.components.worker.runtime.store import JobStore
 from app.components.worker.runtime.wrapper import JobRuntime
+from tests.conftest import until
 
 ENGINES = ["arq", "dramatiq", "taskiq"]
 TERMINAL = ("job.completed", "job.failed")
 TIMEOUT = 30
 
 
-async def until(predicate: Any, timeout: float = TIMEOUT, what: str = "") -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        assert loop.time() < deadline, f"timed out after {timeout}s waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 class InProcess:
