@@ -318,7 +318,7 @@ def test_cli_against_a_blackholed_redis_is_one_line_after_the_socket_timeout(env
 
 async def test_a_cancelled_redis_call_is_never_swallowed(make_settings: Any) -> None:
     """With socket_timeout set, redis-py writes through asyncio.wait_for, which on Python 3.11
-    drops a cancellation that lands as the write completes (app.core.redis_cancel fixes it)."""
+    drops a cancellation that lands as the write completes (app.core.redis_cancel avoids wait_for)."""
     from app.core.redis import async_client
 
     client = async_client(make_settings())
