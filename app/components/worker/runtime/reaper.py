@@ -45,6 +45,10 @@ class Reaper:
         self.queue = runtime.queue.name
         self.me = runtime.worker.instance
         self.interval = max(0.1, min(1.0, offline_after / 4))
+        # A reaper killed mid-pass must not hold back the rest of a dead instance's jobs for
+        # long: its lock lapses after the offline threshold (5 s at least). A pass that outlives
+        # it may meet a second reaper; both are safe, since every recovery is a compare-and-set.
+        self.lock_ms = int(max(5.0, offline_after) * 1000)
         self.recovered = 0
         self._offline = redis.register_script(scripts.source("offline"))
         self._forget = redis.register_script(scripts.source("forget"))
@@ -81,7 +85,7 @@ class Reaper:
             if queue != self.queue or instance == self.me:
                 continue
             lock = self.keys.lock(f"reap:{instance}")
-            if not await self.redis.set(lock, self.me, nx=True, px=60_000):
+            if not await self.redis.set(lock, self.me, nx=True, px=self.lock_ms):
                 continue
             try:
                 count += await self._reap(instance, int(age_ms) / 1000)
