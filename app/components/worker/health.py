@@ -167,7 +167,7 @@ class Heartbeat:
 
 def describe_beat_error(exc: BaseException) -> str:
     """Why a beat failed, in words an operator acts on."""
-    if isinstance(exc, OutOfMemoryError) or str(exc).startswith("OOM "):
+    if isinstance(exc, OutOfMemoryError) or str(exc).startswith("OOM ") or "-OOM command not allowed" in str(exc):
         return (f"{OOM_REASON}: {exc}. This worker looks offline to `app workers` until a beat is "
                 "written again: free memory in Redis or raise maxmemory")
     return f"{type(exc).__name__}: {exc}"
