@@ -58,6 +58,57 @@ class Keys:
     def lock(self, name: str) -> str:
         return f"{self.prefix}:lock:{name}"
 
+    # Keys of one queue's routing and dead letters carry the queue's hash tag ``{<queue>}``,
+    # so on Redis Cluster all of them land in one slot and a script may touch several.
+
+    def of_queue(self, queue: str, what: str) -> str:
+        """``<prefix>:{<queue>}:<what>``: a key of one queue, in that queue's hash slot."""
+        return f"{self.prefix}:{{{queue}}}:{what}"
+
+    def route(self, queue: str) -> str:
+        """Hash of the queue's routing state: ``paused`` (1 while paused), ``routed`` (1 once any
+        job of the queue needed routing: from then on every job goes through admission)."""
+        return self.of_queue(queue, "route")
+
+    def ready(self, queue: str, group: str = "") -> str:
+        """Sorted set of routed envelopes waiting for a worker of ``group`` ('' = the default
+        group), scored by priority band then sequence: strict priority, FIFO within a level."""
+        return self.of_queue(queue, f"ready:{group or '-'}")
+
+    def ready_selector(self, queue: str, selector: str) -> str:
+        """Like ``ready`` for jobs that target a label selector (canonical ``k=v,k=v``)."""
+        return self.of_queue(queue, f"ready-sel:{selector}")
+
+    def selectors(self, queue: str) -> str:
+        """Set of the label selectors that have (or had) a ready set in the queue."""
+        return self.of_queue(queue, "selectors")
+
+    def sequence(self, queue: str) -> str:
+        """Counter giving routed entries their FIFO order."""
+        return self.of_queue(queue, "seq")
+
+    def ready_wake(self, queue: str) -> str:
+        """List of wake-up tokens for the queue's admitters (a routed job became ready, a lease
+        was freed, the queue was resumed)."""
+        return self.of_queue(queue, "ready-wake")
+
+    def leases(self, queue: str) -> str:
+        """Hash job id -> instance: the jobs of the queue running now under ``max_concurrency``."""
+        return self.of_queue(queue, "leases")
+
+    def members(self, queue: str) -> str:
+        """Hash instance -> JSON {group, labels} of the queue's worker instances (for targets)."""
+        return self.of_queue(queue, "members")
+
+    def rate(self, queue: str, task: str) -> str:
+        """Sorted set of recent starts of one rate-limited task (a sliding window)."""
+        return self.of_queue(queue, f"rate:{task}")
+
+    def dead(self, queue: str) -> str:
+        """Sorted set of job ids that ended failed after their last attempt, scored by the
+        finish time (ms, Redis's clock); kept ``WORKER_DEAD_TTL_SECONDS``."""
+        return self.of_queue(queue, "dead")
+
     def engine_namespace(self, engine: str) -> str:
         """Where an engine keeps its own keys, so one prefix isolates a whole deployment."""
         return f"{self.prefix}:{engine}"
