@@ -6,6 +6,7 @@ import typer
 
 from app.cli import dev, jobs, loadtest, monitor, worker
 from app.cli.common import fail
+from app.cli.workflow import workflow_cli
 from app.core.errors import AppError
 from app.core.settings import get_settings
 
@@ -37,6 +38,7 @@ cli.command()(monitor.events)
 cli.command()(monitor.health)
 cli.command()(dev.dev)
 cli.command()(loadtest.loadtest)
+cli.add_typer(workflow_cli)
 
 
 def main() -> None:

@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     worker_delay_poll_seconds: float = Field(default=1.0, gt=0)
     worker_idle_poll_ms: float | None = Field(default=None, gt=0)
 
+    # Workflows (app/components/workflows): how long an ended run is kept, how often one
+    # process sweeps the active runs, and whether worker processes advance runs at all.
+    workflow_keep_seconds: int = Field(default=7 * 24 * 3600, ge=1)
+    workflow_sweep_seconds: float = Field(default=2.0, gt=0)
+    workflow_reconciler: bool = True
+
     environment: str = "development"
     app_env: str | None = None
 

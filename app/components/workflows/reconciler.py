@@ -1,0 +1,213 @@
+"""Advances workflow runs; any number of them may run, in any process, and any may die.
+
+Two ways a run gets advanced, both idempotent:
+
+- events: a consumer group (``workflows``) on the layer's events stream. A ``job.completed``
+  or ``job.failed`` of a step job (its id names the run, ``wf:<run>:<step>...``) or a
+  ``workflow.*`` event of a child run (it names its parent) advances that run, and the entry
+  is acked only after. Entries left pending by a consumer that died are claimed back with
+  XAUTOCLAIM. While no run is active, the stream is not read at all.
+- a sweep: every ``WORKFLOW_SWEEP_SECONDS`` one process (a lock) advances every active run,
+  reading step results directly, so a trimmed stream or a crash never strands a run, and a
+  step's timeout or a queued run's free slot is noticed.
+
+Advancing a run is a pass under the run's lock (``enter.lua``/``leave.lua``): a caller that
+finds it locked marks the run dirty and the holder goes again, so no wake-up is lost and two
+processes never both start a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+from redis.exceptions import RedisError, ResponseError
+
+from app.components.worker.api import WorkerClient
+from app.components.workflows.advance import Advancer
+from app.components.workflows.keys import GROUP, FlowKeys
+from app.components.workflows.scripts import script
+from app.components.workflows.state import parse_job_id
+from app.core.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+LEASE_MS = 15_000
+CLAIM_IDLE_MS = 30_000
+BATCH = 500
+
+
+class Runner:
+    """Advances one run at a time, under its lock (what the CLI and the reconciler share)."""
+
+    def __init__(self, client: WorkerClient, keep_seconds: int) -> None:
+        self.client = client
+        self.redis = client.redis
+        self.fk = FlowKeys(client.keys)
+        self.advancer = Advancer(client, keep_seconds)
+        self.token = uuid.uuid4().hex
+        self._enter = script(self.redis, "enter")
+        self._leave = script(self.redis, "leave")
+
+    async def enter(self, run_id: str) -> bool:
+        return bool(await self._enter(keys=[self.fk.lock(run_id), self.fk.dirty(run_id)],
+                                      args=[self.token, LEASE_MS]))
+
+    async def leave(self, run_id: str) -> int:
+        return int(await self._leave(keys=[self.fk.lock(run_id), self.fk.dirty(run_id)], args=[self.token]))
+
+    async def advance(self, run_id: str) -> None:
+        """Advance a run (and the runs that pass wakes: children, a parent) until nothing is
+        left to do; a run locked by another process is left to it (it goes again)."""
+        todo = [run_id]
+        while todo:
+            current = todo.pop(0)
+            for _ in range(100):  # a run that keeps getting dirty is left to the next wake-up
+                if not await self.enter(current):
+                    break
+                try:
+                    todo += await self.advancer.run_pass(current, self.token)
+                finally:
+                    again = await self.leave(current)
+                if again != 1:
+                    break
+
+
+class Reconciler:
+    """The background side: event consumer and sweep (see the module docstring)."""
+
+    def __init__(self, settings: Settings, client: WorkerClient | None = None, *, consumer: str | None = None,
+                 sweep_seconds: float | None = None, own_client: bool = False) -> None:
+        self.settings = settings
+        self.client = client or WorkerClient(settings)
+        self._own_client = own_client or client is None
+        self.runner = Runner(self.client, settings.workflow_keep_seconds)
+        self.redis = self.client.redis
+        self.keys = self.client.keys
+        self.fk = FlowKeys(self.keys)
+        self.consumer = consumer or f"reconciler-{uuid.uuid4().hex[:8]}"
+        self.sweep_seconds = sweep_seconds or settings.workflow_sweep_seconds
+        self._tasks: list[asyncio.Task[None]] = []
+        self._active = asyncio.Event()
+        self._stopping = False
+
+    def start(self) -> Reconciler:
+        self._tasks = [asyncio.create_task(self._sweep_loop(), name="workflow-sweep"),
+                       asyncio.create_task(self._consume_loop(), name="workflow-events")]
+        return self
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self.redis.xgroup_delconsumer(self.keys.events, GROUP, self.consumer)
+        except RedisError:
+            pass
+        if self._own_client:
+            await self.client.close()
+
+    async def _guarded(self, what: str, coro: Any) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one failing run or Redis hiccup must not stop the loop
+            logger.warning("workflows: %s failed (%s: %s)", what, type(exc).__name__, exc)
+
+    async def sweep(self) -> int:
+        """Advance every active run once; returns how many there were."""
+        runs = [r.decode() for r in await self.redis.smembers(self.fk.active)]
+        for run_id in runs:
+            await self._guarded(f"advancing run {run_id}", self.runner.advance(run_id))
+        return len(runs)
+
+    async def _sweep_loop(self) -> None:
+        lease = max(100, int(self.sweep_seconds * 900))
+        while True:
+            try:
+                active = await self.redis.scard(self.fk.active)
+                if active:
+                    self._active.set()
+                    if await self.redis.set(self.fk.sweep, self.consumer, nx=True, px=lease):
+                        await self.sweep()
+                else:
+                    self._active.clear()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("workflows: sweep failed (%s: %s)", type(exc).__name__, exc)
+            await asyncio.sleep(self.sweep_seconds)
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.keys.events, GROUP, id="$", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _consume_loop(self) -> None:
+        was_active = False
+        since_claim = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                if not self._active.is_set():
+                    was_active = False
+                    await self._active.wait()
+                if not was_active:
+                    await self._ensure_group()
+                    was_active = True
+                if loop.time() - since_claim > CLAIM_IDLE_MS / 1000:
+                    since_claim = loop.time()
+                    await self._claim_abandoned()
+                reply = await self.redis.xreadgroup(GROUP, self.consumer, {self.keys.events: ">"},
+                                                    count=BATCH, block=1000)
+                for _, entries in reply or []:
+                    await self._handle(entries)
+            except asyncio.CancelledError:
+                raise
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    was_active = False
+                    continue
+                logger.warning("workflows: reading events failed (%s)", exc)
+                await asyncio.sleep(1.0)
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("workflows: reading events failed (%s: %s)", type(exc).__name__, exc)
+                await asyncio.sleep(1.0)
+
+    async def _claim_abandoned(self) -> None:
+        """Entries a dead consumer read but never acked: handle them here."""
+        start = "0-0"
+        for _ in range(100):
+            reply = await self.redis.xautoclaim(self.keys.events, GROUP, self.consumer, CLAIM_IDLE_MS,
+                                                start_id=start, count=BATCH)
+            start, entries = reply[0], reply[1]
+            if entries:
+                await self._handle(entries)
+            if start in (b"0-0", "0-0"):
+                return
+
+    async def _handle(self, entries: list[Any]) -> None:
+        runs: list[str] = []
+        for _, fields in entries:
+            if not fields:
+                continue
+            kind = fields.get(b"type", b"").decode()
+            if kind in ("job.completed", "job.failed"):
+                found = parse_job_id(fields.get(b"job_id", b"").decode())
+                if found and found[0] not in runs:
+                    runs.append(found[0])
+            elif kind.startswith("workflow."):
+                parent = fields.get(b"parent", b"").decode()
+                if parent and parent not in runs:
+                    runs.append(parent)
+        for run_id in runs:
+            await self._guarded(f"advancing run {run_id}", self.runner.advance(run_id))
+        ids = [entry_id for entry_id, _ in entries]
+        if ids:
+            await self.redis.xack(self.keys.events, GROUP, *ids)
