@@ -219,7 +219,7 @@ async def test_retry_reruns_only_from_the_failed_step(flows: Workflows, tmp_path
         Step("first", task="append_line", queue="flows", kwargs={"path": str(log), "line": "first"}),
         Step("gate", task="fail_unless_file", queue="flows_b", kwargs={"path": str(marker)}, depends="first"),
         Step("items", task="fail_unless_file", queue="flows_c", parallel=[0, 1],
-             kwargs={"path": f"{marker}" + "${ITEM}"}, continue_on={"failure": False}),
+             kwargs={"path": f"{marker}" + "${ITEM}"}, depends="gate"),
         Step("last", task="append_line", queue="flows", kwargs={"path": str(log), "line": "last"},
              depends=["gate", "items"]),
     ])
@@ -228,14 +228,19 @@ async def test_retry_reruns_only_from_the_failed_step(flows: Workflows, tmp_path
     view = await flows.wait(run_id, TIMEOUT)
     assert view["status"] == "failed"
     assert view["steps"]["first"]["state"] == "completed" and view["steps"]["gate"]["state"] == "failed"
-    assert view["steps"]["items"]["items"]["done"] == 1
+    assert view["steps"]["items"]["state"] == "pending"
     marker.write_text("")
+    await flows.retry(run_id)  # gate passes now; item 1 of items fails
+    view = await flows.wait(run_id, TIMEOUT)
+    assert view["status"] == "failed" and view["steps"]["items"]["items"]["done"] == 1
+    assert view["steps"]["gate"]["state"] == "completed"
     (tmp_path / "marker1").write_text("")
-    await flows.retry(run_id)
+    await flows.retry(run_id)  # only item 1 runs again
     view = await flows.wait(run_id, TIMEOUT)
     assert view["status"] == "completed", (view["error"], {k: (s["state"], s["error"]) for k, s in view["steps"].items()})
     assert log.read_text().splitlines() == ["first", "last"]
     assert view["steps"]["gate"]["attempt"] == 2 and view["steps"]["gate"]["unit"] == f"wf:{run_id}:gate@2.1"
+    assert view["steps"]["first"]["unit"] == f"wf:{run_id}:first"
     assert view["steps"]["items"]["output"] == ["ok", "ok"]
     item_runs = [e["job_id"] for e in await events_of(flows, run_id) if e["type"] == "job.completed"
                  and e["job_id"].startswith(f"wf:{run_id}:items:")]

@@ -116,7 +116,10 @@ def _step(doc: _Doc, raw: Any, index: int, base: Path, seen: dict[Path, Workflow
         retry, interval = retry.get("limit", 0), retry.get("interval_sec", 0.0)
     run = raw.get("run")
     if isinstance(run, str) and run.endswith((".yaml", ".yml")):
-        child = load_file(base / run, seen=seen, extra=extra)
+        try:
+            child = load_file(base / run, seen=seen, extra=extra)
+        except WorkflowError as exc:
+            raise doc.error(str(exc), step=label, field="run") from None
         run = child.name
     elif run is not None and not isinstance(run, str):
         raise doc.error("must be a workflow file (.yaml), a workflow name, or a reference", step=label, field="run")
