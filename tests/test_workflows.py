@@ -114,15 +114,8 @@ async def test_fork_join_and_map_reduce_with_max_concurrent(flows: Workflows, qu
     assert view["steps"]["map"]["items"]["done"] == 8
     # max_concurrent from the events: items between their enqueue and their end, never over 3.
     events = [e for e in await events_of(flows, run_id) if e.get("job_id", "").startswith(f"wf:{run_id}:map:")]
-    live, peak = 0, 0
-    for e in events:
-        if e["type"] == "job.enqueued":
-            live += 1
-        elif e["type"] in ("job.completed", "job.failed"):
-            live -= 1
-        peak = max(peak, live)
     assert sum(e["type"] == "job.completed" for e in events) == 8
-    assert 1 <= peak <= 3
+    assert 1 <= _peak(events, f"wf:{run_id}:map:") <= 3
     assert {e["backend"] for e in events if e["type"] == "job.started"} == {ENGINE_OF[queue]}
     types = [e["type"] for e in await events_of(flows, run_id) if e.get("run_id") == run_id]
     assert types == ["workflow.started", "workflow.completed"]
@@ -245,6 +238,47 @@ async def test_retry_reruns_only_from_the_failed_step(flows: Workflows, tmp_path
     item_runs = [e["job_id"] for e in await events_of(flows, run_id) if e["type"] == "job.completed"
                  and e["job_id"].startswith(f"wf:{run_id}:items:")]
     assert sorted(item_runs) == [f"wf:{run_id}:items:0", f"wf:{run_id}:items:1@2.1"]  # item 0 ran once
+
+
+def _peak(events: list[dict[str, str]], prefix: str, but: str = "") -> int:
+    """Most jobs (ids starting with ``prefix``) between their enqueue and their end at once."""
+    live, peak = 0, 0
+    for e in events:
+        if not e.get("job_id", "").startswith(prefix) or (but and but in e["job_id"]):
+            continue
+        live += {"job.enqueued": 1, "job.completed": -1, "job.failed": -1}.get(e["type"], 0)
+        peak = max(peak, live)
+    return peak
+
+
+async def test_limits_step_retry_and_timeout(flows: Workflows, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    wf = Workflow("limited", max_active_runs=1, max_active_steps=2, steps=[
+        Step("hold", task="hold_until_file", queue="flows", kwargs={"path": str(gate)}),
+        *[Step(f"x{i}", task="square", queue="flows_b", kwargs={"x": i, "ms": 20}) for i in range(4)],
+        Step("flaky", task="fails_before", queue="flows_c", kwargs={"path": str(tmp_path / "n"), "tries": 3},
+             retry=2, retry_interval=0.05),
+        Step("late", task="hold_until_file", queue="flows", kwargs={"path": str(tmp_path / "never"), "timeout": 3},
+             timeout=0.3, continue_on={"failure": True}),
+    ])
+    first = await flows.start(wf)
+    second = await flows.start(wf)
+    assert (await flows.status(second))["status"] == "queued"  # max_active_runs=1
+    gate.write_text("")
+    view = await flows.wait(first, TIMEOUT)
+    assert view["status"] == "completed", view
+    assert view["steps"]["flaky"]["output"] == 3
+    assert view["steps"]["late"]["state"] == "failed" and "StepTimeout" in view["steps"]["late"]["error"]
+    assert (await flows.wait(second, TIMEOUT))["status"] == "completed"
+    events = await events_of(flows, first)
+    # max_active_steps=2 (a step that timed out no longer counts, though its job may run on)
+    assert _peak(events, f"wf:{first}:", but=":late") <= 2
+    flaky = [e["job_id"] for e in events if e["type"] == "job.enqueued" and ":flaky" in e["job_id"]]
+    assert flaky == [f"wf:{first}:flaky", f"wf:{first}:flaky@1.2", f"wf:{first}:flaky@1.3"]
+    ends = {e["run_id"]: e["id"] for e in await events_of(flows, first) + await events_of(flows, second)
+            if e["type"] in ("workflow.started", "workflow.completed") and e["type"].endswith(
+                "completed" if e["run_id"] == first else "started")}
+    assert ends[first] < ends[second]  # the second run started after the first ended
 
 
 async def test_cancel_starts_nothing_more(flows: Workflows, tmp_path: Path) -> None:

@@ -45,6 +45,16 @@ async def fail_unless_file(path: str) -> str:
     return "ok"
 
 
+async def fails_before(path: str, tries: int) -> int:
+    """Fails (for good: no retry of the job) until called ``tries`` times: a step's ``retry``."""
+    with open(path, "a") as fh:
+        fh.write("x\n")
+    count = len(Path(path).read_text().splitlines())
+    if count < tries:
+        raise PermanentError(f"call {count} of {tries}")
+    return count
+
+
 async def append_line(path: str, line: str = "x") -> str:
     with open(path, "a") as fh:
         fh.write(f"{line}\n")
@@ -69,7 +79,8 @@ async def hold_until_file(path: str, timeout: float = 30.0) -> str:
     return "released"
 
 
-FUNCTIONS = [split, square, total, join, where, fail, fail_unless_file, append_line, kill_once, hold_until_file]
+FUNCTIONS = [split, square, total, join, where, fail, fail_unless_file, fails_before, append_line, kill_once,
+             hold_until_file]
 
 
 class WorkerSettings:

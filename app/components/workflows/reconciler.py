@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 LEASE_MS = 15_000
 CLAIM_IDLE_MS = 30_000
 BATCH = 500
+SKIP_BACKLOG_MS = 60_000
 
 
 class Runner:
@@ -143,11 +144,27 @@ class Reconciler:
             await asyncio.sleep(self.sweep_seconds)
 
     async def _ensure_group(self) -> None:
+        """The group exists, and does not start with a backlog: while no run was active nobody
+        read the stream, and events older than ``SKIP_BACKLOG_MS`` behind the newest concern
+        no run that the sweep would not advance anyway. A group read lately is left alone (other
+        reconcilers are reading it)."""
         try:
             await self.redis.xgroup_create(self.keys.events, GROUP, id="$", mkstream=True)
+            return
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        groups = await self.redis.xinfo_groups(self.keys.events)
+        newest = await self.redis.xrevrange(self.keys.events, count=1)
+        for group in groups:
+            name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
+            if name != GROUP or not newest:
+                continue
+            last = group["last-delivered-id"]
+            last_ms = int((last.decode() if isinstance(last, bytes) else last).split("-")[0])
+            newest_id = newest[0][0].decode() if isinstance(newest[0][0], bytes) else newest[0][0]
+            if int(newest_id.split("-")[0]) - last_ms > SKIP_BACKLOG_MS:
+                await self.redis.xgroup_setid(self.keys.events, GROUP, id=newest_id)
 
     async def _consume_loop(self) -> None:
         was_active = False
