@@ -126,7 +126,7 @@ class Pass:
 
     # --- the pass --------------------------------------------------------------------------
 
-    async def run(self, raw_states: list[bytes | None]) -> None:
+    async def run(self, raw_states: list[bytes | None], finished: set[str] | None = None) -> None:
         steps = self.wf.steps
         for s, raw in zip(steps, raw_states, strict=True):
             self.states[s.name] = load_state(raw)
@@ -134,8 +134,11 @@ class Pass:
             return
         self.now = await self.a.now_ms()
         units = self.units_in_flight()
-        outcomes = await self.a.read_units(self.run_id, units)
-        for unit, outcome in zip(units, outcomes, strict=True):
+        # Read only the units the events said ended (when known), plus any with a timeout to check.
+        read = units if finished is None else [
+            u for u in units if u.id(self.run_id) in finished or self.wf.step(u.step).timeout is not None]
+        outcomes = await self.a.read_units(self.run_id, read)
+        for unit, outcome in zip(read, outcomes, strict=True):
             await self.apply(unit, outcome)
         if self.cancel and self.status == "running":
             self.status = "cancelling"
@@ -465,6 +468,7 @@ class Advancer:
         self.keep_seconds = keep_seconds
         self._definitions: dict[str, dict[str, Workflow]] = {}
         self._raw: dict[str, bytes | str] = {}
+        self._names: dict[str, str] = {}
         from app.components.workflows.scripts import script
 
         self._commit = script(self.redis, "commit")
@@ -474,6 +478,7 @@ class Advancer:
     def forget(self, run_id: str) -> None:
         self._definitions.pop(run_id, None)
         self._raw.pop(run_id, None)
+        self._names.pop(run_id, None)
 
     async def now_ms(self) -> int:
         sec, usec = await self.redis.time()
@@ -490,6 +495,7 @@ class Advancer:
             if len(self._definitions) > 10_000:
                 self._definitions.clear()
                 self._raw.clear()
+                self._names.clear()
             self._definitions[run_id] = cached
             self._raw[run_id] = raw
         return cached
@@ -535,19 +541,28 @@ class Advancer:
                 out.append(Outcome("waiting"))
         return out
 
-    async def run_pass(self, run_id: str, token: str) -> list[str]:
-        """One pass; returns the runs to advance next (children just created, a parent)."""
+    async def run_pass(self, run_id: str, token: str, finished: set[str] | None = None) -> list[str]:
+        """One pass; returns the runs to advance next (children just created, a parent).
+        ``finished``: unit ids known to have ended (None: read every unit in flight)."""
         key = self.fk.run(run_id)
-        names = ("status", "def", "params", "cancel", "fatal", "parent", "workflow", "started")
-        raw = await self.redis.hmget(key, *names)
-        meta = {n: (v.decode() if isinstance(v, bytes) else v) for n, v in zip(names, raw, strict=True)}
+        names = ("status", "params", "cancel", "fatal", "parent", "workflow", "started")
+        known = self._definitions.get(run_id)
+        wf_name = self._names.get(run_id)
+        step_fields = [f"s:{s.name}" for s in known[wf_name].steps] if known and wf_name else []
+        raw = await self.redis.hmget(key, *names, *(step_fields or ["def"]))
+        meta = {n: (v.decode() if isinstance(v, bytes) else v) for n, v in zip(names, raw[:len(names)], strict=True)}
         if meta["status"] is None or meta["status"] in RUN_ENDED:
             await self.redis.srem(self.fk.active, run_id)
             self.forget(run_id)
             return []
-        p = Pass(self, run_id, meta, self.catalogue(run_id, raw[1]))
-        states = await self.redis.hmget(key, *[f"s:{s.name}" for s in p.wf.steps])
-        await p.run(states)
+        if step_fields:
+            p = Pass(self, run_id, meta, known)  # type: ignore[arg-type]
+            states = raw[len(names):]
+        else:
+            p = Pass(self, run_id, meta, self.catalogue(run_id, raw[len(names)]))
+            self._names[run_id] = p.wf.name
+            states = await self.redis.hmget(key, *[f"s:{s.name}" for s in p.wf.steps])
+        await p.run(states, finished)
         if not p.cmds.count and not p.relaunch:
             return []
         if not await self._commit(keys=[self.fk.lock(run_id)], args=[token, *p.cmds.words]):

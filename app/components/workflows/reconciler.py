@@ -51,6 +51,7 @@ class Runner:
         self.token = uuid.uuid4().hex
         self._enter = script(self.redis, "enter")
         self._leave = script(self.redis, "leave")
+        self._busy: dict[str, bool] = {}  # runs this process is advancing now -> asked again meanwhile
 
     async def enter(self, run_id: str) -> bool:
         return bool(await self._enter(keys=[self.fk.lock(run_id), self.fk.dirty(run_id)],
@@ -59,21 +60,32 @@ class Runner:
     async def leave(self, run_id: str) -> int:
         return int(await self._leave(keys=[self.fk.lock(run_id), self.fk.dirty(run_id)], args=[self.token]))
 
-    async def advance(self, run_id: str) -> None:
+    async def advance(self, run_id: str, finished: set[str] | None = None) -> None:
         """Advance a run (and the runs that pass wakes: children, a parent) until nothing is
-        left to do; a run locked by another process is left to it (it goes again)."""
-        todo = [run_id]
+        left to do; a run locked by another process is left to it (it goes again).
+
+        ``finished``: the unit ids known to have ended (from events): the pass reads only
+        those; None reads every unit in flight (the sweep, a wake-up of unknown cause)."""
+        todo: list[tuple[str, set[str] | None]] = [(run_id, finished)]
         while todo:
-            current = todo.pop(0)
-            for _ in range(100):  # a run that keeps getting dirty is left to the next wake-up
-                if not await self.enter(current):
-                    break
-                try:
-                    todo += await self.advancer.run_pass(current, self.token)
-                finally:
-                    again = await self.leave(current)
-                if again != 1:
-                    break
+            current, hint = todo.pop(0)
+            if current in self._busy:  # a pass of this process is on it: it goes again, reading all
+                self._busy[current] = True
+                continue
+            self._busy[current] = False
+            try:
+                for _ in range(100):  # a run that keeps getting dirty is left to the next wake-up
+                    if not await self.enter(current):
+                        break
+                    try:
+                        todo += [(w, None) for w in await self.advancer.run_pass(current, self.token, hint)]
+                    finally:
+                        again = await self.leave(current)
+                    if again != 1 and not self._busy[current]:
+                        break
+                    self._busy[current], hint = False, None
+            finally:
+                del self._busy[current]
 
 
 class Reconciler:
@@ -210,21 +222,22 @@ class Reconciler:
                 return
 
     async def _handle(self, entries: list[Any]) -> None:
-        runs: list[str] = []
+        runs: dict[str, set[str]] = {}
         for _, fields in entries:
             if not fields:
                 continue
             kind = fields.get(b"type", b"").decode()
             if kind in ("job.completed", "job.failed"):
-                found = parse_job_id(fields.get(b"job_id", b"").decode())
-                if found and found[0] not in runs:
-                    runs.append(found[0])
+                job_id = fields.get(b"job_id", b"").decode()
+                found = parse_job_id(job_id)
+                if found:
+                    runs.setdefault(found[0], set()).add(job_id)
             elif kind.startswith("workflow."):
                 parent = fields.get(b"parent", b"").decode()
-                if parent and parent not in runs:
-                    runs.append(parent)
-        for run_id in runs:
-            await self._guarded(f"advancing run {run_id}", self.runner.advance(run_id))
+                if parent:
+                    runs.setdefault(parent, set()).add(fields.get(b"run_id", b"").decode())
+        for run_id, finished in runs.items():
+            await self._guarded(f"advancing run {run_id}", self.runner.advance(run_id, finished))
         ids = [entry_id for entry_id, _ in entries]
         if ids:
             await self.redis.xack(self.keys.events, GROUP, *ids)
