@@ -21,7 +21,7 @@ import pytest
 import redis as sync_redis
 
 from app.components.worker.api import WorkerClient
-from app.components.workflows import Step, Workflow, WorkflowError, Workflows, load_file
+from app.components.workflows import DuplicateRun, Step, Workflow, WorkflowError, Workflows, load_file
 from app.components.workflows.state import parse_job_id
 from app.core.settings import load_settings
 from tests.conftest import BASE_ENV, ROOT, WorkerProcess, wait_until
@@ -287,7 +287,9 @@ async def test_cancel_starts_nothing_more(flows: Workflows, tmp_path: Path) -> N
         Step("hold", task="hold_until_file", queue="flows", kwargs={"path": str(gate)}),
         Step("next", task="square", queue="flows", kwargs={"x": 2}, depends="hold"),
     ])
-    run_id = await flows.start(wf)
+    run_id = await flows.start(wf, run_id=f"cancel-{uuid.uuid4().hex[:6]}")
+    with pytest.raises(DuplicateRun):  # a chosen id is refused while its run is active
+        await flows.start(wf, run_id=run_id)
     job = flows.client.job(f"wf:{run_id}:hold")
     for _ in range(400):
         if await job.status() == "running":

@@ -36,11 +36,15 @@ from app.components.workflows.state import (
     dump,
     load_state,
 )
-from app.core.errors import AppError
+from app.core.errors import AppError, ConfigError, UnknownQueue, UnknownTask
 
 logger = logging.getLogger(__name__)
 
 EVENT_FIELDS = ("queue", "backend", "job_id", "attempt", "worker_id")
+
+
+class NotHere(Exception):
+    """A pass this process cannot make (its code lacks a step's task): nothing is written."""
 
 
 @dataclass
@@ -288,7 +292,12 @@ class Pass:
                 params = {**child.params, **resolve(step.params, ctx)}
                 return Launch(unit, workflow=target, kwargs=params)
             kwargs = resolve(step.kwargs, ctx)
-            self.a.client._envelope(step.task, (), kwargs, step.queue, unit.id(self.run_id))  # type: ignore[arg-type]
+            try:
+                self.a.client._envelope(step.task, (), kwargs, step.queue, unit.id(self.run_id))  # type: ignore[arg-type]
+            except (UnknownTask, UnknownQueue, ConfigError) as exc:
+                # This process's code does not know the task (the run was validated where it
+                # started): leave the run to a process that does, rather than fail the step.
+                raise NotHere(f"step {step.name}: {exc}") from None
             return Launch(unit, task=step.task, queue=step.queue, kwargs=kwargs)  # type: ignore[arg-type]
         except (RefError, AppError) as exc:
             await self.unit_failed(step, unit, f"{type(exc).__name__}: {exc}", retry=False)
@@ -562,7 +571,11 @@ class Advancer:
             p = Pass(self, run_id, meta, self.catalogue(run_id, raw[len(names)]))
             self._names[run_id] = p.wf.name
             states = await self.redis.hmget(key, *[f"s:{s.name}" for s in p.wf.steps])
-        await p.run(states, finished)
+        try:
+            await p.run(states, finished)
+        except NotHere as exc:
+            logger.warning("workflow run %s: left to another process: %s", run_id, exc)
+            return []
         if not p.cmds.count and not p.relaunch:
             return []
         if not await self._commit(keys=[self.fk.lock(run_id)], args=[token, *p.cmds.words]):

@@ -40,7 +40,7 @@ def parse(text: str) -> Ref:
         return Ref(text, "item", ITEM, tuple(parts[1:]))
     if len(parts) == 1:
         return Ref(text, "param", parts[0], ())
-    if parts[1] != "output":
+    if parts[1] not in ("output", "outputs"):  # Dagu writes ${STEP.outputs.FIELD}
         raise RefError(f"reference ${{{text}}} is malformed: a step's value is ${{{parts[0]}.output}}")
     return Ref(text, "output", parts[0], tuple(parts[2:]))
 

@@ -19,4 +19,7 @@ local fields = {unpack(ARGV, 3)}
 redis.call('HSET', KEYS[1], 'status', 'queued', 'created', now, unpack(fields))
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], now, ARGV[1])
+if redis.call('ZCARD', KEYS[3]) > 100000 then  -- the index keeps the newest 100,000 runs
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -100001)
+end
 return 1
