@@ -281,6 +281,38 @@ async def test_limits_step_retry_and_timeout(flows: Workflows, tmp_path: Path) -
     assert ends[first] < ends[second]  # the second run started after the first ended
 
 
+async def test_a_crash_between_decision_and_enqueue_loses_nothing_and_passes_never_double(
+    flows: Workflows, flows_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.components.workflows.reconciler import Runner
+
+    wf = Workflow("idem", steps=[
+        Step("one", task="square", queue="flows", kwargs={"x": 2}),
+        Step("many", task="square", queue="flows_b", parallel=list(range(6)), max_concurrent=2,
+             kwargs={"x": "${ITEM}", "ms": 10}, depends="one"),
+    ])
+    advancer = flows.runner.advancer
+
+    async def crash(run_id: str, launches: list[Any]) -> None:
+        raise ConnectionError("the process died here")
+
+    monkeypatch.setattr(advancer, "launch", crash)
+    with pytest.raises(ConnectionError):  # the first pass recorded step one as launched, then "died"
+        await flows.start(wf, run_id=(run_id := f"idem-{uuid.uuid4().hex[:6]}"))
+    monkeypatch.undo()
+    assert await flows.client.job(f"wf:{run_id}:one").status() == "unknown"
+    # Many passes at once, from several "processes" (runners with their own tokens): each unit
+    # is enqueued once; the lost launch of step one is made again (same id).
+    runners = [Runner(flows.client, 60) for _ in range(4)]
+    for _ in range(5):
+        await asyncio.gather(*(r.advance(run_id) for r in runners))
+    view = await flows.wait(run_id, TIMEOUT)
+    assert view["status"] == "completed", view["error"]
+    assert view["steps"]["many"]["output"] == [i * i for i in range(6)]
+    enqueued = [e["job_id"] for e in await events_of(flows, run_id) if e["type"] == "job.enqueued"]
+    assert sorted(enqueued) == sorted([f"wf:{run_id}:one"] + [f"wf:{run_id}:many:{i}" for i in range(6)])
+
+
 async def test_cancel_starts_nothing_more(flows: Workflows, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     wf = Workflow("cancelled", steps=[
