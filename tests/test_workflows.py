@@ -335,11 +335,12 @@ async def test_cancel_starts_nothing_more(flows: Workflows, tmp_path: Path) -> N
     assert await flows.client.job(f"wf:{run_id}:next").status() == "unknown"
 
 
+@pytest.mark.parametrize("engine", ["arq", "dramatiq", "taskiq"])
 async def test_sigkill_of_the_worker_running_a_step_still_ends_the_run(
-    flows: Workflows, flows_env: dict[str, str], tmp_path: Path
+    flows: Workflows, flows_env: dict[str, str], tmp_path: Path, engine: str
 ) -> None:
     env = {**flows_env, "WORKER_OFFLINE_AFTER": "1.5"}
-    workers = [("flows_k", _start("flows_k", "dramatiq", env)), ("flows_k", _start("flows_k", "dramatiq", env))]
+    workers = [("flows_k", _start("flows_k", engine, env)), ("flows_k", _start("flows_k", engine, env))]
     try:
         _wait_beats(env, workers)
         wf = Workflow("crash", steps=[
