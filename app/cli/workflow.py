@@ -65,7 +65,7 @@ def _draw(view: dict[str, Any]) -> None:
         if s.get("items"):
             i = s["items"]
             text += f" items {i['done']}/{i['total']} done, {i['failed']} failed, {i['running']} running"
-        if s.get("duration_ms") is not None:
+        if s.get("duration_ms") is not None and s["state"] != "skipped":
             text += f" {s['duration_ms']} ms"
         if s.get("error"):
             text += f" [red]{_short(s['error'], 80)}[/]"
