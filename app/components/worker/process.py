@@ -71,6 +71,8 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
     redis = async_client(settings)
     await ping(redis, settings)
     await settle_engine(redis, keys, settings, config, stop)  # one engine per queue; take over another's waiting jobs
+    if config.routed:  # producers that do not know it (another deployment, an old one) route too
+        await redis.hset(keys.route(spec.name), "routed", 1)
 
     publisher = EventPublisher(redis, keys, settings.worker_events_maxlen)
     publisher.start()
