@@ -255,7 +255,7 @@ async def list_workers(
                                                           if data.get("consumer_error") else "")
         workers.append({
             "worker_id": wid, "queue": q, "engine": data.get("engine", ""), "state": state, "reason": reason,
-            "labels": data.get("labels", {}), "last_beat_age_s": round(age, 3),
+            "labels": data.get("labels", {}), "group": data.get("group", ""), "last_beat_age_s": round(age, 3),
             "running": data.get("running", 0), "done": data.get("done", 0), "failed": data.get("failed", 0),
             "hostname": data.get("hostname", ""), "pid": data.get("pid"), "concurrency": data.get("concurrency"),
             "consumer": data.get("consumer", "running"), "stopped": stopped,

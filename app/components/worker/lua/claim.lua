@@ -49,6 +49,7 @@ if flags[1] == '1' or flags[2] == '1' then
     redis.call('SADD', qp .. 'selectors', e.selector)
   elseif type(e.group) == 'string' and e.group ~= '' then
     key = qp .. 'ready:' .. e.group
+    redis.call('SADD', qp .. 'groups', e.group)
   end
   redis.call('ZADD', key, band * 4398046511104 + redis.call('INCR', qp .. 'seq'), envelope)
   redis.call('LPUSH', qp .. 'ready-wake', 1)

@@ -55,6 +55,7 @@ local function place(qp, envelope, priority, group, selector)
   else
     if group == '' then group = '-' end
     key = qp .. 'ready:' .. group
+    redis.call('SADD', qp .. 'groups', group)
   end
   redis.call('ZADD', key, band * 4398046511104 + redis.call('INCR', qp .. 'seq'), envelope)
   redis.call('LPUSH', qp .. 'ready-wake', 1)

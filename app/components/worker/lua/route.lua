@@ -16,6 +16,7 @@ for i = 2, #ARGV do
     redis.call('SADD', qp .. 'selectors', e.selector)
   elseif type(e.group) == 'string' and e.group ~= '' then
     key = qp .. 'ready:' .. e.group
+    redis.call('SADD', qp .. 'groups', e.group)
   end
   redis.call('ZADD', key, band * 4398046511104 + redis.call('INCR', qp .. 'seq'), ARGV[i])
 end
