@@ -153,3 +153,21 @@ async def test_rate_limit_holds_across_two_processes(engine: str, client: Worker
     assert len(starts) == 8
     for i in range(len(starts) - 3):
         assert starts[i + 3] - starts[i] >= 1000, f"4 starts within 1 s: {starts}"
+
+
+async def test_dequeue_takes_the_next_waiting_job_and_leaves_a_running_one(
+    engine: str, client: WorkerClient, start_worker: Any
+) -> None:
+    from app.components.worker.dequeue import cancel_next
+
+    start_worker("routed", engine, "--threads", "1")
+    running = await client.enqueue("hold", 30, _queue="routed")
+    await until(lambda: running.status() == "running", what="the first job running")  # type: ignore[arg-type]
+    low = await client.enqueue("step", "low", _queue="routed")
+    high = await client.enqueue("step", "high", _queue="routed", _priority="high")
+    assert await cancel_next(client, "routed") == high.job_id
+    assert await cancel_next(client, "routed") == low.job_id
+    assert await cancel_next(client, "routed") is None
+    assert await running.status() == "running"
+    assert await high.status() == "cancelled"
+    assert await client.redis.zcard(client.keys.ready("routed")) == 0
