@@ -162,7 +162,10 @@ async def test_dequeue_takes_the_next_waiting_job_and_leaves_a_running_one(
 
     start_worker("routed", engine, "--threads", "1")
     running = await client.enqueue("hold", 30, _queue="routed")
-    await until(lambda: running.status() == "running", what="the first job running")  # type: ignore[arg-type]
+    async def is_running() -> bool:
+        return await running.status() == "running"
+
+    await until(is_running, what="the first job running")
     low = await client.enqueue("step", "low", _queue="routed")
     high = await client.enqueue("step", "high", _queue="routed", _priority="high")
     assert await cancel_next(client, "routed") == high.job_id
