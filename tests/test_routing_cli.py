@@ -27,7 +27,7 @@ def test_enqueue_routing_flags_and_queue_listing(env: dict[str, str], start_work
     assert [w["group"] for w in workers] == ["gpu"]
     events = [json.loads(line) for line in app(env, "events", "--job", job_id, "--json").stdout.splitlines()]
     assert {e["type"]: e.get("tags") for e in events} == {
-        "job.enqueued": "team=ml,run=7", "job.started": "run=7,team=ml", "job.completed": "team=ml,run=7"}
+        "job.enqueued": "run=7,team=ml", "job.started": "run=7,team=ml", "job.completed": "run=7,team=ml"}
 
 
 def test_pause_resume_and_dequeue_from_the_cli(env: dict[str, str]) -> None:

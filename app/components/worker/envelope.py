@@ -123,8 +123,8 @@ class Envelope:
 
     @property
     def tags_text(self) -> str:
-        """Tags as ``k=v,k=v`` for events ('' when none)."""
-        return ",".join(f"{k}={v}" for k, v in self.tags.items())
+        """Tags as ``k=v,k=v`` sorted by key, for events ('' when none)."""
+        return ",".join(f"{k}={v}" for k, v in sorted(self.tags.items()))
 
     @classmethod
     def decode(cls, raw: str | bytes) -> Envelope:

@@ -101,7 +101,10 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
     await asyncio.to_thread(heartbeat.beat)
     heartbeat.start()
     await chain.call("worker_start", worker)
-    await adapter.start(runtime.execute, worker.instance)
+    if not config.group:
+        # A worker of a group runs only what targets its group (or its labels): it takes routed
+        # jobs through its admitter and leaves the engine's queue, the default group's, alone.
+        await adapter.start(runtime.execute, worker.instance)
     mover.start()
     admitter.start()
     reaper.start()

@@ -14,8 +14,9 @@
 -- lease when the queue has max_concurrency, so it never waits between Redis and a worker:
 -- the caller runs it at once, and if the caller dies the reaper recovers it from the held set.
 -- Entries whose job no longer waits for that delivery (cancelled, ended, another run) are
--- dropped; an entry that cannot be decoded is dropped with a job.failed event.
--- Returns {envelopes taken, wait ms until a rate-limited task may start again (-1: none),
+-- dropped; an entry that cannot be decoded is dropped with a job.failed event (its job, if it
+-- still waits on it, ends when its record expires or is cancelled: the entry named no job we can trust).
+-- Returns {envelope, attempt, envelope, attempt... taken, wait ms until a rate-limited task may start again (-1: none),
 -- state: '' | 'paused' | 'full'}.
 local qp, jp, queue = ARGV[1], ARGV[2], ARGV[3]
 local instance, worker, engine, maxlen = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
@@ -46,6 +47,25 @@ for _, sel in ipairs(redis.call('SMEMBERS', qp .. 'selectors')) do
   if match then table.insert(sets, qp .. 'ready-sel:' .. sel) end
 end
 
+-- The checks Envelope.decode makes, so a taken entry never fails to decode in the worker
+-- (it would be running, claimed, with no one to run it).
+local function well_formed(e)
+  if type(e) ~= 'table' then return false end
+  for _, name in ipairs({'id', 'task', 'queue'}) do
+    if type(e[name]) ~= 'string' or e[name] == '' then return false end
+  end
+  if e.args ~= nil and type(e.args) ~= 'table' then return false end
+  if e.kwargs ~= nil and type(e.kwargs) ~= 'table' then return false end
+  if e.try ~= nil and (type(e.try) ~= 'number' or e.try < 1 or e.try ~= math.floor(e.try)) then return false end
+  if e.run ~= nil and type(e.run) ~= 'string' then return false end
+  if e.enqueued_at ~= nil and (type(e.enqueued_at) ~= 'number' or e.enqueued_at < 0 or e.enqueued_at >= 1e15) then
+    return false
+  end
+  if e.priority ~= nil and e.priority ~= 'high' and e.priority ~= 'low' then return false end
+  if e.tags ~= nil and type(e.tags) ~= 'table' then return false end
+  return true
+end
+
 local offsets, heads = {}, {}
 local function load(s)
   local head = redis.call('ZRANGE', sets[s], offsets[s], offsets[s], 'WITHSCORES')
@@ -60,7 +80,7 @@ local t = redis.call('TIME')
 local now_n = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local now = string.format('%.0f', now_n)
 local out, wait, budget, blocked = {}, -1, free * 4 + 64, {}
-while #out < free and budget > 0 do
+while #out / 2 < free and budget > 0 do
   budget = budget - 1
   local best = nil
   for s = 1, #sets do
@@ -69,7 +89,7 @@ while #out < free and budget > 0 do
   if not best then break end
   local raw = heads[best][1]
   local okd, e = pcall(cjson.decode, raw)
-  if not okd or type(e) ~= 'table' or type(e.id) ~= 'string' or type(e.task) ~= 'string' then
+  if not okd or not well_formed(e) then
     redis.call('ZREM', sets[best], raw)
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'job.failed', 'ts', now, 'queue', queue,
       'backend', engine, 'job_id', '', 'task', '', 'attempt', '0', 'worker_id', worker, 'duration_ms', '0',
@@ -108,7 +128,7 @@ while #out < free and budget > 0 do
         load(best)
       else
         redis.call('HSET', jp .. e.id, 'status', 'running', 'attempt', try, 'worker', worker, 'owner', instance,
-          'started_at', now, 'delivery', ARGV[13] .. #out)
+          'started_at', now, 'delivery', ARGV[13] .. (#out / 2))
         redis.call('SADD', KEYS[1], e.id)
         local fields = {'type', 'job.started', 'ts', now, 'queue', queue, 'backend', engine, 'job_id', e.id,
           'task', e.task, 'attempt', try, 'worker_id', worker, 'duration_ms', '', 'error', ''}
@@ -127,6 +147,7 @@ while #out < free and budget > 0 do
         if limit > 0 then redis.call('HSET', qp .. 'leases', e.id, instance) end
         redis.call('ZREM', sets[best], raw)
         table.insert(out, raw)
+        table.insert(out, try)
         load(best)
       end
     end

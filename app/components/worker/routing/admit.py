@@ -24,7 +24,6 @@ import contextlib
 import itertools
 import json
 import logging
-from typing import Any
 
 from app.components.worker.config import QueueConfig
 from app.components.worker.envelope import Envelope
@@ -62,7 +61,7 @@ class Admitter:
         self._woken = asyncio.Event()
         self._passes = itertools.count()
         self._task: asyncio.Task[None] | None = None
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: dict[asyncio.Task[None], str] = {}  # started here -> job id
 
     def wake(self) -> None:
         """Check the ready sets now (a token came, or one of this admitter's jobs ended)."""
@@ -82,28 +81,53 @@ class Admitter:
             free, self.config.max_concurrency, self.limits, f"{worker.instance}:a{next(self._passes)}:",
         )
         self._rate_wait = None if wait_ms is None else wait_ms / 1000
-        for raw in raws:
-            self._start(raw)
+        for raw, attempt in raws:
+            text = raw.decode() if isinstance(raw, bytes) else raw
+            self._start(Envelope.decode(text), attempt)  # admit.lua takes only what decodes
         self.admitted += len(raws)
         return len(raws)
 
-    def _start(self, raw: Any) -> None:
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        env = Envelope.decode(text)  # admit.lua took only entries it could decode
-        task = asyncio.create_task(self.runtime.execute_admitted(env, env.try_), name=f"job-{env.id}")
-        self._running.add(task)
+    def _start(self, env: Envelope, attempt: int) -> None:
+        task = asyncio.create_task(self.runtime.execute_admitted(env, attempt), name=f"job-{env.id}")
+        self._running[task] = env.id
 
         def done(finished: asyncio.Task[None]) -> None:
-            self._running.discard(finished)
+            self._running.pop(finished, None)
             self.wake()  # a slot of this process is free again
 
         task.add_done_callback(done)
 
+    async def adopt_orphans(self) -> int:
+        """Run the jobs an admission claimed for this instance whose reply never came back (the
+        connection broke after the script ran): they are ``running`` here, held, and no one
+        else would run them while this instance beats. Called after a failed pass."""
+        worker = self.runtime.worker
+        mine = f"{worker.instance}:a"
+        ours = set(self._running.values())
+        adopted = 0
+        for member in await self.store.redis.smembers(self.store.keys.held(worker.instance)):
+            job_id = member.decode() if isinstance(member, bytes) else member
+            if job_id in ours:
+                continue
+            record = await self.store.lost_job(job_id)
+            if (not record or record.get("status") != "running" or record.get("owner") != worker.instance
+                    or not record.get("delivery", "").startswith(mine)):
+                continue
+            env = Envelope.decode(record["envelope"])
+            logger.warning("job %s: admitted here but its admission reply was lost: running it now", job_id)
+            self._start(env, int(record.get("attempt") or env.try_))
+            adopted += 1
+        return adopted
+
     async def _run(self) -> None:
         backoff = 1.0
+        orphans = False
         while True:
             try:
                 self._woken.clear()  # before the pass: a wake-up during it means "again"
+                if orphans:
+                    await self.adopt_orphans()
+                    orphans = False
                 started = await self.admit_once()
                 backoff = 1.0
                 if started and self.config.threads - self.runtime.running > 0:
@@ -112,6 +136,7 @@ class Admitter:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - keep admitting once Redis is back
+                orphans = True  # a pass whose reply was lost may have claimed jobs for us
                 logger.warning("queue %s: admitting routed jobs failed (%s); retry in %.1fs", self.queue, exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 60.0)

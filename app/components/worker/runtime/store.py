@@ -139,9 +139,9 @@ class JobStore:
     async def admit(
         self, queue: str, instance: str, worker_id: str, engine: str, group: str, labels: str, free: int,
         max_concurrency: int, rate_limits: str, delivery: str,
-    ) -> tuple[list[bytes], int | None, str]:
+    ) -> tuple[list[tuple[bytes, int]], int | None, str]:
         """Take and claim up to ``free`` routed jobs this worker may start now (admit.lua):
-        their envelopes, the ms until a rate-limited task may start again (None: no such wait),
+        (envelope, attempt) pairs, the ms until a rate-limited task may start again (None: no such wait),
         and the queue's state ('' | 'paused' | 'full')."""
         items, wait, state = await self._admit(
             keys=[self.keys.held(instance), self.keys.events],
@@ -149,7 +149,8 @@ class JobStore:
                   self.events_maxlen, group, labels, free, max_concurrency, rate_limits, delivery],
         )
         state = state.decode() if isinstance(state, bytes) else str(state)
-        return list(items), (None if int(wait) < 0 else int(wait)), state
+        taken = [(items[i], int(items[i + 1])) for i in range(0, len(items), 2)]
+        return taken, (None if int(wait) < 0 else int(wait)), state
 
     async def drop_due(self, queue: str, raws: list[bytes]) -> None:
         if raws:
