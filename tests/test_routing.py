@@ -174,3 +174,17 @@ async def test_dequeue_takes_the_next_waiting_job_and_leaves_a_running_one(
     assert await running.status() == "running"
     assert await high.status() == "cancelled"
     assert await client.redis.zcard(client.keys.ready("routed")) == 0
+
+
+async def test_a_routed_retry_keeps_its_route_and_poison_in_a_ready_set_is_dropped(
+    engine: str, client: WorkerClient, start_worker: Any
+) -> None:
+    await client.redis.zadd(client.keys.ready("contract", "gpu"), {b"\xff\xfe not json": 0, '{"id": 5}': 1})
+    start_worker("contract", engine, "--group", "gpu", WORKER_RETRY_BACKOFF_SECONDS="0.05")
+    job = await client.enqueue("flaky", 2, _priority="high", _worker_group="gpu")
+    assert await job.result(TIMEOUT) == 2
+    types = [e["type"] for e in await events_of(client, "contract") if e["job_id"] == job.job_id]
+    assert types == ["job.enqueued", "job.started", "job.retried", "job.started", "job.completed"]
+    malformed = [e for e in await events_of(client, "contract", "job.failed") if not e["job_id"]]
+    assert len(malformed) == 2 and all(e["error"].startswith("MalformedMessage") for e in malformed)
+    assert await client.redis.zcard(client.keys.ready("contract", "gpu")) == 0

@@ -93,7 +93,8 @@ while #out / 2 < free and budget > 0 do
     redis.call('ZREM', sets[best], raw)
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'job.failed', 'ts', now, 'queue', queue,
       'backend', engine, 'job_id', '', 'task', '', 'attempt', '0', 'worker_id', worker, 'duration_ms', '0',
-      'error', 'MalformedMessage: undecodable ready entry: ' .. string.sub(raw, 1, 200))
+      'error', 'MalformedMessage: undecodable ready entry: ' .. string.gsub(string.sub(raw, 1, 200), '[^%w%p ]',
+        function(c) return string.format('\\x%02x', string.byte(c)) end))
     load(best)
   else
     local try = tonumber(e.try) or 1
