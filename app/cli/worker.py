@@ -23,6 +23,7 @@ def worker(
     worker_id: Annotated[str | None, typer.Option("--id", help="Worker id (default hostname@pid).")] = None,
     label: Annotated[list[str] | None, typer.Option(help="Label k=v; repeatable.")] = None,
     reload: Annotated[bool, typer.Option(help="Restart when code changes (development).")] = False,
+    scheduler: Annotated[bool, typer.Option("--scheduler", help="Also run the schedules (see `app schedules`).")] = False,
 ) -> None:
     """Serve one queue: PROCESSES x THREADS concurrent jobs on the queue's engine."""
     detach_if_asked()  # under `--reload`: out of the terminal's process group, like supervised children
@@ -36,6 +37,10 @@ def worker(
     spec = registry.queue(queue_name)
     labels = parse_labels(label or [])
     effective = resolve(spec, cfg, backend=backend, processes=processes, threads=threads)
+    if scheduler:
+        from app.components.scheduler import collect
+
+        collect(registry, cfg.worker_schedules_file)  # a bad schedule: one line now, not in the worker
     setup_logging()
     if reload:
         from app.components.worker.reload import run_with_reload
@@ -45,7 +50,7 @@ def worker(
     from app.components.worker.process import WorkerOptions, run
 
     options = WorkerOptions(queue=spec.name, backend=effective.engine, threads=effective.threads,
-                            worker_id=worker_id or cfg.worker_id, labels=labels)
+                            worker_id=worker_id or cfg.worker_id, labels=labels, scheduler=scheduler)
     if effective.processes == 1:
         run(cfg, registry, options)
     else:

@@ -33,7 +33,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 # Every attribute a WorkerSettings may set; anything else is refused as a likely typo.
 SETTINGS_ATTRIBUTES = (
     "functions", "queue_name", "max_jobs", "job_timeout", "max_tries", "keep_result", "backend",
-    "on_startup", "on_shutdown", "middleware",
+    "on_startup", "on_shutdown", "middleware", "schedules",
 )
 _NUMBERS = {"max_jobs": (int, 1), "job_timeout": ((int, float), 0), "max_tries": (int, 1), "keep_result": (int, 1)}
 
@@ -73,6 +73,7 @@ class QueueSpec:
     on_startup: Callable[..., Any] | None = None
     on_shutdown: Callable[..., Any] | None = None
     middleware: list[Any] = field(default_factory=list)
+    schedules: list[Any] = field(default_factory=list)  # Schedule(...) items, read by app.components.scheduler
 
 
 def _context_param(func: Callable[..., Any]) -> str | None:
@@ -141,6 +142,7 @@ def _queue_from_module(module: Any) -> QueueSpec | None:
         on_startup=getattr(ws, "on_startup", None),
         on_shutdown=getattr(ws, "on_shutdown", None),
         middleware=as_instances(list(getattr(ws, "middleware", []) or [])),
+        schedules=getattr(ws, "schedules", None) or [],
     )
 
 
