@@ -374,6 +374,9 @@ def test_schedules_cli_lists_pauses_resumes_and_triggers(env: dict[str, str], tm
     [row] = json.loads(run_app(env, "schedules", "--json").stdout)
     assert row["paused"] is False and row["next_run"] % 3600_000 == 0 and row["fired"] == 1
     assert row["last_job"] == triggered.stdout.strip() and row["last_outcome"] == "queued"
+    events = [json.loads(line) for line in run_app(env, "events", "--type", "schedule", "--json").stdout.splitlines()]
+    assert [(e["type"], e["schedule"], e["job_id"], e["reason"]) for e in events] == [
+        ("schedule.fired", "hourly", row["last_job"], "manual")]
     unknown = run_app(env, "schedules", "pause", "nope")
     assert unknown.returncode == 2 and "unknown schedule 'nope'" in unknown.stderr
     table = run_app(env, "schedules")

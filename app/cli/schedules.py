@@ -49,6 +49,13 @@ def _iso(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000).astimezone().isoformat(timespec="seconds")
 
 
+def _tick_local(tick: str | None) -> str:
+    """A tick (UTC ISO in job ids and events) in local time, for the table."""
+    if not tick:
+        return "-"
+    return datetime.fromisoformat(tick.replace("Z", "+00:00")).astimezone().isoformat(timespec="seconds")
+
+
 async def _rows(items: list[Bound]) -> list[dict[str, Any]]:
     cfg = settings()
     client = WorkerClient(cfg)
@@ -94,7 +101,7 @@ def schedules(
     for r in rows:
         table.add_row(r["name"], r["queue"], r["task"], r["when"], r["overlap"],
                       format_duration_s(r["catchup_window_s"]), "paused" if r["paused"] else _iso(r["next_run"]),
-                      r["last_tick"] or "-", r["last_outcome"] or "-", str(r["fired"]), str(r["missed"]),
+                      _tick_local(r["last_tick"]), r["last_outcome"] or "-", str(r["fired"]), str(r["missed"]),
                       str(r["skipped"]))
     console().print(table)
 

@@ -164,7 +164,12 @@ class Scheduler:
         """Pass, then sleep until the next tick (at most ``poll``), until ``stop`` is set."""
         stop = stop or self._stop
         delay = self.poll
-        logger.info("scheduler %s running %d schedule(s)", self.id, len(self.schedules))
+        if self.schedules:
+            logger.info("scheduler %s running %d schedule(s): %s", self.id, len(self.schedules),
+                        ", ".join(item.name for item in self.schedules))
+        else:
+            logger.warning("scheduler %s has no schedules: declare WorkerSettings.schedules or set "
+                           "WORKER_SCHEDULES_FILE", self.id)
         while not stop.is_set():
             try:
                 report = await self.tick_once()
@@ -173,6 +178,9 @@ class Scheduler:
                     delay = min(self.poll, max(MIN_SLEEP_S, (report.next_due - report.now) / 1000 + 0.002))
             except (AppError, RedisError) as exc:
                 logger.warning("scheduler pass failed (%s); retrying in %gs", exc, self.poll)
+                delay = self.poll
+            except Exception:  # a bug must not end the schedules of a long-lived process
+                logger.exception("scheduler pass failed; retrying in %gs", self.poll)
                 delay = self.poll
             try:
                 await asyncio.wait_for(stop.wait(), delay)
