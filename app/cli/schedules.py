@@ -69,7 +69,7 @@ async def _rows(items: list[Bound]) -> list[dict[str, Any]]:
             outcome = (await store.job_status(state.last_job) or "expired") if state.last_job else "-"
             s = item.schedule
             rows.append({
-                "name": item.name, "queue": item.queue, "task": item.task, "when": s.when,
+                "name": item.name, "queue": item.queue, "task": item.task, "when": s.when, "origin": item.origin,
                 "overlap": s.overlap, "catchup_window_s": s.catchup_window.total_seconds(),
                 "misfire_grace_s": s.misfire_grace.total_seconds(), "priority": s.priority,
                 "paused": state.paused, "next_run": None if state.paused else item.ticks.next_after(now),

@@ -14,6 +14,7 @@ hours of downtime, a DST night) without waiting; the host clock is never compare
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from app.core.settings import Settings
 logger = logging.getLogger(__name__)
 
 MIN_SLEEP_S = 0.005
+_ENQUEUE_TAKES_PRIORITY = "_priority" in inspect.signature(WorkerClient.enqueue).parameters
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Scheduler:
         self.id = scheduler_id or f"scheduler:{default_worker_id()}~{uuid.uuid4().hex[:6]}"
         self.poll = settings.worker_scheduler_poll_seconds
         self._task: asyncio.Task[None] | None = None
+        self._warned: set[str] = set()
         self._stop = asyncio.Event()
 
     # -- one pass ----------------------------------------------------------------------------
@@ -128,10 +131,18 @@ class Scheduler:
                 pass  # their job records exist: a takeover only confirms them
         return done
 
-    @staticmethod
-    def _options(item: Bound) -> dict[str, Any]:
-        # ``_priority`` only when set, so this runs with and without priority support in enqueue.
-        return {"_priority": item.schedule.priority} if item.schedule.priority else {}
+    def _options(self, item: Bound) -> dict[str, Any]:
+        """``_priority`` only when the schedule sets one and enqueue takes it (else it would
+        reach the task as an argument): warned once, the tick runs at normal priority."""
+        if not item.schedule.priority:
+            return {}
+        if _ENQUEUE_TAKES_PRIORITY:
+            return {"_priority": item.schedule.priority}
+        if item.name not in self._warned:
+            self._warned.add(item.name)
+            logger.warning("schedule %s: priority=%s ignored: this version's enqueue has no _priority", item.name,
+                           item.schedule.priority)
+        return {}
 
     async def _recover(self, item: Bound) -> list[str]:
         """Take over ticks another scheduler claimed but did not confirm within its lease."""
