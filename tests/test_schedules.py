@@ -337,6 +337,17 @@ def test_worker_settings_and_yaml_define_schedules(make_settings: Any, tmp_path:
                                                "{task: add, every: 9s, kwargs: {a: 1, b: 1}}]"))
     with pytest.raises(ScheduleError, match="overlap"):
         read_file(write_file(tmp_path, "schedules: [{task: add, every: 5s, overlap: never}]"))
+    (package / "broken.py").write_text(textwrap.dedent("""
+        from app.components.worker import Schedule
+
+        async def nightly() -> None: ...
+
+        class WorkerSettings:
+            functions = [nightly]
+            schedules = [Schedule(nightly, cron="0 25 * * *")]
+    """))
+    with pytest.raises(ScheduleError, match=r"schedq.broken cannot be imported: ScheduleError: .*'0 25 \* \* \*' is invalid"):
+        collect(Registry.discover(["schedq"]))
 
 
 def run_app(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
