@@ -210,8 +210,8 @@ async def test_pause_resume_trigger_and_a_lost_enqueue_taken_over(wclient: Worke
     # A scheduler that claimed a tick and died before enqueueing it: another takes it over.
     other = Scheduler(wclient.settings.model_copy(update={"worker_scheduler_lease_seconds": 0.05}),
                       sched.schedules, client=wclient)
-    lost = await other.store.claim(sched.schedules[0], str(start + 4000), _one_tick(start + 5000 - 300), "dead")
-    assert lost
+    _, states = await other.store.snapshot(sched.schedules)
+    assert await other.store.claim(sched.schedules[0], str(states["p"].cursor), _one_tick(start + 5000 - 300), "dead")
     await until(lambda: _lease_over(other), 5, "the lease to end")
     report = await at(other, start + 5000)
     assert report.recovered == [job_id("p", start + 5000 - 300)]
@@ -286,8 +286,8 @@ async def test_a_schedule_runs_on_every_engine_inside_a_worker(
     worker = start_worker("contract", engine, "--scheduler", worker_schedules_file=str(path))
     client = WorkerClient(make_settings(worker_backend=engine))
     try:
-        async def first() -> str | None:
-            ids = [e["job_id"] async for e in read_events(client.redis, client.keys, type_="schedule.fired")]
+        async def first() -> str | None:  # its job.enqueued: schedule.fired comes just before the enqueue
+            ids = [e["job_id"] async for e in read_events(client.redis, client.keys, type_="job.enqueued")]
             return ids[0] if ids else None
 
         id_ = await until(first, 20, "a tick")

@@ -63,6 +63,7 @@ class Scheduler:
         self.poll = settings.worker_scheduler_poll_seconds
         self._task: asyncio.Task[None] | None = None
         self._warned: set[str] = set()
+        self._next: dict[str, tuple[int, int]] = {}
         self._stop = asyncio.Event()
 
     # -- one pass ----------------------------------------------------------------------------
@@ -75,23 +76,35 @@ class Scheduler:
             state = states[item.name]
             if state.pending_until is not None and state.pending_until <= real_now:
                 report.recovered += await self._recover(item)
-            await self._pass_one(item, state, now, report)
-            if not state.paused and report.next_due != now:
-                nxt = item.ticks.next_after(max(now, state.cursor or now))
-                report.next_due = nxt if report.next_due is None else min(report.next_due, nxt)
+            cursor = state.cursor
+            if cursor is None or self._first_after(item, cursor) <= now:
+                cursor = await self._pass_one(item, state, now, report)
+            if state.paused:
+                continue
+            nxt = now if cursor is None else self._first_after(item, cursor)
+            report.next_due = nxt if report.next_due is None else min(report.next_due, nxt)
+        if report.next_due is not None:
+            report.next_due = max(report.next_due, now)  # a claim lost to another scheduler, a capped pass
         return report
 
-    async def _pass_one(self, item: Bound, state: State, now: int, report: PassReport) -> None:
+    def _first_after(self, item: Bound, cursor: int) -> int:
+        """The first tick after ``cursor``, cached per cursor: an idle pass costs no cron walk."""
+        cached = self._next.get(item.name)
+        if cached is None or cached[0] != cursor:
+            cached = self._next[item.name] = (cursor, item.ticks.next_after(cursor))
+        return cached[1]
+
+    async def _pass_one(self, item: Bound, state: State, now: int, report: PassReport) -> int | None:
+        """Plan and apply one schedule's pass; returns its cursor afterwards (as far as we know)."""
         previous_active = False
-        if (item.schedule.overlap == "skip" and state.last_job and state.cursor is not None
-                and item.ticks.first(state.cursor, now) is not None):
+        if item.schedule.overlap == "skip" and state.last_job and state.cursor is not None:
             previous_active = (await self.store.job_status(state.last_job)) not in FINISHED | {None}
         todo = plan(item.schedule, item.ticks, state.cursor, now, paused=state.paused, previous_active=previous_active)
         if todo is None:
-            return
+            return state.cursor
         expected = "" if state.cursor is None else str(state.cursor)
         if not await self.store.claim(item, expected, todo, self.id):
-            return  # another scheduler applied this pass
+            return state.cursor  # another scheduler applied this pass
         report.missed += todo.missed.count if todo.missed else 0
         report.skipped += todo.skipped.count if todo.skipped else 0
         if todo.missed:
@@ -99,8 +112,7 @@ class Scheduler:
                            todo.missed.count)
         ids = [job_id(item.name, tick) for tick, _ in todo.fire]
         report.fired += await self._enqueue(item, ids)
-        if todo.cursor < now:  # capped at MAX_PER_PASS: more ticks are due, pass again at once
-            report.next_due = now
+        return todo.cursor
 
     async def _enqueue(self, item: Bound, ids: list[str]) -> list[str]:
         """Enqueue claimed ticks in order, then confirm them; on Redis trouble the rest stay
@@ -113,13 +125,15 @@ class Scheduler:
                     await self.client.enqueue(item.task, *item.schedule.args, _queue=item.queue, _job_id=id_,
                                               **self._options(item), **dict(item.schedule.kwargs))
                     done.append(id_)
-                    logger.info("schedule %s: enqueued %s", item.name, id_)
+                    logger.debug("schedule %s: enqueued %s", item.name, id_)
                 except DuplicateJob:
                     logger.info("schedule %s: %s is already queued or running", item.name, id_)
                 except (RedisUnavailable, RedisError):
                     raise
                 except AppError as exc:  # cannot ever be enqueued as defined: say so, do not retry forever
                     logger.error("schedule %s: %s not enqueued: %s", item.name, id_, exc)
+                except Exception:  # a producer middleware's bug: the same, with its traceback in the log
+                    logger.exception("schedule %s: %s not enqueued", item.name, id_)
                 settled.append(id_)
         except (RedisUnavailable, RedisError) as exc:
             logger.warning("schedule %s: Redis refused an enqueue (%s); %d tick(s) stay leased for a retry",
@@ -129,6 +143,9 @@ class Scheduler:
                 await self.store.confirm(item, settled)
             except RedisError:
                 pass  # their job records exist: a takeover only confirms them
+        if done:
+            logger.info("schedule %s: enqueued %s%s", item.name, done[0],
+                        f" .. {done[-1]} ({len(done)} jobs)" if len(done) > 1 else "")
         return done
 
     def _options(self, item: Bound) -> dict[str, Any]:
