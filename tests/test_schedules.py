@@ -350,6 +350,12 @@ def test_worker_settings_and_yaml_define_schedules(make_settings: Any, tmp_path:
         collect(Registry.discover(["schedq"]))
 
 
+def test_shipped_example_file_loads() -> None:
+    items = collect(Registry.discover(["app.components.worker.queues"]), ROOT / "schedules.example.yaml")
+    assert [(i.name, i.queue, i.schedule.overlap) for i in items] == [
+        ("nightly-cleanup", "system", "skip"), ("health-probe", "system", "latest")]
+
+
 def run_app(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "app", *args], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
