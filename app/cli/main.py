@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from app.cli import dev, jobs, loadtest, monitor, worker
+from app.cli import dev, jobs, loadtest, monitor, schedules, worker
 from app.cli.common import fail
+from app.cli.queues import queues
 from app.cli.workflow import workflow_cli
 from app.core.errors import AppError
 from app.core.settings import get_settings
@@ -32,12 +33,14 @@ cli.command()(worker.worker)
 cli.command()(jobs.enqueue)
 cli.command()(jobs.result)
 cli.command()(jobs.dequeue)
-cli.command()(monitor.queues)
+cli.add_typer(queues, name="queues")
 cli.command()(monitor.workers)
 cli.command()(monitor.events)
 cli.command()(monitor.health)
 cli.command()(dev.dev)
 cli.command()(loadtest.loadtest)
+cli.add_typer(schedules.app, name="schedules")
+cli.command()(schedules.scheduler)
 cli.add_typer(workflow_cli)
 
 

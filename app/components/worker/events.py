@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 FIELDS = ("type", "ts", "queue", "backend", "job_id", "task", "attempt", "worker_id", "duration_ms", "error")
 TYPES = ("worker.started", "worker.stopped", "job.enqueued", "job.started", "job.completed",
-         "job.retried", "job.failed")
+         "job.retried", "job.failed",
+         "schedule.fired", "schedule.skipped", "schedule.missed")  # written by app/components/scheduler/lua/claim.lua
 # Written only by the script that changes the job's state (see the module docstring).
 JOB_STATE_TYPES = frozenset({"job.started", "job.completed", "job.retried", "job.failed"})
 
@@ -166,6 +167,8 @@ class EventPublishMiddleware(Middleware):
         self.publisher = publisher
 
     def _job(self, type_: str, job: JobContext, **extra: Any) -> None:
+        if job.tags:
+            extra["tags"] = ",".join(f"{k}={v}" for k, v in sorted(job.tags.items()))
         self.publisher.emit(
             type_, queue=job.queue, backend=job.engine, job_id=job.job_id, task=job.task,
             attempt=job.attempt, worker_id=job.worker_id, **extra,
