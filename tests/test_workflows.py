@@ -117,6 +117,7 @@ async def test_fork_join_and_map_reduce_with_max_concurrent(flows: Workflows, qu
     assert sum(e["type"] == "job.completed" for e in events) == 8
     assert 1 <= _peak(events, f"wf:{run_id}:map:") <= 3
     assert {e["backend"] for e in events if e["type"] == "job.started"} == {ENGINE_OF[queue]}
+    assert all(e["tags"] == f"item={e['job_id'].rsplit(':', 1)[1]},run_id={run_id},step=map" for e in events)
     types = [e["type"] for e in await events_of(flows, run_id) if e.get("run_id") == run_id]
     assert types == ["workflow.started", "workflow.completed"]
 

@@ -592,13 +592,21 @@ class Advancer:
 
     async def launch(self, run_id: str, launches: list[Launch]) -> None:
         jobs = [JobRequest(la.task, kwargs=la.kwargs, queue=la.queue, job_id=la.unit.id(run_id),  # type: ignore[arg-type]
-                           delay=la.delay or None)
+                           delay=la.delay or None, tags=self.tags(run_id, la.unit))
                 for la in launches if la.workflow is None]
         if jobs:
             await self.client.enqueue_many(jobs)  # a refused id is already queued or running: fine
         for la in launches:
             if la.workflow is not None:
                 await self.create_child(run_id, la)
+
+    @staticmethod
+    def tags(run_id: str, unit: Unit) -> dict[str, str]:
+        """On every event and the result of a step's job: which run, step and item it is."""
+        tags = {"run_id": run_id, "step": unit.step}
+        if unit.index is not None:
+            tags["item"] = str(unit.index)
+        return tags
 
     async def create_child(self, run_id: str, la: Launch) -> None:
         child_id = la.unit.id(run_id)
