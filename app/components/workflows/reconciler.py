@@ -26,7 +26,7 @@ from typing import Any
 from redis.exceptions import RedisError, ResponseError
 
 from app.components.worker.api import WorkerClient
-from app.components.workflows.advance import Advancer
+from app.components.workflows.advancer import Advancer
 from app.components.workflows.keys import GROUP, FlowKeys
 from app.components.workflows.scripts import script
 from app.components.workflows.state import parse_job_id
