@@ -446,3 +446,31 @@ output: ${nested.output}
     assert view["run_id"] in [r["run_id"] for r in listed]
     bad = cli("status", "no-such-run")
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "no workflow run 'no-such-run'" in bad.stderr
+
+
+async def test_entries_a_dead_reconciler_read_are_claimed_and_handled(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.components.workflows import reconciler as rec_module
+    from app.components.workflows.keys import GROUP, FlowKeys
+
+    client = WorkerClient(make_settings())
+    r, events = client.redis, client.keys.events
+    rec = None
+    try:
+        await r.xgroup_create(events, GROUP, id="0", mkstream=True)
+        await r.xadd(events, {"type": "job.completed", "job_id": "wf:ghost:step"})
+        await r.xreadgroup(GROUP, "dead-worker", {events: ">"}, count=10)  # read, never acked: then it died
+        await r.sadd(FlowKeys(client.keys).active, "ghost")  # an active run makes the reconciler read events
+        monkeypatch.setattr(rec_module, "CLAIM_IDLE_MS", 0)
+        rec = rec_module.Reconciler(client.settings, client, consumer="alive", sweep_seconds=0.05).start()
+        for _ in range(500):
+            if (await r.xpending(events, GROUP))["pending"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert (await r.xpending(events, GROUP))["pending"] == 0
+        assert not await r.sismember(FlowKeys(client.keys).active, "ghost")  # no such run: dropped
+    finally:
+        if rec is not None:
+            await rec.stop()
+        await client.close()

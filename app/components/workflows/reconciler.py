@@ -38,6 +38,7 @@ LEASE_MS = 15_000
 CLAIM_IDLE_MS = 30_000
 BATCH = 500
 SKIP_BACKLOG_MS = 60_000
+FORGET_CONSUMER_MS = 3_600_000
 
 
 class Runner:
@@ -210,7 +211,12 @@ class Reconciler:
                 await asyncio.sleep(1.0)
 
     async def _claim_abandoned(self) -> None:
-        """Entries a dead consumer read but never acked: handle them here."""
+        """Entries a dead consumer read but never acked: handle them here. Consumers idle for
+        an hour with nothing pending (worker processes that ended) are forgotten."""
+        for consumer in await self.redis.xinfo_consumers(self.keys.events, GROUP):
+            name = consumer["name"].decode() if isinstance(consumer["name"], bytes) else consumer["name"]
+            if not consumer["pending"] and consumer["idle"] > FORGET_CONSUMER_MS and name != self.consumer:
+                await self.redis.xgroup_delconsumer(self.keys.events, GROUP, name)
         start = "0-0"
         for _ in range(100):
             reply = await self.redis.xautoclaim(self.keys.events, GROUP, self.consumer, CLAIM_IDLE_MS,
