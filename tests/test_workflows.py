@@ -152,11 +152,14 @@ async def test_failing_step_fails_the_run_unless_continue_on(flows: Workflows) -
         Step("bad", task="fail", queue="flows", continue_on={"failure": True}),
         Step("after", task="square", queue="flows", kwargs={"x": 5}, depends="bad"),
         Step("items", task="fail", queue="flows_b", parallel=[1, 2], continue_on={"failure": True}),
+        Step("reads", task="join", queue="flows_c", kwargs={"bad": "${bad.output}", "items": "${items.output}"},
+             depends=["bad", "items"]),
     ])
     view = await flows.wait(await flows.start(tolerant), TIMEOUT)
     assert view["status"] == "completed", (view["error"], {k: (s["state"], s["error"]) for k, s in view["steps"].items()})
     assert view["steps"]["bad"]["state"] == "failed" and view["steps"]["after"]["output"] == 25
     assert view["steps"]["items"]["output"] == [None, None]
+    assert view["steps"]["reads"]["output"] == {"bad": None, "items": [None, None]}
 
 
 async def test_precondition_skips_a_step_and_its_dependents(flows: Workflows) -> None:

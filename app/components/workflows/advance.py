@@ -119,6 +119,8 @@ class Pass:
             for name, value in zip(need, raw, strict=True):
                 if value is not None:
                     self.outputs[name] = json.loads(value)
+                elif self.states[name]["st"] == "failed":
+                    self.outputs[name] = None  # a failed step (continue_on: failure) reads as null
         return Context(self.params, self.outputs, item)
 
     # --- the pass --------------------------------------------------------------------------
