@@ -24,7 +24,7 @@ from app.components.worker.api import WorkerClient
 from app.components.workflows import DuplicateRun, Step, Workflow, WorkflowError, Workflows, load_file
 from app.components.workflows.state import parse_job_id
 from app.core.settings import load_settings
-from tests.conftest import BASE_ENV, ROOT, WorkerProcess, wait_until
+from tests.conftest import BASE_ENV, ROOT, WorkerProcess, until, wait_until
 
 ENGINE_OF = {"flows": "arq", "flows_b": "dramatiq", "flows_c": "taskiq"}
 TIMEOUT = 40
@@ -476,4 +476,31 @@ async def test_entries_a_dead_reconciler_read_are_claimed_and_handled(
     finally:
         if rec is not None:
             await rec.stop()
+        await client.close()
+
+
+async def test_events_alone_advance_a_run_promptly(make_settings: Any, start_worker: Any) -> None:
+    """The sweep is 60 s away: only the events (and the start's wake-up) can move this run."""
+    from app.components.workflows import Reconciler
+
+    start_worker("flows", "taskiq", workflow_reconciler="false")
+    client = WorkerClient(make_settings())
+    rec = Reconciler(client.settings, client, consumer="only", sweep_seconds=60).start()
+    try:
+        async def idle() -> bool:
+            return rec.ticks >= 1
+
+        await until(idle, 10, "the reconciler's first sweep (nothing active: it goes idle)")
+        flows = Workflows(client)
+        wf = Workflow("evented", steps=[
+            Step("one", task="square", queue="flows", kwargs={"x": 3}),
+            Step("two", task="square", queue="flows", kwargs={"x": "${one.output}"}, depends="one"),
+            Step("map", task="square", queue="flows", parallel=[1, 2, 3], max_concurrent=1, kwargs={"x": "${ITEM}"},
+                 depends="two"),
+        ])
+        view = await flows.wait(await flows.start(wf), 15)
+        assert view["status"] == "completed" and view["steps"]["map"]["output"] == [1, 4, 9]
+        assert view["finished"] - view["started"] < 10_000
+    finally:
+        await rec.stop()
         await client.close()

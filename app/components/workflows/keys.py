@@ -55,6 +55,12 @@ class FlowKeys:
         return f"{self.keys.prefix}:wf:running:{workflow}"
 
     @property
+    def wake(self) -> str:
+        """List: a token pushed when a run starts, so an idle reconciler starts reading events
+        at once instead of at its next sweep (one token kept)."""
+        return f"{self.keys.prefix}:wf:wake"
+
+    @property
     def sweep(self) -> str:
         """Lock: one sweep of all active runs per interval, whoever takes it."""
         return f"{self.keys.prefix}:wf:sweep"

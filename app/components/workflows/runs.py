@@ -20,9 +20,11 @@ import time
 import uuid
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from app.components.worker.api import WorkerClient
 from app.components.workflows.definition import RunNotFound, Workflow, WorkflowError, catalogue_to_dict, from_dict
-from app.components.workflows.keys import FlowKeys
+from app.components.workflows.keys import GROUP, FlowKeys
 from app.components.workflows.reconciler import Runner
 from app.components.workflows.scripts import script
 from app.components.workflows.state import RUN_ACTIVE, RUN_ENDED, child_run_id, dump, job_id, load_state
@@ -59,6 +61,7 @@ class Workflows:
         if run_id is not None and not RUN_ID.match(run_id):
             raise WorkflowError(f"run id {run_id!r} is invalid: use letters, digits, '_', '.', '@', '-' (200 at most)")
         run_id = run_id or uuid.uuid4().hex[:16]
+        await self._ensure_group()
         old = await self.redis.hget(self.fk.run(run_id), "def")
         stale = [self.fk.lock(run_id), self.fk.dirty(run_id)]
         if old:
@@ -74,7 +77,25 @@ class Workflows:
             raise DuplicateRun(f"workflow run {run_id!r} is already queued or running: not started again "
                                "(wait for it to end, cancel it, or choose another id)")
         await self.runner.advance(run_id)
+        await self._wake()
         return run_id
+
+    async def _ensure_group(self) -> None:
+        """The events' consumer group exists before a run's first job can end, so a reconciler
+        that starts reading now still sees that job's event."""
+        try:
+            await self.redis.xgroup_create(self.client.keys.events, GROUP, id="$", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _wake(self) -> None:
+        """Wake an idle reconciler: it reads events from now on, not from its next sweep."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.lpush(self.fk.wake, 1)
+            pipe.ltrim(self.fk.wake, 0, 0)
+            pipe.pexpire(self.fk.wake, 60_000)
+            await pipe.execute()
 
     async def advance(self, run_id: str) -> None:
         await self.runner.advance(run_id)
@@ -134,7 +155,9 @@ class Workflows:
             await self.redis.sadd(self.fk.active, run_id)
         finally:
             await runner.leave(run_id)
+        await self._ensure_group()
         await runner.advance(run_id)
+        await self._wake()
 
     async def status(self, run_id: str) -> dict[str, Any]:
         """The run as a person (or the dashboard) reads it: status, params, output or error,
