@@ -304,7 +304,6 @@ async def test_a_crash_between_decision_and_enqueue_loses_nothing_and_passes_nev
     with pytest.raises(ConnectionError):  # the first pass recorded step one as launched, then "died"
         await flows.start(wf, run_id=(run_id := f"idem-{uuid.uuid4().hex[:6]}"))
     monkeypatch.undo()
-    assert await flows.client.job(f"wf:{run_id}:one").status() == "unknown"
     # Many passes at once, from several "processes" (runners with their own tokens): each unit
     # is enqueued once; the lost launch of step one is made again (same id).
     runners = [Runner(flows.client, 60) for _ in range(4)]

@@ -131,12 +131,11 @@ class Pass:
             self.states[s.name] = load_state(raw)
         if self.status == "queued" and not await self.admit():
             return
-        self.now = await self.a.now_ms()
         units = self.units_in_flight()
         # Read only the units the events said ended (when known), plus any with a timeout to check.
         read = units if finished is None else [
             u for u in units if u.id(self.run_id) in finished or self.wf.step(u.step).timeout is not None]
-        outcomes = await self.a.read_units(self.run_id, read)
+        self.now, outcomes = await self.a.read_units(self.run_id, read)
         for unit, outcome in zip(read, outcomes, strict=True):
             await self.apply(unit, outcome)
         if self.cancel and self.status == "running":

@@ -45,10 +45,6 @@ class Advancer:
         self._raw.pop(run_id, None)
         self._names.pop(run_id, None)
 
-    async def now_ms(self) -> int:
-        sec, usec = await self.redis.time()
-        return int(sec) * 1000 + int(usec) // 1000
-
     async def admit(self, workflow: str, run_id: str, limit: int) -> bool:
         return bool(await self._admit(keys=[self.fk.running(workflow)], args=[run_id, limit]))
 
@@ -65,11 +61,10 @@ class Advancer:
             self._raw[run_id] = raw
         return cached
 
-    async def read_units(self, run_id: str, units: list[Unit]) -> list[Outcome]:
-        """Every unit's outcome in one pipelined round trip."""
-        if not units:
-            return []
+    async def read_units(self, run_id: str, units: list[Unit]) -> tuple[int, list[Outcome]]:
+        """Redis's time (ms) and every unit's outcome, in one pipelined round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.time()
             for u in units:
                 uid = u.id(run_id)
                 if u.child:
@@ -78,7 +73,8 @@ class Advancer:
                     pipe.get(self.keys.result(uid))
                     pipe.hget(self.keys.job(uid), "status")
             replies = await pipe.execute()
-        out, i = [], 0
+        sec, usec = replies[0]
+        out, i = [], 1
         for u in units:
             if u.child:
                 status, output, error = (v.decode() if isinstance(v, bytes) else v for v in replies[i])
@@ -104,7 +100,7 @@ class Advancer:
                 out.append(Outcome("lost"))
             else:
                 out.append(Outcome("waiting"))
-        return out
+        return int(sec) * 1000 + int(usec) // 1000, out
 
     async def run_pass(self, run_id: str, token: str, finished: set[str] | None = None) -> list[str]:
         """One pass; returns the runs to advance next (children just created, a parent).

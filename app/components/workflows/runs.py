@@ -115,7 +115,13 @@ class Workflows:
             return status
         await self.redis.hset(self.fk.run(run_id), "cancel", "1")
         await self.runner.advance(run_id)
-        return await self._exists(run_id)
+        status = await self._exists(run_id)
+        for _ in range(100):  # another process held the run: its next pass (it goes again) sees the request
+            if status not in ("queued", "running"):
+                break
+            await asyncio.sleep(0.02)
+            status = await self._exists(run_id)
+        return status
 
     async def retry(self, run_id: str, timeout: float = 10.0) -> None:
         """Run a failed or cancelled run again from where it stopped: completed steps keep
