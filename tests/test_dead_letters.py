@@ -15,6 +15,7 @@ from app.components.worker.config import resolve
 from app.components.worker.engines import engine_class
 from app.components.worker.envelope import Envelope
 from app.components.worker.events import read_events
+from app.components.worker.metrics import queue_metrics
 from app.components.worker.routing.dead import (
     NotDead,
     count_dead,
@@ -102,6 +103,8 @@ async def test_failed_jobs_are_dead_listed_retried_and_purged(
     for job_id in rows:  # the record and result of a dead job live as long as its entry, not keep_result
         for key in (client.keys.job(job_id), client.keys.result(job_id)):
             assert KEEP_RESULT < await client.redis.ttl(key) <= 3600
+    (row,) = [r for r in await queue_metrics(client) if r["queue"] == "contract"]
+    assert row["failed"] == 5  # `app queues` counts the dead set, on every engine
     table = await cli(env, "dead")
     assert table.returncode == 0 and comeback.job_id in table.stdout and "PermanentError" in table.stdout
     assert await until(lambda: _is_zero(engine_dead_letters(client, engine)), 10, "engine dead letters empty")
