@@ -231,3 +231,5 @@ async def test_bad_inputs_are_one_line_and_non_zero(env: dict[str, str]) -> None
         assert needle in one_line_error(proc), args
     empty = await cli(env, "dead")
     assert empty.returncode == 0 and empty.stdout.strip() == "no dead jobs"
+    bad_ttl = await cli({**env, "WORKER_DEAD_TTL_SECONDS": "0"}, "dead")
+    assert bad_ttl.returncode == 2 and "WORKER_DEAD_TTL_SECONDS='0' is invalid" in one_line_error(bad_ttl)
