@@ -147,9 +147,9 @@ async def _ends(client: WorkerClient, job_id: str, last: str, enqueued: int = 1)
     return types if types and types[-1] == last and types.count("job.enqueued") >= enqueued else None
 
 
-async def _running(client: WorkerClient, store: JobStore, job_id: str) -> Envelope:
+async def _running(client: WorkerClient, store: JobStore, job_id: str, **options: Any) -> Envelope:
     """A job of the contract queue, claimed by a made-up instance (no worker needed)."""
-    await client.enqueue("add", 1, 1, _job_id=job_id, _delay=3600)
+    await client.enqueue("add", 1, 1, _job_id=job_id, _delay=3600, **options)
     raw = await client.redis.hget(client.keys.job(job_id), "envelope")
     await client.redis.zrem(client.keys.delayed("contract"), raw)
     env = Envelope.decode(raw)
@@ -215,6 +215,18 @@ async def test_python_api_paginates_refuses_and_purges(engine: str, client: Work
     assert not await redis.exists(keys.job("late"), keys.result("late"))
     with pytest.raises(AppError):
         await retry_dead(client, "")
+    # A retry keeps the job's route: priority, target, tags.
+    route = {"_priority": "high", "_worker_selector": {"gpu": "true", "zone": "b"}, "_tags": {"team": "a"}}
+    await client.enqueue("add", 1, 1, _job_id="routed", _delay=3600, **route)  # routed: admission would claim it
+    raw = await redis.hget(keys.job("routed"), "envelope")
+    await redis.zrem(keys.delayed("contract"), raw)
+    await redis.hset(keys.job("routed"), mapping={"status": "running", "owner": "w~1", "attempt": 1})
+    env = Envelope.decode(raw)
+    assert await store.finish(env, "w~1", 1, "failed", {"job_id": "routed", "attempts": 1}, 5, [])
+    await retry_dead(client, "routed")
+    again = Envelope.decode(await redis.hget(keys.job("routed"), "envelope"))
+    assert (again.priority, again.selector, again.tags, again.try_) == ("high", "gpu=true,zone=b", {"team": "a"}, 1)
+    assert again.run != env.run and await count_dead(redis, keys, ["contract"]) == 0
 
 
 async def test_bad_inputs_are_one_line_and_non_zero(env: dict[str, str]) -> None:

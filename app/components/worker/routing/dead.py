@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from app.components.worker.api import Job, WorkerClient
 from app.components.worker.envelope import Envelope
 from app.components.worker.keys import Keys
+from app.components.worker.routing.options import parse_pairs
 from app.components.worker.runtime import scripts
 from app.components.worker.validation import validate_job_id
 from app.core.errors import AppError, JobNotFound
@@ -31,9 +32,6 @@ from app.core.errors import AppError, JobNotFound
 logger = logging.getLogger(__name__)
 
 CHUNK = 500  # ids per purge script call / per retry batch: a few ms of Redis time each
-# Routing fields an envelope may carry -> the enqueue option that sets them again.
-ROUTING_OPTIONS = {"priority": "_priority", "group": "_worker_group", "selector": "_worker_selector",
-                   "tags": "_tags"}
 
 __all__ = ["NotDead", "count_dead", "list_dead", "purge_dead", "retry_all", "retry_dead", "trim_dead"]
 
@@ -118,6 +116,19 @@ async def list_dead(
     return rows
 
 
+def _route_of(env: Envelope) -> dict[str, Any]:
+    """The enqueue options that give a retry the route its job had: priority, target, tags
+    (a blank target or no tags: the task's and queue's defaults of today apply)."""
+    options: dict[str, Any] = {"_priority": env.priority}
+    if env.group:
+        options["_worker_group"] = env.group
+    if env.selector:
+        options["_worker_selector"] = parse_pairs(env.selector, "worker_selector")
+    if env.tags:
+        options["_tags"] = env.tags
+    return options
+
+
 async def retry_dead(client: WorkerClient, job_id: str) -> Job:
     """Enqueue a dead job again under its id, with its task, queue and arguments (fresh run,
     try 1, a job.enqueued event); it leaves the dead set once accepted. Raises NotDead for an
@@ -135,12 +146,10 @@ async def retry_dead(client: WorkerClient, job_id: str) -> Job:
         if raw is None:
             raise ValueError("no stored message")
         env = Envelope.decode(raw)
-        stored = json.loads(raw)
-        options = {opt: stored[name] for name, opt in ROUTING_OPTIONS.items() if stored.get(name) is not None}
     except Exception:  # noqa: BLE001 - ValueError, RecursionError, UnicodeDecodeError...
         raise AppError(f"job {job_id!r} has no readable stored message (it failed before the layer could read it), "
                        f"so it cannot be retried: remove it with `app dead purge --job {job_id}`") from None
-    job = await client.enqueue(env.task, *env.args, _queue=env.queue, _job_id=env.id, **options, **env.kwargs)
+    job = await client.enqueue(env.task, *env.args, _queue=env.queue, _job_id=env.id, **_route_of(env), **env.kwargs)
     release = redis.register_script(scripts.source("dead_release"))
     await release(keys=[keys.dead(env.queue), keys.job(job_id)], args=[job_id])
     logger.info("job %s: retried from the dead set of queue %s", job_id, env.queue)
