@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from app.cli import dev, jobs, loadtest, monitor, schedules, worker
+from app.cli import dead, dev, jobs, loadtest, monitor, schedules, worker
 from app.cli.common import fail
 from app.cli.queues import queues
 from app.cli.workflow import workflow_cli
@@ -41,6 +41,7 @@ cli.command()(dev.dev)
 cli.command()(loadtest.loadtest)
 cli.add_typer(schedules.app, name="schedules")
 cli.command()(schedules.scheduler)
+cli.add_typer(dead.app, name="dead")
 cli.add_typer(workflow_cli)
 
 
