@@ -141,7 +141,7 @@ class Pass:
         if self.cancel and self.status == "running":
             self.status = "cancelling"
             self.cmds.add("HSET", self.fk.run(self.run_id), "status", "cancelling")
-            self.to_cancel = [u for u in units if not u.child] + [u for u in units if u.child]
+            self.to_cancel += units
         for _ in range(len(steps) + 1):
             if not await self.schedule():
                 break
@@ -187,6 +187,7 @@ class Pass:
             if step.timeout is not None and self.now - unit.launched > step.timeout * 1000:
                 outcome = Outcome("failed", error=f"StepTimeout: step {step.name} did not finish within "
                                                   f"{step.timeout:g}s")
+                self.to_cancel.append(unit)  # a job still waiting never starts; a child run stops
             else:
                 return
         if outcome.kind == "lost":
