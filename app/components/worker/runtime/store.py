@@ -157,6 +157,20 @@ class JobStore:
                  for i in range(0, len(items), 4)]
         return Admitted(taken, None if int(wait) < 0 else int(wait), _text(state), int(held))
 
+    async def drop_due(self, queue: str, raws: list[bytes]) -> None:
+        if raws:
+            await self.redis.zrem(self.keys.delayed(queue), *raws)
+
+    async def drop_poison(
+        self, queue: str, raw: bytes, job_id: str, error: str, *, keep: int, engine: str = "", worker_id: str = ""
+    ) -> bool:
+        """Remove an undecodable delayed entry with a job.failed event (and fail its record
+        when the entry was that record's envelope). False when another mover removed it."""
+        keys = [self.keys.delayed(queue), self.keys.events, self.keys.job(job_id), self.keys.result(job_id)]
+        done = await self._poison(keys=keys, args=[raw, self.events_maxlen, queue, job_id, error, keep, engine,
+                                                   worker_id])
+        return bool(int(done))
+
 
 class Admitted(NamedTuple):
     """What one admission pass gave: (envelope, attempt, job id, task) per job taken, the ms
