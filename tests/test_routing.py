@@ -56,7 +56,7 @@ async def test_high_jobs_enqueued_last_start_first_fifo_within_a_level(
 async def test_max_concurrency_holds_across_processes_and_a_killed_workers_slot_frees(
     engine: str, client: WorkerClient, start_worker: Any
 ) -> None:
-    start_worker("routed", engine, "--processes", "3", "--threads", "4", WORKER_MAX_CONCURRENCY_ROUTED="2")
+    start_worker("routed", engine, "--processes", "4", "--threads", "2", WORKER_MAX_CONCURRENCY_ROUTED="2")
     jobs = [await client.enqueue("hold", 0.2, _queue="routed") for _ in range(8)]
     for job in jobs:
         await job.result(TIMEOUT)
