@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from app.cli import dev, jobs, loadtest, monitor, worker
+from app.cli import dashboard, dev, jobs, loadtest, monitor, worker
 from app.cli.common import fail
 from app.core.errors import AppError
 from app.core.settings import get_settings
@@ -37,6 +37,7 @@ cli.command()(monitor.events)
 cli.command()(monitor.health)
 cli.command()(dev.dev)
 cli.command()(loadtest.loadtest)
+cli.command()(dashboard.dashboard)
 
 
 def main() -> None:

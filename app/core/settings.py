@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import Literal
 
 from dotenv import dotenv_values
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.core.errors import ConfigError
@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     # Longest wait of a delayed mover between two checks when no wake-up comes (runtime/delayed.py).
     worker_delay_poll_seconds: float = Field(default=1.0, gt=0)
     worker_idle_poll_ms: float | None = Field(default=None, gt=0)
+
+    # Dashboard (`app dashboard`): actions need `Authorization: Bearer <token>`; unset, it is read-only.
+    dashboard_token: SecretStr | None = None
 
     environment: str = "development"
     app_env: str | None = None

@@ -1,0 +1,41 @@
+"""`app dashboard`: the Overseer web dashboard and /metrics, served by uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated
+
+import typer
+
+from app.cli.common import fail, settings
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def dashboard(
+    host: Annotated[str, typer.Option(help="Address to bind; other than loopback only with DASHBOARD_TOKEN set.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+) -> None:
+    """Serve the live dashboard (queues, workers, events, jobs, dead letters) and /metrics."""
+    cfg = settings()
+    token = cfg.dashboard_token.get_secret_value() if cfg.dashboard_token is not None else ""
+    if not token and not is_loopback(host):
+        fail(f"refusing to serve on {host} without DASHBOARD_TOKEN: set DASHBOARD_TOKEN, or bind to 127.0.0.1")
+    import uvicorn
+
+    from app.components.overseer import create_app
+
+    mode = "actions need the token" if token else "read-only (set DASHBOARD_TOKEN to allow actions)"
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(f"dashboard on http://{shown}:{port}/ ({mode}), metrics on /metrics")
+    try:
+        uvicorn.run(create_app(cfg), host=host, port=port, log_level="warning", access_log=False)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port} ({exc.strerror or exc}): choose another --port or stop what uses it")

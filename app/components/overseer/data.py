@@ -1,0 +1,280 @@
+"""What the pages and the JSON API show, read from Redis only (never from the dashboard's memory).
+
+Every read is bounded by what a person looks at, not by what Redis holds: queue counts are
+O(queues) (``ZCARD``/``XLEN``-like counts), recent jobs and run-time percentiles come from a
+bounded ``XREVRANGE`` of the newest events, a job's trail from the stream between its own
+timestamps. Nothing scans every job key, so a million waiting jobs do not slow a page.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from app.components.overseer import optional
+from app.components.overseer.counters import empty_minutes, per_minute
+from app.components.worker.events import _decode
+from app.components.worker.health import Thresholds, list_workers, redis_now_ms
+from app.components.worker.metrics import queue_metrics
+
+HISTORY_SAMPLE = 5000  # newest events read for "recent jobs"
+PERCENTILE_SAMPLE = 2000  # newest events read for p50/p95
+TRAIL_PAGE = 10_000
+TRAIL_PAGES = 5
+TERMINAL = ("completed", "failed", "cancelled")
+STATUS_OF_EVENT = {"job.enqueued": "queued", "job.started": "running", "job.completed": "completed",
+                   "job.retried": "retrying", "job.failed": "failed"}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(float(_text(value)))
+    except (TypeError, ValueError):
+        return None
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    index = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
+    return values[index]
+
+
+async def _paused(client: Any, queues: list[str]) -> dict[str, bool]:
+    module = optional.pause()
+    if module is not None:
+        return dict(await module.paused(client.redis, client.keys, queues))
+    values = []
+    for queue in queues:  # the routing hash's field, read directly until pause.py lands
+        values.append(await client.redis.hget(client.keys.route(queue), "paused"))
+    return {q: _text(v) == "1" if v is not None else False for q, v in zip(queues, values, strict=True)}
+
+
+async def _waiting_by_group(client: Any, queue: str) -> dict[str, int]:
+    """Routed jobs waiting per worker group ('' the default group), from the admission sets."""
+    groups = {""}
+    for raw in (await client.redis.hgetall(client.keys.members(queue))).values():
+        try:
+            groups.add(str(json.loads(raw).get("group") or ""))
+        except (ValueError, AttributeError):
+            continue
+    out = {}
+    for group in sorted(groups):
+        count = await client.redis.zcard(client.keys.ready(queue, group))
+        if count:
+            out[group or "default"] = int(count)
+    return out
+
+
+async def run_times(client: Any) -> dict[str, dict[str, float | None]]:
+    """p50/p95 run time (ms) per queue over the newest finished attempts in the stream."""
+    entries = await client.redis.xrevrange(client.keys.events, count=PERCENTILE_SAMPLE)
+    values: dict[str, list[float]] = {}
+    for _, fields in entries:
+        event = _decode(fields)
+        if event.get("type") in ("job.completed", "job.failed", "job.retried") and event.get("duration_ms"):
+            try:
+                values.setdefault(event.get("queue", ""), []).append(float(event["duration_ms"]))
+            except ValueError:
+                continue
+    return {q: {"p50_ms": _percentile(v, 0.5), "p95_ms": _percentile(v, 0.95), "sample": len(v)}
+            for q, v in values.items()}
+
+
+async def queues(client: Any) -> list[dict[str, Any]]:
+    """Every queue: engine, ready/delayed/running/failed/dead, groups, paused, rates, run times."""
+    rows = await queue_metrics(client)
+    names = [r["queue"] for r in rows]
+    paused = await _paused(client, names)
+    times = await run_times(client)
+    now = await redis_now_ms(client.redis)
+    history = await per_minute(client.redis, client.keys, now)
+    for row in rows:
+        name = row["queue"]
+        row["dead"] = int(await client.redis.zcard(client.keys.dead(name)))
+        row["paused"] = paused.get(name, False)
+        row["groups"] = await _waiting_by_group(client, name)
+        row["run_time"] = times.get(name, {"p50_ms": None, "p95_ms": None, "sample": 0})
+        row["history"] = history.get(name) or empty_minutes(now)
+    return rows
+
+
+async def workers(client: Any, queue: str | None = None) -> list[dict[str, Any]]:
+    """Workers with a heartbeat key, their health state (Dagu's thresholds, from settings)."""
+    return await list_workers(client.redis, client.keys, Thresholds.from_settings(client.settings), queue)
+
+
+def _event(entry_id: Any, fields: Any) -> dict[str, str]:
+    event = _decode(fields)
+    event["id"] = _text(entry_id)
+    return event
+
+
+def matches(event: dict[str, str], queue: str | None = None, type_: str | None = None,
+            task: str | None = None, job: str | None = None) -> bool:
+    if queue and event.get("queue") != queue:
+        return False
+    if type_ and event.get("type") != type_ and not event.get("type", "").startswith(type_ + "."):
+        return False
+    if task and event.get("task") != task:
+        return False
+    return not (job and event.get("job_id") != job)
+
+
+async def events_after(client: Any, after: str | None, limit: int = 100, **filters: str | None) -> list[dict[str, str]]:
+    """Events after stream id ``after`` (oldest first); without ``after``, the newest ``limit``
+    (oldest first). Reads at most ten pages of the stream to find ``limit`` matches."""
+    out: list[dict[str, str]] = []
+    if after:
+        lower = f"({after}"
+        for _ in range(10):
+            entries = await client.redis.xrange(client.keys.events, min=lower, max="+", count=1000)
+            for entry_id, fields in entries:
+                event = _event(entry_id, fields)
+                if matches(event, **filters):
+                    out.append(event)
+                    if len(out) >= limit:
+                        return out
+            if len(entries) < 1000:
+                break
+            lower = f"({_text(entries[-1][0])}"
+        return out
+    upper = "+"
+    for _ in range(10):
+        entries = await client.redis.xrevrange(client.keys.events, max=upper, min="-", count=1000)
+        for entry_id, fields in entries:
+            event = _event(entry_id, fields)
+            if matches(event, **filters):
+                out.append(event)
+                if len(out) >= limit:
+                    return out[::-1]
+        if len(entries) < 1000:
+            break
+        upper = f"({_text(entries[-1][0])}"
+    return out[::-1]
+
+
+async def recent_jobs(client: Any, queue: str | None = None, task: str | None = None,
+                      status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """Jobs seen in the newest ``HISTORY_SAMPLE`` events, newest first, with status and timings.
+
+    There is no index of jobs per queue; the event stream is one, bounded and newest first.
+    The status is the job record's when it still exists, else the last event's."""
+    entries = await client.redis.xrevrange(client.keys.events, count=HISTORY_SAMPLE)
+    jobs: dict[str, dict[str, Any]] = {}
+    for entry_id, fields in entries:
+        event = _decode(fields)
+        jid = event.get("job_id")
+        if not jid or not event.get("type", "").startswith("job."):
+            continue
+        if (queue and event.get("queue") != queue) or (task and event.get("task") != task):
+            continue
+        ts = _int(_text(entry_id).partition("-")[0])
+        row = jobs.get(jid)
+        if row is None:
+            if len(jobs) >= limit * 4:
+                continue
+            row = jobs[jid] = {"job_id": jid, "queue": event.get("queue", ""), "task": event.get("task", ""),
+                               "engine": event.get("backend", ""), "status": STATUS_OF_EVENT.get(event["type"], ""),
+                               "attempt": _int(event.get("attempt")), "enqueued_at": None, "started_at": None,
+                               "finished_at": None, "duration_ms": None, "error": event.get("error") or None}
+            if event["type"] in ("job.completed", "job.failed"):
+                row["finished_at"] = ts
+                row["duration_ms"] = _int(event.get("duration_ms"))
+        if event["type"] == "job.enqueued":
+            row["enqueued_at"] = ts
+        elif event["type"] == "job.started" and row["started_at"] is None:
+            row["started_at"] = ts
+    rows = list(jobs.values())
+    if rows:
+        async with client.redis.pipeline(transaction=False) as pipe:
+            for row in rows:
+                pipe.hget(client.keys.job(row["job_id"]), "status")
+            statuses = await pipe.execute()
+        for row, value in zip(rows, statuses, strict=True):
+            if value is not None:
+                row["status"] = _text(value)
+            elif row["status"] == "failed" and (row["error"] or "").startswith("Cancelled:"):
+                row["status"] = "cancelled"
+    if status:
+        rows = [r for r in rows if r["status"] == status]
+    return rows[:limit]
+
+
+async def job(client: Any, job_id: str) -> dict[str, Any] | None:
+    """A job's record, result (or error) and event trail; None when Redis knows nothing of it."""
+    raw = await client.redis.hgetall(client.keys.job(job_id))
+    record = {_text(k): _text(v) for k, v in raw.items()}
+    result_raw = await client.redis.get(client.keys.result(job_id))
+    result = json.loads(result_raw) if result_raw else None
+    if not record and result is None:
+        return None
+    envelope: dict[str, Any] = {}
+    if record.get("envelope"):
+        try:
+            envelope = json.loads(record["envelope"])
+        except ValueError:
+            envelope = {}
+    source = result or {}
+    enqueued = _int(record.get("enqueued_at")) or _int(source.get("enqueued_at"))
+    status = record.get("status") or source.get("status") or "unknown"
+    trail, partial = await _trail(client, job_id, enqueued)
+    return {
+        "job_id": job_id, "status": status,
+        "queue": record.get("queue") or source.get("queue"), "task": record.get("task") or source.get("task"),
+        "engine": record.get("engine") or source.get("engine"),
+        "attempts": _int(record.get("attempt")) if record.get("attempt") else source.get("attempts"),
+        "worker": record.get("worker") or source.get("worker_id"),
+        "enqueued_at": enqueued, "started_at": _int(record.get("started_at")) or _int(source.get("started_at")),
+        "finished_at": _int(record.get("finished_at")) or _int(source.get("finished_at")),
+        "args": envelope.get("args", []), "kwargs": envelope.get("kwargs", {}),
+        "result": source.get("result") if source.get("status") == "completed" else None,
+        "error_type": source.get("error_type"), "error": source.get("error"),
+        "waiting": status in ("queued", "delayed"), "events": trail, "events_partial": partial,
+    }
+
+
+async def _trail(client: Any, job_id: str, since_ms: int | None) -> tuple[list[dict[str, str]], bool]:
+    """The job's events, read from the stream from its enqueue time on (stream ids are Redis
+    ms), a page at a time until its terminal event; True when the read stopped at the bound."""
+    lower = f"{since_ms}-0" if since_ms else "-"
+    out: list[dict[str, str]] = []
+    for _ in range(TRAIL_PAGES):
+        entries = await client.redis.xrange(client.keys.events, min=lower, max="+", count=TRAIL_PAGE)
+        for entry_id, fields in entries:
+            event = _event(entry_id, fields)
+            if event.get("job_id") == job_id:
+                out.append(event)
+                if event.get("type") in ("job.completed", "job.failed"):
+                    return out, False
+        if len(entries) < TRAIL_PAGE:
+            return out, False
+        lower = f"({_text(entries[-1][0])}"
+    return out, True
+
+
+async def dead_letters(client: Any, queue: str | None = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+    """Dead jobs (failed after their last attempt), newest first, with their error."""
+    names = [queue] if queue else sorted(client.registry.queues)
+    counts = {q: int(await client.redis.zcard(client.keys.dead(q))) for q in names}
+    merged: list[tuple[float, str, str]] = []
+    for q in names:  # the newest offset+limit of each queue cover the merged page
+        members = await client.redis.zrevrange(client.keys.dead(q), 0, offset + limit - 1, withscores=True)
+        merged.extend((float(score), _text(member), q) for member, score in members)
+    merged.sort(reverse=True)
+    page = merged[offset:offset + limit]
+    rows = []
+    for score, jid, q in page:
+        result_raw = await client.redis.get(client.keys.result(jid))
+        record = json.loads(result_raw) if result_raw else {}
+        task = record.get("task") or _text(await client.redis.hget(client.keys.job(jid), "task") or b"")
+        rows.append({"job_id": jid, "queue": q, "task": task, "failed_at": int(score),
+                     "attempts": record.get("attempts"), "error_type": record.get("error_type"),
+                     "error": record.get("error")})
+    return {"total": sum(counts.values()), "by_queue": counts, "jobs": rows,
+            "actions": optional.dead() is not None}
