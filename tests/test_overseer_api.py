@@ -1,0 +1,230 @@
+"""The dashboard's JSON API, SSE feed and /metrics, against a real Redis and real workers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ROOT, wait_until
+from tests.overseer_support import TOKEN, Dashboard, dashboard
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def metrics(url: str) -> dict[str, list[Any]]:
+    """/metrics parsed with prometheus-client's own parser: sample name -> samples."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    out: dict[str, list[Any]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append(sample)
+    return out
+
+
+def value(samples: dict[str, list[Any]], name: str, **labels: str) -> float:
+    found = [s.value for s in samples.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items())]
+    return sum(found)
+
+
+def enqueue(env: dict[str, str], task: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "app", "enqueue", task, "--queue", "contract", *args],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def get(url: str, path: str, **params: Any) -> Any:
+    answer = httpx.get(f"{url}{path}", params=params, timeout=10)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def finished(url: str, job_id: str) -> dict[str, Any] | None:
+    job = httpx.get(f"{url}/api/jobs/{job_id}", timeout=10).json()
+    return job if job.get("status") in ("completed", "failed", "cancelled") else None
+
+
+@pytest.mark.parametrize("engine", ["arq", "dramatiq", "taskiq"])
+def test_api_and_metrics_follow_jobs_on_every_engine(engine: str, env: dict[str, str], start_worker: Any) -> None:
+    start_worker("contract", engine)
+    env = {**env, "WORKER_BACKEND_CONTRACT": engine}
+    with dashboard(env) as board:
+        ok = enqueue(env, "add", "--", "a=2", "b=3")
+        bad = enqueue(env, "always_fails", "--", "message=broken on purpose")
+        done = wait_until(lambda: finished(board.url, ok), 30, what="add to finish")
+        failed = wait_until(lambda: finished(board.url, bad), 30, what="always_fails to fail")
+        assert done["result"] == 5 and done["engine"] == engine and done["kwargs"] == {"a": 2, "b": 3}
+        assert failed["status"] == "failed" and failed["error"] == "broken on purpose"
+        assert failed["error_type"] == "ValueError" and failed["attempts"] == 3
+        trail = [e["type"] for e in failed["events"]]
+        assert trail == ["job.enqueued"] + ["job.started", "job.retried"] * 2 + ["job.started", "job.failed"]
+
+        queues = {q["queue"]: q for q in get(board.url, "/api/queues")}
+        row = queues["contract"]
+        assert row["engine"] == engine and row["workers"] == 1 and row["paused"] is False
+        assert row["ready"] == 0 and row["running"] == 0 and row["run_time"]["sample"] >= 4
+        assert sum(m["completed"] for m in row["history"]) == 1 and sum(m["failed"] for m in row["history"]) == 1
+        workers = get(board.url, "/api/workers", queue="contract")
+        assert [(w["engine"], w["state"]) for w in workers] == [(engine, "healthy")]
+
+        recent = {j["job_id"]: j for j in get(board.url, "/api/jobs", queue="contract")}
+        assert recent[ok]["status"] == "completed" and recent[bad]["status"] == "failed"
+        assert [j["job_id"] for j in get(board.url, "/api/jobs", task="add")] == [ok]
+        assert [j["job_id"] for j in get(board.url, "/api/jobs", queue="contract", status="failed")] == [bad]
+
+        samples = metrics(board.url)
+        labels = {"queue": "contract", "engine": engine}
+        assert value(samples, "app_jobs_total", task="add", outcome="completed", **labels) == 1
+        assert value(samples, "app_jobs_total", task="always_fails", outcome="retried", **labels) == 2
+        assert value(samples, "app_jobs_total", task="always_fails", outcome="failed", **labels) == 1
+        assert value(samples, "app_jobs_enqueued_total", **labels) == 2
+        assert value(samples, "app_job_run_seconds_count", task="always_fails", **labels) == 3
+        assert value(samples, "app_job_run_seconds_bucket", task="add", le="+Inf", **labels) == 1
+        assert value(samples, "app_workers", state="healthy", **labels) == 1
+        assert value(samples, "app_queue_jobs", state="ready", **labels) == 0
+        assert "app_queue_paused" in samples
+
+
+def test_counts_live_in_redis_across_restarts_and_replicas(env: dict[str, str], start_worker: Any) -> None:
+    """Two dashboards at once count each event once; a restarted one goes on from Redis."""
+    start_worker("contract", "arq")
+    first = Dashboard(env).start()
+    second = Dashboard(env).start()
+    try:
+        ids = [enqueue(env, "add", "--", f"a={n}", "b=1") for n in range(5)]
+        for job_id in ids:
+            wait_until(lambda job_id=job_id: finished(first.url, job_id), 30, what="jobs to finish")
+
+        def completed(url: str) -> float:
+            return value(metrics(url), "app_jobs_total", task="add", outcome="completed")
+
+        assert wait_until(lambda: completed(first.url) == 5, 10, what="5 counted")
+        assert completed(second.url) == 5
+        first.stop()
+        assert completed(second.url) == 5
+        first = Dashboard(env, port=first.port).start()
+        enqueue(env, "add", "--", "a=9", "b=9")
+        assert wait_until(lambda: completed(first.url) == 6, 30, what="the sixth counted")
+        assert completed(second.url) == 6
+    finally:
+        first.stop()
+        second.stop()
+
+
+def sse(url: str, headers: dict[str, str], want: int, **params: str) -> list[dict[str, str]]:
+    """Read ``want`` events from the SSE feed, then cut the connection."""
+    events: list[dict[str, str]] = []
+    with httpx.stream("GET", f"{url}/api/events/stream", headers=headers, params=params, timeout=30) as answer:
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        current: dict[str, str] = {}
+        for line in answer.iter_lines():
+            if line.startswith("id: "):
+                current["sse_id"] = line[4:]
+            elif line.startswith("data: "):
+                current.update(json.loads(line[6:]))
+            elif line == "" and "sse_id" in current:
+                assert current["sse_id"] == current["id"]
+                events.append(current)
+                current = {}
+                if len(events) == want:
+                    break
+    return events
+
+
+def test_sse_feed_resumes_from_last_event_id_without_gap_or_duplicate(
+    env: dict[str, str], redis_url: str, prefix: str, start_worker: Any
+) -> None:
+    start_worker("contract", "arq")
+    client = redis.Redis.from_url(redis_url)
+    with dashboard(env) as board:
+        for n in range(4):
+            enqueue(env, "add", "--", f"a={n}", "b=0")
+        wait_until(lambda: client.xlen(f"{prefix}:events") >= 13, 30, what="4 jobs' events")
+        head = sse(board.url, {"Last-Event-ID": "0"}, 5)
+        for n in range(3):  # written while no one listens
+            enqueue(env, "add", "--", f"a={n}", "b=100")
+        wait_until(lambda: client.xlen(f"{prefix}:events") >= 22, 30, what="3 more jobs' events")
+        stored = [e[0].decode() for e in client.xrange(f"{prefix}:events")]
+        tail = sse(board.url, {"Last-Event-ID": head[-1]["id"]}, len(stored) - 5)
+        assert [e["id"] for e in head + tail] == stored
+        filtered = sse(board.url, {}, 3, after="0", type="job.completed")
+        assert [e["type"] for e in filtered] == ["job.completed"] * 3
+        page = get(board.url, "/api/events", after=head[-1]["id"], limit=3)
+        assert [e["id"] for e in page] == stored[5:8]
+    client.close()
+
+
+def test_actions_need_the_token(env: dict[str, str], start_worker: Any) -> None:
+    from app.components.overseer import optional
+
+    with dashboard(env) as board:
+        later = enqueue(env, "add", "--delay", "600", "--", "a=1", "b=1")
+        cancel = f"{board.url}/api/jobs/{later}/cancel"
+        assert httpx.post(cancel).status_code == 401
+        assert httpx.post(cancel, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        refused = httpx.post(f"{board.url}/api/queues/contract/pause")
+        assert refused.status_code == 401 and "DASHBOARD_TOKEN" in refused.json()["detail"]
+        answer = httpx.post(cancel, headers=AUTH)
+        assert answer.status_code == 200, answer.text
+        assert get(board.url, f"/api/jobs/{later}")["status"] == "cancelled"
+        again = httpx.post(cancel, headers=AUTH)
+        assert again.status_code == 409 and "only a waiting" in again.json()["detail"]
+        assert httpx.post(f"{board.url}/api/jobs/nope/cancel", headers=AUTH).status_code == 404
+        assert httpx.post(f"{board.url}/api/queues/nosuch/pause", headers=AUTH).status_code == 404
+        paused = httpx.post(f"{board.url}/api/queues/contract/pause", headers=AUTH)
+        if optional.pause() is None:
+            assert paused.status_code == 501
+        else:
+            assert paused.status_code == 200
+            assert {q["queue"]: q for q in get(board.url, "/api/queues")}["contract"]["paused"] is True
+            assert httpx.post(f"{board.url}/api/queues/contract/resume", headers=AUTH).status_code == 200
+        dead = get(board.url, "/api/dead")
+        assert dead["total"] == 0 and dead["jobs"] == [] and "contract" in dead["by_queue"]
+    with dashboard(env, token=None) as board:
+        read_only = httpx.post(f"{board.url}/api/queues/contract/pause", headers=AUTH)
+        assert read_only.status_code == 403 and "read-only" in read_only.json()["detail"]
+
+
+def test_pages_and_static_files_are_served_from_the_package(env: dict[str, str]) -> None:
+    with dashboard(env) as board:
+        for path in ("/", "/workers", "/events", "/jobs", "/dead", "/jobs?queue=contract&status=failed"):
+            page = httpx.get(f"{board.url}{path}", timeout=10)
+            assert page.status_code == 200 and "<html" in page.text, path
+            assert "http://" not in page.text and "https://" not in page.text, f"{path} loads something remote"
+        assert httpx.get(f"{board.url}/jobs/unknown-id").status_code == 404
+        found = httpx.get(f"{board.url}/jobs", params={"id": "abc"}, follow_redirects=False)
+        assert found.status_code == 303 and found.headers["location"] == "/jobs/abc"
+        script = httpx.get(f"{board.url}/static/overseer.js")
+        assert script.status_code == 200 and "EventSource" in script.text
+        assert httpx.get(f"{board.url}/static/..%2Fapp.py").status_code == 404
+
+
+def test_router_mounts_under_a_prefix_in_a_host_app(make_settings: Any) -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from app.components.overseer import overseer_router
+
+    host = FastAPI()
+    host.include_router(overseer_router(make_settings(), prefix="/ops"))
+    with TestClient(host) as client:
+        page = client.get("/ops/")
+        assert page.status_code == 200 and 'href="/ops/workers"' in page.text
+        assert client.get("/ops/api/workers").json() == []
+        assert "app_events_counted_total" in client.get("/ops/metrics").text
+
+
+def test_cli_refuses_a_public_bind_without_a_token(env: dict[str, str]) -> None:
+    env = {k: v for k, v in env.items() if k != "DASHBOARD_TOKEN"}
+    done = subprocess.run([sys.executable, "-m", "app", "dashboard", "--host", "0.0.0.0", "--port", "1"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: refusing to serve on 0.0.0.0 without DASHBOARD_TOKEN: set DASHBOARD_TOKEN, or bind to 127.0.0.1"]
