@@ -9,6 +9,8 @@ import typer
 
 from app.cli.common import fail, settings
 
+SHUTDOWN_GRACE_S = 2
+
 
 def is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -36,6 +38,9 @@ def dashboard(
     shown = f"[{host}]" if ":" in host else host
     typer.echo(f"dashboard on http://{shown}:{port}/ ({mode}), metrics on /metrics")
     try:
-        uvicorn.run(create_app(cfg), host=host, port=port, log_level="warning", access_log=False)
+        # SSE connections never end by themselves: on SIGTERM they get a short grace, then are
+        # closed, and the browsers reconnect (to this dashboard restarted, or another replica).
+        uvicorn.run(create_app(cfg), host=host, port=port, log_level="warning", access_log=False,
+                    timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     except OSError as exc:
         fail(f"cannot listen on {host}:{port} ({exc.strerror or exc}): choose another --port or stop what uses it")
