@@ -34,7 +34,7 @@ def add_api(router: APIRouter, overseer: Overseer) -> None:
     @router.get(f"{p}/api/queues")
     async def get_queues() -> list[dict[str, Any]]:
         await overseer.fold()
-        return await data.queues(overseer.client)
+        return await data.queues(overseer.client, overseer.adapters)
 
     @router.get(f"{p}/api/workers")
     async def get_workers(queue: str | None = None) -> list[dict[str, Any]]:

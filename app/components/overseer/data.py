@@ -13,17 +13,22 @@ from typing import Any
 
 from app.components.overseer import optional
 from app.components.overseer.counters import empty_minutes, per_minute
+from app.components.worker import config as queue_config
+from app.components.worker.engine_switch import live_engine_beats, waiting_in
+from app.components.worker.engines import engine_class
 from app.components.worker.events import _decode
 from app.components.worker.health import Thresholds, list_workers, redis_now_ms
-from app.components.worker.metrics import queue_metrics
+from app.components.worker.metrics import running_jobs
+from app.core.settings import ENGINES
 
-HISTORY_SAMPLE = 5000  # newest events read for "recent jobs"
+HISTORY_SAMPLE = 5000  # newest events read, at most, for "recent jobs"
+HISTORY_PAGE = 500
 PERCENTILE_SAMPLE = 2000  # newest events read for p50/p95
 TRAIL_PAGE = 10_000
 TRAIL_PAGES = 5
 TERMINAL = ("completed", "failed", "cancelled")
 STATUS_OF_EVENT = {"job.enqueued": "queued", "job.started": "running", "job.completed": "completed",
-                   "job.retried": "retrying", "job.failed": "failed"}
+                   "job.retried": "delayed", "job.failed": "failed"}
 
 
 def _text(value: Any) -> str:
@@ -86,14 +91,61 @@ async def run_times(client: Any) -> dict[str, dict[str, float | None]]:
             for q, v in values.items()}
 
 
-async def queues(client: Any) -> list[dict[str, Any]]:
+def _last_minute(history: list[dict[str, int]], now_ms: int) -> dict[str, int]:
+    """Completed/failed over the last 60 s from the per-minute counts: this minute so far plus
+    the part of the previous minute still inside the window (pro rata)."""
+    if not history:
+        return {"completed": 0, "failed": 0}
+    share = 1 - (now_ms % 60_000) / 60_000
+    previous = history[-2] if len(history) > 1 else {"completed": 0, "failed": 0}
+    return {k: round(history[-1][k] + previous[k] * share) for k in ("completed", "failed")}
+
+
+async def queue_rows(client: Any, adapters: dict[tuple[str, str], Any], history: dict[str, list[dict[str, int]]],
+                     now: int) -> list[dict[str, Any]]:
+    """The rows of ``app queues`` (see ``worker.metrics.queue_metrics``), read the same way but
+    with the engine adapters kept between requests (no new connection per queue and page) and
+    the last-minute rates from the folded per-minute counts instead of a 10,000-event sample."""
+    settings, keys = client.settings, client.keys
+    live_workers = await workers(client)
+    rows = []
+    for name, spec in sorted(client.registry.queues.items()):
+        live = await live_engine_beats(client.redis, keys, name, settings.worker_offline_after)
+        explicit = queue_config.explicit_engine_for(spec, settings)
+        if not explicit and not live:
+            held = {engine: await waiting_in(client.redis, keys, name, engine) for engine in ENGINES}
+            live = {engine: count for engine, count in held.items() if count}
+        engine = queue_config.choose_engine(explicit, live, settings.worker_backend)
+        adapter = adapters.get((name, engine))
+        if adapter is None:
+            cfg = queue_config.with_engine(queue_config.resolve(spec, settings), engine)
+            adapter = adapters[(name, engine)] = engine_class(cfg.engine)(settings, keys, cfg)
+        stats = await adapter.stats()
+        running = running_jobs(live_workers, name)
+        rows.append({
+            "queue": name, "engine": engine, "ready": stats.ready + max(0, stats.running - running),
+            "delayed": int(await client.redis.zcard(keys.delayed(name))), "running": running, "failed": stats.dead,
+            "per_minute": _last_minute(history.get(name, []), now),
+            "workers": sum(1 for w in live_workers if w["queue"] == name and w["state"] == "healthy"),
+        })
+    for name, broken in sorted(client.registry.broken.items()):
+        rows.append({
+            "queue": name, "engine": None, "ready": None, "delayed": None, "running": None, "failed": None,
+            "per_minute": {"completed": 0, "failed": 0},
+            "workers": sum(1 for w in live_workers if w["queue"] == name and w["state"] == "healthy"),
+            "error": broken.reason,
+        })
+    return rows
+
+
+async def queues(client: Any, adapters: dict[tuple[str, str], Any] | None = None) -> list[dict[str, Any]]:
     """Every queue: engine, ready/delayed/running/failed/dead, groups, paused, rates, run times."""
-    rows = await queue_metrics(client)
+    now = await redis_now_ms(client.redis)
+    history = await per_minute(client.redis, client.keys, now)
+    rows = await queue_rows(client, {} if adapters is None else adapters, history, now)
     names = [r["queue"] for r in rows]
     paused = await _paused(client, names)
     times = await run_times(client)
-    now = await redis_now_ms(client.redis)
-    history = await per_minute(client.redis, client.keys, now)
     for row in rows:
         name = row["queue"]
         row["dead"] = int(await client.redis.zcard(client.keys.dead(name)))
@@ -161,46 +213,51 @@ async def events_after(client: Any, after: str | None, limit: int = 100, **filte
 
 async def recent_jobs(client: Any, queue: str | None = None, task: str | None = None,
                       status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    """Jobs seen in the newest ``HISTORY_SAMPLE`` events, newest first, with status and timings.
+    """Jobs seen in the newest events (at most ``HISTORY_SAMPLE``), newest first, with status
+    and timings from their record (while it lives), else from their events.
 
     There is no index of jobs per queue; the event stream is one, bounded and newest first.
-    The status is the job record's when it still exists, else the last event's."""
-    entries = await client.redis.xrevrange(client.keys.events, count=HISTORY_SAMPLE)
+    It is read a page at a time and no further than needed to fill the page asked for."""
     jobs: dict[str, dict[str, Any]] = {}
-    for entry_id, fields in entries:
-        event = _decode(fields)
-        jid = event.get("job_id")
-        if not jid or not event.get("type", "").startswith("job."):
-            continue
-        if (queue and event.get("queue") != queue) or (task and event.get("task") != task):
-            continue
-        ts = _int(_text(entry_id).partition("-")[0])
-        row = jobs.get(jid)
-        if row is None:
-            if len(jobs) >= limit * 4:
+    upper, read = "+", 0
+    while read < HISTORY_SAMPLE:
+        entries = await client.redis.xrevrange(client.keys.events, max=upper, min="-", count=HISTORY_PAGE)
+        read += len(entries)
+        for entry_id, fields in entries:
+            jid = _raw(fields, "job_id")
+            if not jid or (queue and _raw(fields, "queue") != queue) or (task and _raw(fields, "task") != task):
                 continue
-            row = jobs[jid] = {"job_id": jid, "queue": event.get("queue", ""), "task": event.get("task", ""),
-                               "engine": event.get("backend", ""), "status": STATUS_OF_EVENT.get(event["type"], ""),
-                               "attempt": _int(event.get("attempt")), "enqueued_at": None, "started_at": None,
-                               "finished_at": None, "duration_ms": None, "error": event.get("error") or None}
-            if event["type"] in ("job.completed", "job.failed"):
-                row["finished_at"] = ts
-                row["duration_ms"] = _int(event.get("duration_ms"))
-        if event["type"] == "job.enqueued":
-            row["enqueued_at"] = ts
-        elif event["type"] == "job.started" and row["started_at"] is None:
-            row["started_at"] = ts
-    rows = list(jobs.values())
+            kind = _raw(fields, "type")
+            row = jobs.get(jid)
+            if row is None:
+                row = jobs[jid] = {
+                    "job_id": jid, "queue": _raw(fields, "queue"), "task": _raw(fields, "task"),
+                    "engine": _raw(fields, "backend"), "status": STATUS_OF_EVENT.get(kind, ""),
+                    "attempt": _int(_raw(fields, "attempt")), "enqueued_at": None, "started_at": None,
+                    "finished_at": None, "duration_ms": None, "error": _raw(fields, "error") or None}
+                if kind in ("job.completed", "job.failed"):
+                    row["finished_at"] = _int(_text(entry_id).partition("-")[0])
+                    row["duration_ms"] = _int(_raw(fields, "duration_ms"))
+                    if (row["error"] or "").startswith("Cancelled:"):
+                        row["status"] = "cancelled"
+        if len(entries) < HISTORY_PAGE or sum(1 for r in jobs.values() if not status or r["status"] == status) >= limit:
+            break
+        upper = f"({_text(entries[-1][0])}"
+    rows = [r for r in jobs.values() if not status or r["status"] == status][:limit] if status else list(jobs.values())
+    rows = rows[:limit * 2]
     if rows:
         async with client.redis.pipeline(transaction=False) as pipe:
             for row in rows:
-                pipe.hget(client.keys.job(row["job_id"]), "status")
-            statuses = await pipe.execute()
-        for row, value in zip(rows, statuses, strict=True):
-            if value is not None:
-                row["status"] = _text(value)
-            elif row["status"] == "failed" and (row["error"] or "").startswith("Cancelled:"):
-                row["status"] = "cancelled"
+                pipe.hmget(client.keys.job(row["job_id"]), "status", "enqueued_at", "started_at", "finished_at",
+                           "attempt")
+            records = await pipe.execute()
+        for row, (state, enqueued, started, finished, attempt) in zip(rows, records, strict=True):
+            if state is not None:
+                row["status"] = _text(state)
+                row["enqueued_at"] = _int(enqueued)
+                row["started_at"] = _int(started)
+                row["finished_at"] = _int(finished) or row["finished_at"]
+                row["attempt"] = _int(attempt)
     if status:
         rows = [r for r in rows if r["status"] == status]
     return rows[:limit]
@@ -223,8 +280,7 @@ async def job(client: Any, job_id: str) -> dict[str, Any] | None:
     source = result or {}
     enqueued = _int(record.get("enqueued_at")) or _int(source.get("enqueued_at"))
     status = record.get("status") or source.get("status") or "unknown"
-    trail, partial = await _trail(client, job_id, enqueued)
-    return {
+    out = {
         "job_id": job_id, "status": status,
         "queue": record.get("queue") or source.get("queue"), "task": record.get("task") or source.get("task"),
         "engine": record.get("engine") or source.get("engine"),
@@ -235,27 +291,53 @@ async def job(client: Any, job_id: str) -> dict[str, Any] | None:
         "args": envelope.get("args", []), "kwargs": envelope.get("kwargs", {}),
         "result": source.get("result") if source.get("status") == "completed" else None,
         "error_type": source.get("error_type"), "error": source.get("error"),
-        "waiting": status in ("queued", "delayed"), "events": trail, "events_partial": partial,
+        "waiting": status in ("queued", "delayed"),
     }
+    out["events"], out["events_partial"] = await _trail(client, job_id, out)
+    return out
 
 
-async def _trail(client: Any, job_id: str, since_ms: int | None) -> tuple[list[dict[str, str]], bool]:
-    """The job's events, read from the stream from its enqueue time on (stream ids are Redis
-    ms), a page at a time until its terminal event; True when the read stopped at the bound."""
-    lower = f"{since_ms}-0" if since_ms else "-"
-    out: list[dict[str, str]] = []
+def _raw(fields: dict[Any, Any], name: str) -> str:
+    """One field of an undecoded stream entry (cheaper than decoding every entry read)."""
+    value = fields.get(name.encode())
+    if value is None:
+        value = fields.get(name, "")
+    return _text(value)
+
+
+async def _trail(client: Any, job_id: str, record: dict[str, Any]) -> tuple[list[dict[str, str]], bool]:
+    """The job's events. Stream ids are Redis ms, and the job record holds Redis times, so the
+    trail is the range from its enqueue to its end (or to its enqueue alone while it has
+    never started), read a page at a time up to a bound; past the bound, the entries at its
+    last start and its end are read directly. True when the trail may miss some events."""
+    since, started, ended = record["enqueued_at"], record["started_at"], record["finished_at"]
+    if since is None:
+        return [], True
+    if ended is not None:
+        upper = str(ended)
+    elif record["status"] in ("queued", "delayed") and not record["attempts"]:
+        upper = str(since)
+    else:
+        upper = "+"
+    found: dict[str, dict[str, str]] = {}
+    lower, partial = f"{since}-0", True
     for _ in range(TRAIL_PAGES):
-        entries = await client.redis.xrange(client.keys.events, min=lower, max="+", count=TRAIL_PAGE)
+        entries = await client.redis.xrange(client.keys.events, min=lower, max=upper, count=TRAIL_PAGE)
         for entry_id, fields in entries:
-            event = _event(entry_id, fields)
-            if event.get("job_id") == job_id:
-                out.append(event)
-                if event.get("type") in ("job.completed", "job.failed"):
-                    return out, False
+            if _raw(fields, "job_id") == job_id:
+                event = _event(entry_id, fields)
+                found[event["id"]] = event
         if len(entries) < TRAIL_PAGE:
-            return out, False
+            partial = False
+            break
         lower = f"({_text(entries[-1][0])}"
-    return out, True
+    if partial:
+        for moment in (started, ended):
+            if moment is not None:
+                for entry_id, fields in await client.redis.xrange(client.keys.events, min=moment, max=moment):
+                    if _raw(fields, "job_id") == job_id:
+                        found[_text(entry_id)] = _event(entry_id, fields)
+    return sorted(found.values(), key=lambda e: tuple(int(x) for x in e["id"].split("-"))), partial
 
 
 async def dead_letters(client: Any, queue: str | None = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:

@@ -68,7 +68,7 @@ def add_pages(router: APIRouter, overseer: Overseer) -> None:
     @router.get(f"{p}/", response_class=HTMLResponse)
     async def overview(request: Request, partial: str | None = None) -> HTMLResponse:
         await overseer.fold()
-        return render(request, "overview", partial, queues=await data.queues(overseer.client))
+        return render(request, "overview", partial, queues=await data.queues(overseer.client, overseer.adapters))
 
     @router.get(f"{p}/workers", response_class=HTMLResponse)
     async def workers(request: Request, partial: str | None = None, queue: str | None = None) -> HTMLResponse:

@@ -80,7 +80,7 @@ def build(queues: list[dict[str, Any]], workers: list[dict[str, Any]], counters:
 async def exposition(overseer: Any) -> bytes:
     client = overseer.client
     await overseer.fold()
-    metrics = build(await data.queues(client), await data.workers(client), await read_counters(client.redis, client.keys))
+    metrics = build(await data.queues(client, overseer.adapters), await data.workers(client), await read_counters(client.redis, client.keys))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Snapshot(metrics))
     return generate_latest(registry)

@@ -28,6 +28,7 @@ class Overseer:
         self._client: Any = None
         self._folder: Folder | None = None
         self._task: asyncio.Task[None] | None = None
+        self.adapters: dict[tuple[str, str], Any] = {}  # (queue, engine) -> engine adapter, for stats
 
     @property
     def token(self) -> str | None:
@@ -72,6 +73,10 @@ class Overseer:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        for adapter in self.adapters.values():
+            with contextlib.suppress(Exception):
+                await adapter.close()
+        self.adapters = {}
         if self._client is not None:
             await self._client.close()
         self._client = self._folder = self._task = None
