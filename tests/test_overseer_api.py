@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from typing import Any
@@ -228,3 +229,11 @@ def test_cli_refuses_a_public_bind_without_a_token(env: dict[str, str]) -> None:
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "error: refusing to serve on 0.0.0.0 without DASHBOARD_TOKEN: set DASHBOARD_TOKEN, or bind to 127.0.0.1"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = subprocess.run([sys.executable, "-m", "app", "dashboard", "--port", str(port)],
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert busy.returncode == 2 and len(busy.stderr.strip().splitlines()) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in busy.stderr and "choose another --port" in busy.stderr

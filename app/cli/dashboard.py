@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Annotated
 
 import typer
@@ -30,11 +31,12 @@ def dashboard(
     token = cfg.dashboard_token.get_secret_value() if cfg.dashboard_token is not None else ""
     if not token and not is_loopback(host):
         fail(f"refusing to serve on {host} without DASHBOARD_TOKEN: set DASHBOARD_TOKEN, or bind to 127.0.0.1")
+    _check_port(host, port)
     import uvicorn
 
     from app.components.overseer import create_app
 
-    mode = "actions need the token" if token else "read-only (set DASHBOARD_TOKEN to allow actions)"
+    mode = "actions need the token" if token else "read-only: set DASHBOARD_TOKEN to allow actions"
     shown = f"[{host}]" if ":" in host else host
     typer.echo(f"dashboard on http://{shown}:{port}/ ({mode}), metrics on /metrics")
     try:
@@ -42,5 +44,16 @@ def dashboard(
         # closed, and the browsers reconnect (to this dashboard restarted, or another replica).
         uvicorn.run(create_app(cfg), host=host, port=port, log_level="warning", access_log=False,
                     timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port} ({exc.strerror or exc}): choose another --port or stop what uses it")
+
+
+def _check_port(host: str, port: int) -> None:
+    """A port in use is one line and exit 2, before uvicorn starts (it would log and exit 3)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host.strip("[]"), port))
     except OSError as exc:
         fail(f"cannot listen on {host}:{port} ({exc.strerror or exc}): choose another --port or stop what uses it")
