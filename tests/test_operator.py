@@ -215,7 +215,7 @@ def test_dequeue_cancels_what_waits_in_every_engine_and_only_on_its_queue(env: d
     elsewhere = app(env, "enqueue", "noop", "--queue", "load_test").stdout.strip()
     wrong_queue = app(env, "dequeue", "contract", "--job", elsewhere)
     assert wrong_queue.returncode == 1
-    proc = app(env, "dequeue", "contract", "--json")
+    proc = app(env, "dequeue", "contract", "--all", "--json")
     assert proc.returncode == 0, proc.stderr
     assert sorted(json.loads(proc.stdout)) == sorted(waiting)
     rows = {r["queue"]: r for r in json.loads(app(env, "queues", "--json").stdout)}

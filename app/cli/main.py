@@ -6,6 +6,7 @@ import typer
 
 from app.cli import dashboard, dev, jobs, loadtest, monitor, worker
 from app.cli.common import fail
+from app.cli.queues import queues
 from app.core.errors import AppError
 from app.core.settings import get_settings
 
@@ -31,7 +32,7 @@ cli.command()(worker.worker)
 cli.command()(jobs.enqueue)
 cli.command()(jobs.result)
 cli.command()(jobs.dequeue)
-cli.command()(monitor.queues)
+cli.add_typer(queues, name="queues")
 cli.command()(monitor.workers)
 cli.command()(monitor.events)
 cli.command()(monitor.health)

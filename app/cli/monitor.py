@@ -1,4 +1,4 @@
-"""`app events`, `app workers`, `app queues`, `app health`: what operators look at."""
+"""`app events`, `app workers`, `app health`: what operators look at (`app queues`: queues.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from rich.console import Console
 from rich.table import Table
 
 from app.cli.common import fail, guarded, print_json, run, settings
-from app.components.worker.api import WorkerClient
 from app.components.worker.events import TYPES, read_events
 from app.components.worker.health import Thresholds, list_workers
 from app.components.worker.keys import Keys
@@ -107,48 +106,24 @@ def workers(
         guarded(_check_filters)(queue, None)
     rows = run(lambda: _workers(queue))
     if as_json:
-        keys = ("worker_id", "queue", "engine", "state", "reason", "labels", "last_beat_age_s", "running", "done",
-                "failed")
-        print_json([{k: r[k] for k in keys} for r in rows])
+        keys = ("worker_id", "queue", "engine", "group", "state", "reason", "labels", "last_beat_age_s", "running",
+                "done", "failed")
+        print_json([{k: r.get(k) for k in keys} for r in rows])
         return
-    table = Table("worker", "queue", "engine", "state", "beat age", "running", "done", "failed", "labels")
+    table = Table("worker", "queue", "engine", "group", "state", "beat age", "running", "done", "failed", "labels")
     for r in rows:
         labels = ",".join(f"{k}={v}" for k, v in r["labels"].items())
         state = f"{r['state']} ({r['reason']})" if r.get("reason") and r["state"] != "stopped" else r["state"]
-        table.add_row(r["worker_id"], r["queue"], r["engine"], state, f"{r['last_beat_age_s']:.1f}s",
-                      str(r["running"]), str(r["done"]), str(r["failed"]), labels)
+        table.add_row(r["worker_id"], r["queue"], r["engine"], r.get("group") or "default", state,
+                      f"{r['last_beat_age_s']:.1f}s", str(r["running"]), str(r["done"]), str(r["failed"]), labels)
     console().print(table)
-
-
-def queues(as_json: JSON = False) -> None:
-    """Each queue: engine, ready, delayed, running, failed (dead), rate, healthy workers."""
-    from app.components.worker.metrics import queue_metrics
-
-    async def body() -> list[dict]:
-        client = WorkerClient(settings())
-        try:
-            from app.core.redis import ping
-
-            await ping(client.redis, client.settings)
-            return await queue_metrics(client)
-        finally:
-            await client.close()
-
-    rows = run(body)
-    if as_json:
-        print_json(rows)
-        return
-    broken = any(r.get("error") for r in rows)
-    columns = ["queue", "engine", "ready", "delayed", "running", "failed", "done/min", "failed/min", "workers"]
-    table = Table(*columns, *(["error"] if broken else []))
+    groups: dict[tuple[str, str], int] = {}
     for r in rows:
-        if r.get("error"):
-            table.add_row(r["queue"], "-", "-", "-", "-", "-", "-", "-", str(r["workers"]), r["error"])
-            continue
-        table.add_row(r["queue"], r["engine"], str(r["ready"]), str(r["delayed"]), str(r["running"]),
-                      str(r["failed"]), str(r["per_minute"]["completed"]), str(r["per_minute"]["failed"]),
-                      str(r["workers"]), *([""] if broken else []))
-    console().print(table)
+        key = (r["queue"], r.get("group") or "default")
+        groups[key] = groups.get(key, 0) + (r["state"] == "healthy")
+    if groups:
+        typer.echo("healthy workers per group: " + ", ".join(
+            f"{queue}/{group} {count}" for (queue, group), count in sorted(groups.items())))
 
 
 def _age(row: dict) -> str:

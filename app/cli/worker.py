@@ -9,6 +9,8 @@ import typer
 from app.cli.common import fail, guarded, settings
 from app.components.worker.config import resolve
 from app.components.worker.registry import Registry
+from app.components.worker.routing.options import check_group
+from app.core.errors import AppError
 from app.core.lifeline import detach_if_asked, die_with_parent
 from app.core.logging import setup_logging
 from app.core.settings import ENGINES, parse_labels
@@ -22,6 +24,8 @@ def worker(
     threads: Annotated[int | None, typer.Option(min=1, help="Job slots per process (WORKER_THREADS).")] = None,
     worker_id: Annotated[str | None, typer.Option("--id", help="Worker id (default hostname@pid).")] = None,
     label: Annotated[list[str] | None, typer.Option(help="Label k=v; repeatable.")] = None,
+    group: Annotated[str | None, typer.Option(help="Worker group to join (WORKER_GROUP): jobs that target it "
+                                              "run only here.")] = None,
     reload: Annotated[bool, typer.Option(help="Restart when code changes (development).")] = False,
 ) -> None:
     """Serve one queue: PROCESSES x THREADS concurrent jobs on the queue's engine."""
@@ -35,7 +39,12 @@ def worker(
     registry = Registry.discover(cfg.queue_packages)
     spec = registry.queue(queue_name)
     labels = parse_labels(label or [])
-    effective = resolve(spec, cfg, backend=backend, processes=processes, threads=threads)
+    if group is not None:
+        try:
+            group = check_group(group.strip(), "--group") if group.strip() else ""
+        except AppError as exc:
+            fail(str(exc))
+    effective = resolve(spec, cfg, backend=backend, processes=processes, threads=threads, group=group)
     setup_logging()
     if reload:
         from app.components.worker.reload import run_with_reload
@@ -45,7 +54,7 @@ def worker(
     from app.components.worker.process import WorkerOptions, run
 
     options = WorkerOptions(queue=spec.name, backend=effective.engine, threads=effective.threads,
-                            worker_id=worker_id or cfg.worker_id, labels=labels)
+                            worker_id=worker_id or cfg.worker_id, labels=labels, group=effective.group)
     if effective.processes == 1:
         run(cfg, registry, options)
     else:

@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     # Identity and discovery
     worker_id: str | None = None
     worker_labels: str = ""
+    worker_group: str = ""
     worker_key_prefix: str = "worker"
     worker_queue_packages: str = "app.components.worker.queues"
     worker_middleware: str = ""
@@ -83,6 +84,19 @@ class Settings(BaseSettings):
             check_redis_url(value)
         return value
 
+    @field_validator("worker_group")
+    @classmethod
+    def _check_group(cls, value: str) -> str:
+        from app.components.worker.routing.options import check_group
+
+        value = value.strip()
+        if value:
+            try:
+                check_group(value, "WORKER_GROUP")
+            except Exception as exc:  # noqa: BLE001 - reported as a settings error, which names the variable
+                raise ValueError(str(exc).partition(" is invalid: ")[2] or str(exc)) from None
+        return value
+
     @field_validator("worker_backend", mode="before")
     @classmethod
     def _lower_backend(cls, value: object) -> object:
@@ -107,6 +121,23 @@ class Settings(BaseSettings):
     @property
     def labels(self) -> dict[str, str]:
         return parse_labels(self.worker_labels.split(",") if self.worker_labels else [])
+
+    def max_concurrency_for(self, queue: str) -> int | None:
+        """`WORKER_MAX_CONCURRENCY_<QUEUE>`: at most that many jobs of the queue run at once,
+        across every worker (0 or unset: no limit from the environment)."""
+        var = "WORKER_MAX_CONCURRENCY_" + queue.upper().replace("-", "_").replace(".", "_")
+        raw = os.environ.get(var)
+        if raw is None and os.path.exists(".env"):
+            raw = dotenv_values(".env").get(var)
+        if raw is None or not raw.strip():
+            return None
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise ConfigError(f"{var}={raw!r} is invalid: use an integer >= 1 (0 means no limit)")
+        return value
 
     def backend_for(self, queue: str) -> str | None:
         """The engine the environment names for one queue (`WORKER_BACKEND_<QUEUE>`), if any."""

@@ -27,13 +27,25 @@ from typing import Any, NamedTuple, TypeVar
 from redis.exceptions import RedisError, ResponseError
 
 from app.components.worker import config as queue_config
+from app.components.worker.config import QueueConfig
 from app.components.worker.engine_switch import live_engine_beats
 from app.components.worker.engines import engine_class
 from app.components.worker.engines.base import EngineAdapter
 from app.components.worker.envelope import Envelope, new_job_id, new_run, now_ms
 from app.components.worker.keys import Keys
 from app.components.worker.middleware import MiddlewareChain, load_middleware
-from app.components.worker.registry import Registry
+from app.components.worker.registry import QueueSpec, Registry, TaskSpec
+from app.components.worker.routing.options import (
+    DEFAULT_PRIORITY,
+    Route,
+    canonical_selector,
+    check_fallback,
+    check_group,
+    check_priority,
+    check_selector,
+    check_tags,
+    first,
+)
 from app.components.worker.runtime import scripts
 from app.components.worker.runtime.store import read_result, read_status
 from app.components.worker.validation import MAX_DEPTH, check_depth, validate_delay, validate_job_id, validate_timeout
@@ -52,6 +64,7 @@ from app.core.redis import async_client, describe, explain
 from app.core.settings import Settings, get_settings
 
 T = TypeVar("T")
+RouteOptions = tuple[Any, Any, Any, Any, Any] | None  # priority, group, selector, fallback, tags
 ENGINE_CHECK_TTL_S = 2.0
 ENQUEUE_CHUNK = 1000  # jobs per enqueue script call: one atomic step, a few ms of Redis time
 
@@ -64,6 +77,38 @@ class Accepting(NamedTuple):
     delay_ms: int  # 0: deliverable now
     engine: str
     chosen: bool  # a caller-chosen id (may be refused as a duplicate)
+    fallback: str = "wait"
+
+
+@dataclass
+class ProducerQueue:
+    """What a producer knows of one queue, resolved once: its spec, tuning, producer-side
+    middleware and routing defaults. The engine is not here: it can follow the queue's live
+    workers (``WorkerClient.engine_of``)."""
+
+    spec: QueueSpec
+    config: QueueConfig
+    chain: MiddlewareChain
+    prefix: str  # '<prefix>:{<queue>}:', the queue's own keys (routing, dead letters)
+
+    def route(self, task: TaskSpec, priority: str | None, group: str | None,
+              selector: Mapping[str, str] | None, fallback: str | None) -> Route:
+        """The job's routing, the most specific setting winning: enqueue > task > queue."""
+        if group is not None and selector is not None:
+            raise InvalidOption("pass _worker_group or _worker_selector, not both")
+        if group is not None or selector is not None:
+            target = (check_group(group, "_worker_group") if group is not None else "",
+                      canonical_selector(check_selector(selector, "_worker_selector")) if selector is not None else "")
+        elif task.worker_group or task.worker_selector:
+            target = (task.worker_group or "", task.worker_selector or "")
+        else:
+            target = (self.spec.worker_group or "", self.spec.worker_selector or "")
+        return Route(
+            priority=check_priority(priority, "_priority") if priority is not None else task.priority or DEFAULT_PRIORITY,
+            group=target[0], selector=target[1],
+            fallback=check_fallback(fallback, "_fallback") if fallback is not None
+            else first(task.fallback, self.spec.fallback, "wait"),
+        )
 
 
 def _delay_ms(delay: float) -> int:
@@ -82,21 +127,29 @@ class WorkerClient:
         self._enqueue_script = self.redis.register_script(scripts.source("enqueue"))
         self._adapters: dict[tuple[str, str], EngineAdapter] = {}
         self._global_middleware = load_middleware(self.settings.middleware_paths)
-        self._chains: dict[str, MiddlewareChain] = {}
+        self._queues: dict[str, ProducerQueue] = {}
         self._engine_checked: dict[str, float] = {}
         self._live: dict[str, dict[str, int]] = {}
+
+    def queue(self, name: str) -> ProducerQueue:
+        """The producer's facts about one queue, resolved on first use."""
+        found = self._queues.get(name)
+        if found is None:
+            spec = self.registry.queue(name)
+            found = self._queues[name] = ProducerQueue(
+                spec, queue_config.resolve(spec, self.settings),
+                MiddlewareChain([*self._global_middleware, *spec.middleware]), self.keys.of_queue(name, ""))
+        return found
 
     def engine_of(self, queue: str) -> str:
         """The explicit engine (flag, WORKER_BACKEND*, WorkerSettings.backend), else the one the
         queue's live workers announced at the last ``_check_engine``, else the default."""
-        explicit = queue_config.explicit_engine_for(self.registry.queue(queue), self.settings)
+        explicit = queue_config.explicit_engine_for(self.queue(queue).spec, self.settings)
         return queue_config.choose_engine(explicit, self._live.get(queue, {}), self.settings.worker_backend)
 
     def _chain(self, queue: str) -> MiddlewareChain:
         """Producer-side hooks (before/after enqueue): global middleware, then the queue's."""
-        if queue not in self._chains:
-            self._chains[queue] = MiddlewareChain([*self._global_middleware, *self.registry.queue(queue).middleware])
-        return self._chains[queue]
+        return self.queue(queue).chain
 
     @staticmethod
     def _hook_view(env: Envelope, delay: float | None) -> dict[str, Any]:
@@ -106,7 +159,7 @@ class WorkerClient:
     def _adapter(self, queue: str) -> EngineAdapter:
         engine = self.engine_of(queue)
         if (queue, engine) not in self._adapters:
-            cfg = queue_config.with_engine(queue_config.resolve(self.registry.queue(queue), self.settings), engine)
+            cfg = queue_config.with_engine(self.queue(queue).config, engine)
             self._adapters[(queue, engine)] = engine_class(engine)(self.settings, self.keys, cfg)
         return self._adapters[(queue, engine)]
 
@@ -132,13 +185,19 @@ class WorkerClient:
         self._engine_checked[queue] = time.monotonic()
 
     def _envelope(self, task: str | Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                  queue: str | None, job_id: str | None) -> tuple[Envelope, str]:
-        """The message of one new job, with a fresh run token; raises (writing nothing) for an
-        invalid id, an unknown task, arguments that cannot travel or are too big or too deep."""
+                  queue: str | None, job_id: str | None, options: RouteOptions = None) -> tuple[Envelope, str, str]:
+        """The message of one new job, with a fresh run token, and its fallback; raises (writing
+        nothing) for an invalid id or option, an unknown task, arguments that cannot travel or
+        are too big or too deep."""
         if job_id is not None:
             validate_job_id(job_id)
         spec = self.registry.task(task, queue)
-        env = Envelope(job_id or new_job_id(), spec.name, spec.queue, list(args), kwargs, 1, now_ms(), new_run())
+        pq = self.queue(spec.queue)
+        priority, group, selector, fallback, tags = options or (None, None, None, None, None)
+        route = pq.route(spec, priority, group, selector, fallback)
+        env = Envelope(job_id or new_job_id(), spec.name, spec.queue, list(args), kwargs, 1, now_ms(), new_run(),
+                       route.priority, route.group, route.selector, route.needed or pq.config.routed,
+                       check_tags(tags, "_tags") if tags is not None else {})
         raw = env.encode()
         if raw.count("[") + raw.count("{") > MAX_DEPTH:  # only then can an argument be too deep
             for value in (*env.args, *env.kwargs.values()):
@@ -148,21 +207,28 @@ class WorkerClient:
                 f"job for {spec.name!r} is {len(raw)} bytes, over WORKER_MAX_PAYLOAD_BYTES="
                 f"{self.settings.worker_max_payload_bytes}: pass a reference (a key, a path) instead of the data"
             )
-        return env, raw
+        return env, raw, route.fallback
 
     async def enqueue(
         self, task: str | Callable[..., Any], *args: Any, _queue: str | None = None,
-        _job_id: str | None = None, _delay: float | None = None, **kwargs: Any,
+        _job_id: str | None = None, _delay: float | None = None, _priority: str | None = None,
+        _worker_group: str | None = None, _worker_selector: Mapping[str, str] | None = None,
+        _fallback: str | None = None, _tags: Mapping[str, str] | None = None, **kwargs: Any,
     ) -> Job:
+        """Enqueue one job. Routing options (see ``app.components.worker.routing``): ``_priority``
+        ("high"/"low"), ``_worker_group`` or ``_worker_selector`` (a target), ``_fallback``
+        ("wait"/"fail"/"cancel" when no healthy target worker exists), ``_tags`` (str -> str,
+        shown in the job's events and result)."""
         delay = validate_delay(_delay) if _delay is not None else 0.0
-        env, raw = self._envelope(task, args, kwargs, _queue, _job_id)
+        env, raw, fallback = self._envelope(task, args, kwargs, _queue, _job_id,
+                                            (_priority, _worker_group, _worker_selector, _fallback, _tags))
         await self._check_engine(env.queue)
         engine = self.engine_of(env.queue)
         chain = self._chain(env.queue)
         view = self._hook_view(env, _delay)
         await chain.call("before_enqueue", view, job_id=env.id)
         try:
-            (flag,) = await self._accept([Accepting(env, raw, _delay_ms(delay), engine, _job_id is not None)])
+            (flag,) = await self._accept([Accepting(env, raw, _delay_ms(delay), engine, _job_id is not None, fallback)])
         except RedisError as exc:
             raise self._refused(exc) from None
         if not flag:
@@ -186,9 +252,12 @@ class WorkerClient:
         prepared = []
         for req in requests:
             delay = validate_delay(req.delay) if req.delay is not None else 0.0
-            env, raw = self._envelope(req.task, tuple(req.args), dict(req.kwargs), req.queue, req.job_id)
+            env, raw, fallback = self._envelope(
+                req.task, tuple(req.args), dict(req.kwargs), req.queue, req.job_id,
+                (req.priority, req.worker_group, req.worker_selector, req.fallback, req.tags))
             await self._check_engine(env.queue)
-            prepared.append(Accepting(env, raw, _delay_ms(delay), self.engine_of(env.queue), req.job_id is not None))
+            prepared.append(Accepting(env, raw, _delay_ms(delay), self.engine_of(env.queue), req.job_id is not None,
+                                      fallback))
         for env, *_ in prepared:
             chain = self._chain(env.queue)
             if chain.has("before_enqueue"):
@@ -222,28 +291,36 @@ class WorkerClient:
             recorder.command_stack.clear()
             return commands
 
-        args: list[Any] = [self.settings.worker_events_maxlen, self.keys.job(""), self.keys.result(""), len(jobs)]
+        args: list[Any] = [self.settings.worker_events_maxlen, self.keys.job(""), self.keys.result(""),
+                           self.keys.instances, len(jobs)]
+        healthy_ms = int(self.settings.worker_warning_after * 1000)
         batched: dict[str, list[tuple[str, str]]] = {}
         for job in jobs:
             env, raw, delay_ms = job.env, job.raw, job.delay_ms
+            pq = self.queue(env.queue)
             commands: list[tuple[Any, ...]] = []
-            if not delay_ms and job.chosen:
+            engine_path = not delay_ms and not env.routed
+            if engine_path and job.chosen:
                 commands = await staged(env.queue, [(env.message_id, raw)])
-            elif not delay_ms:
+            elif engine_path:
                 batched.setdefault(env.queue, []).append((env.message_id, raw))
             args += [env.id, env.run, raw, env.task, env.queue, job.engine, delay_ms,
                      self.keys.delayed(env.queue) if delay_ms else "",
-                     self.keys.delayed_wake(env.queue) if delay_ms else "", int(not delay_ms and not job.chosen),
-                     len(commands)]
+                     self.keys.delayed_wake(env.queue) if delay_ms else "", int(engine_path and not job.chosen),
+                     pq.prefix, int(env.routed), env.priority, env.group, env.selector, job.fallback, healthy_ms,
+                     max(pq.config.keep_result, 1), env.tags_text, len(commands)]
             for words in commands:
                 args += [len(words), *words]
+        args.append(len(batched))
         for queue, messages in batched.items():
-            for words in await staged(queue, messages):
+            block = await staged(queue, messages)
+            args += [self.queue(queue).prefix, len(block)]
+            for words in block:
                 args += [len(words), *words]
         # The registered Script sends EVALSHA and loads the script once on NOSCRIPT (a Redis
         # restart); a call resent after a lost reply is recognised by its run tokens.
         reply = await self._enqueue_script(keys=[self.keys.events], args=args)
-        return [1 if int(flag) else 0 for flag in reply]
+        return [1 if int(flag) else 0 for flag in reply]  # 3 (ended by its fallback) was accepted too
 
     def _refused(self, exc: RedisError, accepted: int = 0, total: int = 1) -> AppError:
         """One line naming why Redis refused an enqueue, never the payload it carried."""
@@ -283,6 +360,11 @@ class JobRequest:
     queue: str | None = None
     job_id: str | None = None
     delay: float | None = None
+    priority: str | None = None
+    worker_group: str | None = None
+    worker_selector: Mapping[str, str] | None = None
+    fallback: str | None = None
+    tags: Mapping[str, str] | None = None
 
 
 class Job:

@@ -31,6 +31,9 @@ class QueueConfig:
     backoff: float
     backoff_max: float
     longest_timeout: float = 0.0  # the queue's timeout or any task's own, whichever is longest
+    max_concurrency: int = 0  # jobs of the queue running at once across all workers; 0: no limit
+    group: str = ""  # the worker group this worker serves ('' = the default group)
+    routed: bool = False  # every job of the queue goes through admission (see routing/)
 
 
 def _first(*values: Any) -> Any:
@@ -91,7 +94,10 @@ def resolve(
     backend: str | None = None,
     processes: int | None = None,
     threads: int | None = None,
+    group: str | None = None,
 ) -> QueueConfig:
+    env_limit = settings.max_concurrency_for(queue.name)
+    limit = int(_first(env_limit, queue.max_concurrency, 0))
     timeout = float(_first(settings.worker_timeout_seconds, queue.job_timeout, DEFAULT_TIMEOUT))
     return QueueConfig(
         name=queue.name,
@@ -104,4 +110,7 @@ def resolve(
         backoff=settings.worker_retry_backoff_seconds,
         backoff_max=settings.worker_retry_backoff_max_seconds,
         longest_timeout=_longest_timeout(queue, timeout),
+        max_concurrency=limit,
+        group=_first(group, settings.worker_group or None, "") or "",
+        routed=queue.routed or limit > 0,
     )

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from app.components.worker import config as queue_config
 from app.components.worker.engine_switch import BATCH, delete_messages, waiting_pages
 from app.components.worker.envelope import Envelope, now_ms
+from app.components.worker.routing.stats import next_ready, ready_sets
 from app.components.worker.runtime import scripts
 from app.core.settings import ENGINES
 
@@ -42,7 +43,8 @@ async def cancel_waiting(client: WorkerClient, queue: str, job_id: str | None = 
             for jid in ids:
                 await script(
                     keys=[client.keys.job(jid), client.keys.delayed(queue), client.keys.result(jid), client.keys.events],
-                    args=[jid, now_ms(), keep, client.settings.worker_events_maxlen, REASON], client=pipe,
+                    args=[jid, now_ms(), keep, client.settings.worker_events_maxlen, REASON,
+                          client.keys.of_queue(queue, "")], client=pipe,
                 )
             replies = await pipe.execute()
         done = [jid for jid, flag in zip(ids, replies, strict=True) if int(flag)]
@@ -54,6 +56,16 @@ async def cancel_waiting(client: WorkerClient, queue: str, job_id: str | None = 
         if owner is not None and owner.decode() == queue:
             await cancel([job_id])
         return cancelled
+    for key in await ready_sets(client.redis, client.keys, queue):  # routed jobs waiting for admission
+        cursor = 0
+        while True:
+            cursor, members = await client.redis.zscan(key, cursor, count=BATCH)
+            ids = list(dict.fromkeys(i for i in (_id_of(member) for member, _ in members) if i))
+            if ids:
+                await cancel(ids)
+            await client.redis.zrem(key, *[m for m, _ in members]) if members else None  # stale entries too
+            if int(cursor) == 0:
+                break
     cursor = 0
     while True:  # delayed jobs: the cancel script removes them from the set
         cursor, members = await client.redis.zscan(client.keys.delayed(queue), cursor, count=BATCH)
@@ -72,3 +84,36 @@ async def cancel_waiting(client: WorkerClient, queue: str, job_id: str | None = 
             if gone:
                 await delete_messages(client.redis, client.keys, queue, engine, gone)
     return cancelled
+
+
+async def cancel_next(client: WorkerClient, queue: str) -> str | None:
+    """Cancel the job that would start next on ``queue`` (Dagu's dequeue): the first routed
+    job by priority and order, else the head of the engine's queue. Delayed jobs are not
+    next. Returns its id, or None when nothing waits. Reads a few entries, never the backlog."""
+    keep = queue_config.resolve(client.registry.queue(queue), client.settings).keep_result
+    script = client.redis.register_script(scripts.source("cancel"))
+
+    async def cancel(job_id: str) -> bool:
+        flag = await script(
+            keys=[client.keys.job(job_id), client.keys.delayed(queue), client.keys.result(job_id), client.keys.events],
+            args=[job_id, now_ms(), keep, client.settings.worker_events_maxlen, REASON, client.keys.of_queue(queue, "")],
+        )
+        return bool(int(flag))
+
+    for _ in range(BATCH):  # entries of jobs that ended meanwhile are dropped on the way
+        head = await next_ready(client.redis, client.keys, queue)
+        if head is None:
+            break
+        key, member = head
+        job_id = _id_of(member)
+        if job_id and await cancel(job_id):
+            return job_id
+        await client.redis.zrem(key, member)
+    engine = client.engine_of(queue)
+    async for page in waiting_pages(client.redis, client.keys, queue, engine):
+        for ref, message in page:  # in the engine's order; a running job's message is passed over
+            job_id = _id_of(message[1]) if message is not None else None
+            if job_id and await cancel(job_id):
+                await delete_messages(client.redis, client.keys, queue, engine, [ref])
+                return job_id
+    return None

@@ -6,6 +6,11 @@ tasks, bad arguments and attempt counting are decided by the layer, not by an en
 ``run`` is a random token drawn once per accepted enqueue and stored in the job record: a
 delivery runs only when it belongs to the current run of its id, so a stale message of an
 earlier job under a reused id never runs with the old arguments.
+
+Routing fields are present only when set, so a plain job's message stays as small as before:
+``priority`` ("high"; absent = low), ``group``, ``selector`` (canonical ``k=v,k=v``),
+``routed`` (true: the job goes through admission, see routing/), ``tags`` (str -> str).
+They sit before the arguments, so ``recover_id``'s first/last-match rule still holds.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import json
 import os
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from app.components.worker.clock import now_ms
@@ -76,17 +81,28 @@ class Envelope:
     try_: int = 1
     enqueued_at: int = 0
     run: str = ""
+    priority: str = "low"
+    group: str = ""
+    selector: str = ""
+    routed: bool = False
+    tags: dict[str, str] = field(default_factory=dict)
 
     def encode(self) -> str:
+        data: dict[str, Any] = {"id": self.id, "task": self.task, "queue": self.queue}
+        if self.priority != "low":
+            data["priority"] = self.priority
+        if self.group:
+            data["group"] = self.group
+        if self.selector:
+            data["selector"] = self.selector
+        if self.routed:
+            data["routed"] = True
+        if self.tags:
+            data["tags"] = self.tags
+        data.update(args=self.args, kwargs=self.kwargs)
+        data.update({"try": self.try_, "enqueued_at": self.enqueued_at, "run": self.run})
         try:
-            return json.dumps(
-                {
-                    "id": self.id, "task": self.task, "queue": self.queue, "args": self.args,
-                    "kwargs": self.kwargs, "try": self.try_, "enqueued_at": self.enqueued_at, "run": self.run,
-                },
-                separators=(",", ":"),
-                allow_nan=False,
-            )
+            return json.dumps(data, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise PayloadError(
                 f"arguments of {self.task!r} cannot be sent as JSON ({exc}): pass str, int, float, "
@@ -103,8 +119,12 @@ class Envelope:
         return f"{self.id}.{self.try_}.{_SEND_PREFIX}{next(_sends):x}"
 
     def next_try(self, attempt: int) -> Envelope:
-        return Envelope(self.id, self.task, self.queue, self.args, self.kwargs, attempt + 1, self.enqueued_at,
-                        self.run)
+        return replace(self, try_=attempt + 1)
+
+    @property
+    def tags_text(self) -> str:
+        """Tags as ``k=v,k=v`` sorted by key, for events ('' when none)."""
+        return ",".join(f"{k}={v}" for k, v in sorted(self.tags.items()))
 
     @classmethod
     def decode(cls, raw: str | bytes) -> Envelope:
@@ -129,4 +149,11 @@ class Envelope:
         run = data.get("run", "")
         if not isinstance(run, str):
             raise ValueError("message run must be a string")
-        return cls(job_id, task, queue, args, kwargs, try_, int(enqueued_at), run)
+        priority, group, selector = data.get("priority", "low"), data.get("group", ""), data.get("selector", "")
+        if priority not in ("high", "low") or not isinstance(group, str) or not isinstance(selector, str):
+            raise ValueError("message priority, group or selector is invalid")
+        tags = data.get("tags") or {}
+        if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
+            raise ValueError("message tags must be an object of strings")
+        return cls(job_id, task, queue, args, kwargs, try_, int(enqueued_at), run, priority, group, selector,
+                   data.get("routed") is True, tags)

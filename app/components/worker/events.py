@@ -166,6 +166,8 @@ class EventPublishMiddleware(Middleware):
         self.publisher = publisher
 
     def _job(self, type_: str, job: JobContext, **extra: Any) -> None:
+        if job.tags:
+            extra["tags"] = ",".join(f"{k}={v}" for k, v in sorted(job.tags.items()))
         self.publisher.emit(
             type_, queue=job.queue, backend=job.engine, job_id=job.job_id, task=job.task,
             attempt=job.attempt, worker_id=job.worker_id, **extra,

@@ -85,7 +85,7 @@ class Heartbeat:
 
     def __init__(
         self, redis: redis_sync.Redis, keys: Keys, settings: Settings, *, queue: str, engine: str,
-        worker_id: str, instance: str, labels: dict[str, str], concurrency: int,
+        worker_id: str, instance: str, labels: dict[str, str], concurrency: int, group: str = "",
         counters: Callable[[], dict[str, int]], consumer: Callable[[], dict[str, str]] | None = None,
     ) -> None:
         self.redis = redis
@@ -98,6 +98,8 @@ class Heartbeat:
         self.worker_id = worker_id
         self.instance = instance
         self.labels = labels
+        self.group = group
+        self.member = json.dumps({"group": group, "labels": labels}, separators=(",", ":"), sort_keys=True)
         self.concurrency = concurrency
         self.counters = counters
         self.consumer = consumer or (lambda: {"consumer": "running", "consumer_error": ""})
@@ -113,6 +115,7 @@ class Heartbeat:
         data: dict[str, Any] = {
             "worker_id": self.worker_id, "instance": self.instance, "queue": self.queue, "engine": self.engine,
             "hostname": socket.gethostname(), "pid": os.getpid(), "labels": self.labels,
+            "group": self.group,
             "started_at": self.started_at, "concurrency": self.concurrency, **self.counters(), **self.consumer(),
         }
         if state:
@@ -124,9 +127,9 @@ class Heartbeat:
         reaper's list only if it holds no job: a job whose hand-back failed is recovered."""
         self._script(
             keys=[self.keys.heartbeat(self.queue, self.worker_id), self.keys.workers, self.keys.engines(self.queue),
-                  self.keys.instances, self.keys.held(self.instance)],
+                  self.keys.instances, self.keys.held(self.instance), self.keys.members(self.queue)],
             args=[json.dumps(self.payload(state)), self.ttl, f"{self.queue}|{self.worker_id}", self.engine,
-                  f"{self.queue}|{self.instance}", state or ""],
+                  f"{self.queue}|{self.instance}", state or "", self.instance, self.member],
         )
 
     def start(self) -> None:
@@ -252,7 +255,7 @@ async def list_workers(
                                                           if data.get("consumer_error") else "")
         workers.append({
             "worker_id": wid, "queue": q, "engine": data.get("engine", ""), "state": state, "reason": reason,
-            "labels": data.get("labels", {}), "last_beat_age_s": round(age, 3),
+            "labels": data.get("labels", {}), "group": data.get("group", ""), "last_beat_age_s": round(age, 3),
             "running": data.get("running", 0), "done": data.get("done", 0), "failed": data.get("failed", 0),
             "hostname": data.get("hostname", ""), "pid": data.get("pid"), "concurrency": data.get("concurrency"),
             "consumer": data.get("consumer", "running"), "stopped": stopped,

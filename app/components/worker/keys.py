@@ -79,6 +79,10 @@ class Keys:
         """Like ``ready`` for jobs that target a label selector (canonical ``k=v,k=v``)."""
         return self.of_queue(queue, f"ready-sel:{selector}")
 
+    def groups(self, queue: str) -> str:
+        """Set of the worker groups that have (or had) a ready set in the queue ('-': default)."""
+        return self.of_queue(queue, "groups")
+
     def selectors(self, queue: str) -> str:
         """Set of the label selectors that have (or had) a ready set in the queue."""
         return self.of_queue(queue, "selectors")

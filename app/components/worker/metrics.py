@@ -22,6 +22,7 @@ from app.components.worker.envelope import now_ms
 from app.components.worker.events import _decode
 from app.components.worker.health import Thresholds, list_workers
 from app.components.worker.keys import Keys
+from app.components.worker.routing.stats import routing_state
 from app.core.settings import ENGINES
 
 WINDOW_MS = 60_000
@@ -97,11 +98,15 @@ async def queue_metrics(client: Any) -> list[dict[str, Any]]:
         delayed = await client.redis.zcard(keys.delayed(name))
         rate = rates.get(name, {"completed": 0, "failed": 0})
         running = running_jobs(workers, name)
-        ready = stats.ready + max(0, stats.running - running)
+        routing = await routing_state(client.redis, keys, name)
+        routed_waiting = sum(c["high"] + c["low"] for c in routing["waiting"].values())
+        ready = stats.ready + max(0, stats.running - running) + routed_waiting
         rows.append({
             "queue": name, "engine": cfg.engine, "ready": ready, "delayed": delayed,
             "running": running, "failed": stats.dead, "per_minute": rate,
             "workers": sum(1 for w in workers if w["queue"] == name and w["state"] == "healthy"),
+            "paused": routing["paused"], "routed": routing["routed"], "waiting_by_group": routing["waiting"],
+            "max_concurrency": cfg.max_concurrency or None, "leases": routing["leases"],
         })
     for name, broken in sorted(client.registry.broken.items()):
         rows.append({

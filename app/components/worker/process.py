@@ -26,6 +26,7 @@ from app.components.worker.health import Heartbeat, default_worker_id
 from app.components.worker.keys import Keys
 from app.components.worker.middleware import MiddlewareChain, load_middleware
 from app.components.worker.registry import Registry
+from app.components.worker.routing.admit import Admitter
 from app.components.worker.runtime.context import WorkerContext
 from app.components.worker.runtime.delayed import LISTEN_S, DelayedMover
 from app.components.worker.runtime.reaper import Reaper
@@ -44,6 +45,7 @@ class WorkerOptions:
     threads: int | None = None
     worker_id: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    group: str | None = None
 
 
 async def _call_hook(hook: Any, ctx: WorkerContext) -> None:
@@ -62,12 +64,15 @@ async def _step(what: str, step: Awaitable[Any]) -> None:
 
 async def serve(settings: Settings, registry: Registry, options: WorkerOptions, stop: asyncio.Event) -> None:
     spec = registry.queue(options.queue)
-    config = resolve(spec, settings, backend=options.backend, threads=options.threads, processes=1)
+    config = resolve(spec, settings, backend=options.backend, threads=options.threads, processes=1,
+                     group=options.group)
     worker_id = options.worker_id or settings.worker_id or default_worker_id()
     keys = Keys(settings.worker_key_prefix)
     redis = async_client(settings)
     await ping(redis, settings)
     await settle_engine(redis, keys, settings, config, stop)  # one engine per queue; take over another's waiting jobs
+    if config.routed:  # producers that do not know it (another deployment, an old one) route too
+        await redis.hset(keys.route(spec.name), "routed", 1)
 
     publisher = EventPublisher(redis, keys, settings.worker_events_maxlen)
     publisher.start()
@@ -78,15 +83,17 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
     store = JobStore(redis, keys, settings.worker_events_maxlen)
     runtime = JobRuntime(spec, config, store, chain, worker, publisher)
     adapter = engine_class(config.engine)(settings, keys, config)
+    labels = {**settings.labels, **options.labels}
+    admitter = Admitter(store, runtime, config, labels, settings.worker_delay_poll_seconds)
     heartbeat = Heartbeat(
         heartbeat_client(settings), keys, settings, queue=spec.name, engine=config.engine, worker_id=worker_id, instance=worker.instance,
-        labels={**settings.labels, **options.labels}, concurrency=config.threads,
+        labels=labels, group=config.group, concurrency=config.threads,
         counters=lambda: {"running": runtime.running, "done": runtime.done, "failed": runtime.failed},
         consumer=adapter.consumer_state,
     )
     mover = DelayedMover(store, spec.name, adapter.send, settings.worker_delay_poll_seconds, engine=config.engine,
                          worker_id=worker_id, waiter=async_client(settings),
-                         listen=min(LISTEN_S, settings.redis_socket_timeout / 2))
+                         listen=min(LISTEN_S, settings.redis_socket_timeout / 2), on_ready=admitter.wake)
     reaper = Reaper(redis, keys, runtime, adapter, settings.worker_offline_after)
 
     if spec.on_startup is not None:
@@ -94,8 +101,12 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
     await asyncio.to_thread(heartbeat.beat)
     heartbeat.start()
     await chain.call("worker_start", worker)
-    await adapter.start(runtime.execute, worker.instance)
+    if not config.group:
+        # A worker of a group runs only what targets its group (or its labels): it takes routed
+        # jobs through its admitter and leaves the engine's queue, the default group's, alone.
+        await adapter.start(runtime.execute, worker.instance)
     mover.start()
+    admitter.start()
     reaper.start()
     logger.info("worker %s serving queue %s on %s with %d slots (pid %d)",
                 worker_id, spec.name, config.engine, config.threads, os.getpid())
@@ -107,6 +118,7 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
         # Each step on its own: one Redis call that fails (a connection left dead by a
         # partition) must not skip the drain, the hand-backs or the last heartbeat.
         await _step("stop crash recovery", reaper.stop())
+        await _step("stop admitting routed jobs", admitter.stop())
         await _step("stop the delayed mover", mover.stop())
         await _step("stop fetching", adapter.stop_fetching())
         await _step("drain running jobs", runtime.drain(settings.worker_shutdown_timeout))

@@ -24,8 +24,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.components.worker.middleware import as_instances
+from app.components.worker.routing.options import (
+    RateLimit,
+    canonical_selector,
+    check_fallback,
+    check_group,
+    check_priority,
+    check_selector,
+)
 from app.components.worker.task import options_of
-from app.core.errors import ConfigError, UnknownQueue, UnknownTask
+from app.core.errors import ConfigError, InvalidOption, UnknownQueue, UnknownTask
 from app.core.settings import ENGINES
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -34,6 +42,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 SETTINGS_ATTRIBUTES = (
     "functions", "queue_name", "max_jobs", "job_timeout", "max_tries", "keep_result", "backend",
     "on_startup", "on_shutdown", "middleware",
+    "max_concurrency", "worker_group", "worker_selector", "fallback",
 )
 _NUMBERS = {"max_jobs": (int, 1), "job_timeout": ((int, float), 0), "max_tries": (int, 1), "keep_result": (int, 1)}
 
@@ -58,6 +67,17 @@ class TaskSpec:
     retry_backoff: float | None
     context_param: str | None = None
     signature: inspect.Signature | None = None
+    priority: str | None = None
+    rate_limit: RateLimit | None = None
+    worker_group: str | None = None
+    worker_selector: str | None = None  # canonical k=v,k=v
+    fallback: str | None = None
+
+    @property
+    def routed(self) -> bool:
+        """Jobs of this task always go through admission (a priority or a rate limit: both
+        are strict only when every job of the queue waits in the layer's ordered sets)."""
+        return self.priority is not None or self.rate_limit is not None
 
 
 @dataclass
@@ -73,6 +93,17 @@ class QueueSpec:
     on_startup: Callable[..., Any] | None = None
     on_shutdown: Callable[..., Any] | None = None
     middleware: list[Any] = field(default_factory=list)
+    max_concurrency: int | None = None
+    worker_group: str | None = None
+    worker_selector: str | None = None  # canonical k=v,k=v
+    fallback: str | None = None
+
+    @property
+    def routed(self) -> bool:
+        """Every job of this queue goes through admission, from its settings in code alone
+        (``WORKER_MAX_CONCURRENCY_<QUEUE>`` can make it routed from the environment too)."""
+        return (self.max_concurrency is not None or self.worker_group is not None
+                or self.worker_selector is not None or any(t.routed for t in self.tasks.values()))
 
 
 def _context_param(func: Callable[..., Any]) -> str | None:
@@ -116,6 +147,7 @@ def _queue_from_module(module: Any) -> QueueSpec | None:
         task_name = opts.name or func.__name__
         if task_name in tasks:
             raise ConfigError(f"task {task_name!r} is listed twice in queue {name!r}")
+        routing = _task_routing(module.__name__, task_name, opts)
         tasks[task_name] = TaskSpec(
             name=task_name,
             queue=name,
@@ -126,6 +158,7 @@ def _queue_from_module(module: Any) -> QueueSpec | None:
             retry_backoff=opts.retry_backoff,
             context_param=_context_param(func),
             signature=inspect.signature(func),
+            **routing,
         )
     if not tasks:
         raise ConfigError(f"queue {name!r} ({module.__name__}) lists no functions in WorkerSettings.functions")
@@ -141,7 +174,48 @@ def _queue_from_module(module: Any) -> QueueSpec | None:
         on_startup=getattr(ws, "on_startup", None),
         on_shutdown=getattr(ws, "on_shutdown", None),
         middleware=as_instances(list(getattr(ws, "middleware", []) or [])),
+        **_queue_routing(module.__name__, ws),
     )
+
+
+def _checked(where: str, check: Callable[..., Any], value: Any) -> Any:
+    try:
+        return check(value, where)
+    except InvalidOption as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _target(where: str, group: Any, selector: Any) -> dict[str, Any]:
+    if group is not None and selector is not None:
+        raise ConfigError(f"{where}: set worker_group or worker_selector, not both")
+    return {
+        "worker_group": _checked(f"{where}.worker_group", check_group, group) if group is not None else None,
+        "worker_selector": canonical_selector(_checked(f"{where}.worker_selector", check_selector, selector))
+        if selector is not None else None,
+    }
+
+
+def _task_routing(module: str, task: str, opts: Any) -> dict[str, Any]:
+    where = f"task {task!r} ({module})"
+    return {
+        "priority": _checked(f"{where} priority", check_priority, opts.priority) if opts.priority else None,
+        "rate_limit": _checked(f"{where} rate_limit", RateLimit.parse, opts.rate_limit) if opts.rate_limit else None,
+        "fallback": _checked(f"{where} fallback", check_fallback, opts.fallback) if opts.fallback else None,
+        **_target(where, opts.worker_group, opts.worker_selector),
+    }
+
+
+def _queue_routing(module: str, ws: Any) -> dict[str, Any]:
+    where = f"{module}.WorkerSettings"
+    fallback = getattr(ws, "fallback", None)
+    limit = getattr(ws, "max_concurrency", None)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"{where}.max_concurrency={limit!r} is invalid: use an integer >= 1")
+    return {
+        "max_concurrency": limit,
+        "fallback": _checked(f"{where}.fallback", check_fallback, fallback) if fallback is not None else None,
+        **_target(where, getattr(ws, "worker_group", None), getattr(ws, "worker_selector", None)),
+    }
 
 
 def _check_attributes(module: str, ws: Any) -> None:

@@ -57,6 +57,8 @@ def child_argv(options: WorkerOptions, index: int) -> list[str]:
         argv += ["--id", f"{options.worker_id}.{index}"]
     for key, value in options.labels.items():
         argv += ["--label", f"{key}={value}"]
+    if options.group:
+        argv += ["--group", options.group]
     return argv
 
 

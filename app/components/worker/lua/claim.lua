@@ -3,10 +3,13 @@
 -- ARGV[1] job id  ARGV[2] try (attempt this delivery is for)  ARGV[3] worker id
 -- ARGV[4] run token of the delivery's envelope  ARGV[5] queue  ARGV[6] task
 -- ARGV[7] worker instance (owner)  ARGV[8] engine  ARGV[9] events maxlen
--- ARGV[10] delivery token (unique per delivery handled)
+-- ARGV[10] delivery token (unique per delivery handled)   ARGV[11] queue key prefix '<prefix>:{<queue>}:'
+-- ARGV[12] tags of the job ('k=v,...', '' when none)
 -- Returns {1, attempt} to run, or {0, reason}: completed|failed|cancelled|running|stale (another
 -- attempt), otherrun (a message of an earlier job under this id), norecord (no job record: the
--- caller ends the delivery with StaleDelivery, see reject.lua).
+-- caller ends the delivery with StaleDelivery, see reject.lua), parked (the queue is paused or
+-- routed: the job was put in its ready set to be admitted there, see routing/admit.py; the
+-- caller acks the delivery).
 -- A delivery runs only when the record exists, belongs to the delivery's run, and waits
 -- (queued/delayed) for exactly this attempt, so a duplicate delivery (engine redelivery racing
 -- a completion, taskiq's double read) or a stale message of a reused id is skipped.
@@ -31,12 +34,39 @@ end
 if attempt ~= try - 1 then
   return {0, 'stale'}
 end
+local qp = ARGV[11]
+local flags = redis.call('HMGET', qp .. 'route', 'paused', 'routed')
+if flags[1] == '1' or flags[2] == '1' then
+  -- A message that reached the engine before the queue was paused or routed: it waits in the
+  -- ready set like the others, in order, instead of starting now.
+  local envelope = redis.call('HGET', KEYS[1], 'envelope')
+  local ok, e = pcall(cjson.decode, envelope)
+  if not ok or type(e) ~= 'table' then e = {} end
+  local band, key = 1, qp .. 'ready:-'
+  if e.priority == 'high' then band = 0 end
+  if type(e.selector) == 'string' and e.selector ~= '' then
+    key = qp .. 'ready-sel:' .. e.selector
+    redis.call('SADD', qp .. 'selectors', e.selector)
+  elseif type(e.group) == 'string' and e.group ~= '' then
+    key = qp .. 'ready:' .. e.group
+    redis.call('SADD', qp .. 'groups', e.group)
+  end
+  redis.call('ZADD', key, band * 4398046511104 + redis.call('INCR', qp .. 'seq'), envelope)
+  redis.call('LPUSH', qp .. 'ready-wake', 1)
+  redis.call('LTRIM', qp .. 'ready-wake', 0, 63)
+  redis.call('PEXPIRE', qp .. 'ready-wake', 60000)
+  return {0, 'parked'}
+end
 local t = redis.call('TIME')
 local now = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 redis.call('HSET', KEYS[1], 'status', 'running', 'attempt', try, 'worker', ARGV[3], 'owner', ARGV[7],
   'started_at', now, 'delivery', ARGV[10])
 redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[9], '*', 'type', 'job.started', 'ts', now,
-  'queue', ARGV[5], 'backend', ARGV[8], 'job_id', ARGV[1], 'task', ARGV[6], 'attempt', try,
-  'worker_id', ARGV[3], 'duration_ms', '', 'error', '')
+local fields = {'type', 'job.started', 'ts', now, 'queue', ARGV[5], 'backend', ARGV[8], 'job_id', ARGV[1],
+  'task', ARGV[6], 'attempt', try, 'worker_id', ARGV[3], 'duration_ms', '', 'error', ''}
+if ARGV[12] ~= '' then
+  table.insert(fields, 'tags')
+  table.insert(fields, ARGV[12])
+end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[9], '*', unpack(fields))
 return {1, try}

@@ -1,42 +1,116 @@
 -- enqueue: accept new jobs and make them deliverable in one atomic step: the job record, its
--- job.enqueued event, and either its place in the delayed set or the engine's own commands
--- that put its message on the queue. A refused job writes nothing, so there is never a record
--- without a message, nor a message without a record.
+-- job.enqueued event, and either its place in the delayed set, its place in the queue's ready
+-- set (a routed job: see routing/admit.py), or the engine's own commands that put its message
+-- on the queue. A refused job writes nothing, so there is never a record without a message,
+-- nor a message without a record.
 -- One call takes a whole batch (enqueue_many) or a single job: one round trip either way.
 -- KEYS[1] events stream
 -- ARGV[1] events maxlen   ARGV[2] job key prefix (job key = prefix .. id)   ARGV[3] result key prefix
--- ARGV[4] number of jobs, then per job: job id, run token, envelope JSON, task, queue, engine,
+-- ARGV[4] instances zset (who beats: for a target's fallback)   ARGV[5] number of jobs, then per job:
+--   job id, run token, envelope JSON, task, queue, engine,
 --   delay ms (0: deliverable now), delayed zset key of the queue and the wake-up list of its
---   movers ('' when not delayed), batched (1: its message is among the shared commands below), n = number of its own engine
---   commands (run only if this job is accepted), then n times: k = word count and the k words
---   of one Redis command (what the engine adapter's stage() queues for the message).
--- then the shared commands, the same way (k, words...) to the end of ARGV: the staged batch of
---   the jobs with fresh ids (they cannot be refused), run once if any batched job is accepted.
+--   movers ('' when not delayed), batched (1: its message is among the queue's shared commands
+--   below), queue key prefix ('<prefix>:{<queue>}:'), routed (1: this job needs routing),
+--   priority, group, selector, fallback (wait|fail|cancel), healthy ms (a target worker counts
+--   when it beat that recently), keep seconds (for a job ended by its fallback), tags ('k=v,...'),
+--   n = number of its own engine commands (run only if this job is accepted and not routed),
+--   then n times: k = word count and the k words of one Redis command (what the engine adapter's
+--   stage() queues for the message).
+-- then the number of queue blocks, and per block: queue key prefix, n, and n commands as above:
+--   the staged batch of that queue's jobs with fresh ids (they cannot be refused), run once if
+--   any of them is accepted and the queue is not routed.
+-- Routing: a job goes to the ready set instead of the engine when it needs routing itself, or
+-- its queue is paused or routed (the queue's 'route' hash): a job that needs routing marks the
+-- queue routed, so later plain jobs queue behind it in order (strict priorities). A targeted
+-- job (group or selector) with no healthy target worker follows its fallback: wait (the ready
+-- set), fail (failed at once, NoWorker) or cancel (cancelled at once).
 -- Time comes from Redis (TIME): a delay is relative and the due score is Redis time + delay,
 -- so a producer with a skewed clock schedules correctly. A delayed job that is (one of) the
 -- earliest of its queue's delayed set pushes a wake-up token (one kept, for a minute): idle
 -- movers sleep until the earliest due time they know of (see requeue.lua, due.lua).
 -- Returns, per job: 1 accepted, 0 refused (a job with that id is queued, delayed or running),
--- 2 this same run was already accepted (the call retried after its reply was lost).
+-- 2 this same run was already accepted (the call retried after its reply was lost),
+-- 3 accepted and ended at once by its fallback (fail or cancel).
 -- A finished job's id may be reused: its old record and result are replaced.
 -- Under maxmemory (noeviction) the first write of the call is a denyoom command (XADD), so an
 -- out-of-memory Redis refuses the whole call before anything is written; once a script has
 -- written, Redis lets it finish, so a call is never half applied.
 local t = redis.call('TIME')
-local now = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+local now_n = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = string.format('%.0f', now_n)
+local maxlen = ARGV[1]
 local out = {}
 local function read_command(i)
   local nwords = tonumber(ARGV[i])
   return {unpack(ARGV, i + 1, i + nwords)}, i + 1 + nwords
 end
-local batch_accepted = false
-local i = 5
-for _ = 1, tonumber(ARGV[4]) do
+
+local function place(qp, envelope, priority, group, selector)
+  local band = 1
+  if priority == 'high' then band = 0 end
+  local key
+  if selector ~= '' then
+    key = qp .. 'ready-sel:' .. selector
+    redis.call('SADD', qp .. 'selectors', selector)
+  else
+    if group == '' then group = '-' end
+    key = qp .. 'ready:' .. group
+    redis.call('SADD', qp .. 'groups', group)
+  end
+  redis.call('ZADD', key, band * 4398046511104 + redis.call('INCR', qp .. 'seq'), envelope)
+  redis.call('LPUSH', qp .. 'ready-wake', 1)
+  redis.call('LTRIM', qp .. 'ready-wake', 0, 63)
+  redis.call('PEXPIRE', qp .. 'ready-wake', 60000)
+end
+
+local function matches(labels, selector)
+  if type(labels) ~= 'table' then return false end
+  for pair in string.gmatch(selector, '[^,]+') do
+    local k, v = string.match(pair, '^([^=]*)=(.*)$')
+    if labels[k] ~= v then return false end
+  end
+  return true
+end
+
+local function target_alive(qp, queue, group, selector, healthy_ms)
+  local members = redis.call('HGETALL', qp .. 'members')
+  for m = 1, #members, 2 do
+    local beat = redis.call('ZSCORE', ARGV[4], queue .. '|' .. members[m])
+    if beat and now_n - tonumber(beat) < healthy_ms then
+      local ok, d = pcall(cjson.decode, members[m + 1])
+      if ok and type(d) == 'table' then
+        if selector ~= '' then
+          if matches(d.labels, selector) then return true end
+        elseif (d.group or '') == group then
+          return true
+        end
+      end
+    end
+  end
+  return false
+end
+
+local function event(kind, queue, engine, id, task, error, tags)
+  local fields = {'type', kind, 'ts', now, 'queue', queue, 'backend', engine, 'job_id', id, 'task', task,
+    'attempt', '0', 'worker_id', '', 'duration_ms', '', 'error', error}
+  if tags ~= '' then
+    table.insert(fields, 'tags')
+    table.insert(fields, tags)
+  end
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(fields))
+end
+
+local engine_queues = {}  -- queue prefix -> true when its batched jobs go to the engine
+local i = 6
+for _ = 1, tonumber(ARGV[5]) do
   local id, run, envelope, task = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local queue, engine, delay, delayed_key = ARGV[i + 4], ARGV[i + 5], tonumber(ARGV[i + 6]), ARGV[i + 7]
-  local wake_key, batched, ncmds = ARGV[i + 8], ARGV[i + 9] == '1', tonumber(ARGV[i + 10])
+  local wake_key, batched, qp = ARGV[i + 8], ARGV[i + 9] == '1', ARGV[i + 10]
+  local routed, priority, group, selector = ARGV[i + 11] == '1', ARGV[i + 12], ARGV[i + 13], ARGV[i + 14]
+  local fallback, healthy_ms, keep, tags = ARGV[i + 15], tonumber(ARGV[i + 16]), tonumber(ARGV[i + 17]), ARGV[i + 18]
+  local ncmds = tonumber(ARGV[i + 19])
   local job_key, result_key = ARGV[2] .. id, ARGV[3] .. id
-  i = i + 11
+  i = i + 20
   local cmds = {}
   for c = 1, ncmds do
     cmds[c], i = read_command(i)
@@ -48,36 +122,67 @@ for _ = 1, tonumber(ARGV[4]) do
   elseif status == 'queued' or status == 'delayed' or status == 'running' then
     table.insert(out, 0)
   else
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'type', 'job.enqueued', 'ts', now,
-      'queue', queue, 'backend', engine, 'job_id', id, 'task', task, 'attempt', '0',
-      'worker_id', '', 'duration_ms', '', 'error', '')
-    local new_status = 'queued'
-    if delay > 0 then new_status = 'delayed' end
+    event('job.enqueued', queue, engine, id, task, '', tags)
     redis.call('DEL', job_key, result_key)
-    redis.call('HSET', job_key, 'status', new_status, 'attempt', 0, 'queue', queue, 'task', task,
-      'envelope', envelope, 'enqueued_at', now, 'engine', engine, 'run', run)
-    if delay > 0 then
-      local due = tonumber(now) + delay
-      redis.call('ZADD', delayed_key, string.format('%.0f', due), envelope)
-      local first = redis.call('ZRANGE', delayed_key, 0, 0, 'WITHSCORES')
-      if tonumber(first[2]) >= due then
-        redis.call('LPUSH', wake_key, 1)
-        redis.call('LTRIM', wake_key, 0, 0)
-        redis.call('PEXPIRE', wake_key, 60000)
+    local flags = redis.call('HMGET', qp .. 'route', 'paused', 'routed')
+    if routed then
+      if flags[2] ~= '1' then redis.call('HSET', qp .. 'route', 'routed', 1) end
+    elseif flags[1] == '1' or flags[2] == '1' then
+      routed = true
+    end
+    local ended = nil
+    if (group ~= '' or selector ~= '') and fallback ~= 'wait' and not target_alive(qp, queue, group, selector, healthy_ms) then
+      ended = fallback
+    end
+    if ended then
+      local target = "group '" .. group .. "'"
+      if selector ~= '' then target = "labels " .. selector end
+      local status_end, kind = 'failed', 'NoWorker'
+      if ended == 'cancel' then status_end, kind = 'cancelled', 'Cancelled' end
+      local reason = 'no healthy worker of ' .. target .. ' on queue ' .. queue .. ' (fallback=' .. ended .. ')'
+      redis.call('HSET', job_key, 'status', status_end, 'attempt', 0, 'queue', queue, 'task', task,
+        'envelope', envelope, 'enqueued_at', now, 'engine', engine, 'run', run, 'finished_at', now)
+      redis.call('EXPIRE', job_key, keep)
+      redis.call('SET', result_key, cjson.encode({job_id = id, queue = queue, task = task, status = status_end,
+        attempts = 0, engine = engine, enqueued_at = now_n, finished_at = now_n, error_type = kind,
+        error = reason}), 'EX', keep)
+      event('job.failed', queue, engine, id, task, kind .. ': ' .. reason, tags)
+      table.insert(out, 3)
+    else
+      local new_status = 'queued'
+      if delay > 0 then new_status = 'delayed' end
+      redis.call('HSET', job_key, 'status', new_status, 'attempt', 0, 'queue', queue, 'task', task,
+        'envelope', envelope, 'enqueued_at', now, 'engine', engine, 'run', run)
+      if delay > 0 then
+        local due = now_n + delay
+        redis.call('ZADD', delayed_key, string.format('%.0f', due), envelope)
+        local first = redis.call('ZRANGE', delayed_key, 0, 0, 'WITHSCORES')
+        if tonumber(first[2]) >= due then
+          redis.call('LPUSH', wake_key, 1)
+          redis.call('LTRIM', wake_key, 0, 0)
+          redis.call('PEXPIRE', wake_key, 60000)
+        end
+      elseif routed then
+        place(qp, envelope, priority, group, selector)
+      else
+        for _, cmd in ipairs(cmds) do
+          redis.call(unpack(cmd))
+        end
+        if batched then engine_queues[qp] = true end
       end
+      table.insert(out, 1)
     end
-    for _, cmd in ipairs(cmds) do
-      redis.call(unpack(cmd))
-    end
-    if batched then batch_accepted = true end
-    table.insert(out, 1)
   end
 end
-if batch_accepted then
-  while i <= #ARGV do
+local nblocks = tonumber(ARGV[i] or '0')
+i = i + 1
+for _ = 1, nblocks do
+  local qp, ncmds = ARGV[i], tonumber(ARGV[i + 1])
+  i = i + 2
+  for _ = 1, ncmds do
     local cmd
     cmd, i = read_command(i)
-    redis.call(unpack(cmd))
+    if engine_queues[qp] then redis.call(unpack(cmd)) end
   end
 end
 return out

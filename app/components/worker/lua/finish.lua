@@ -1,5 +1,6 @@
 -- finish: end a running attempt with its result, terminal status and events, exactly once.
 -- KEYS[1] job hash   KEYS[2] result key   KEYS[3] held set of the owner instance   KEYS[4] events stream
+-- KEYS[5] dead set of the queue   KEYS[6] leases hash of the queue   KEYS[7] wake-up list of its admitters
 -- ARGV[1] job id   ARGV[2] owner instance   ARGV[3] attempt   ARGV[4] status
 -- ARGV[5] result record: a JSON object, without finished_at (added here)   ARGV[6] keep seconds
 -- ARGV[7] events maxlen   ARGV[8..] events (JSON objects of string fields)
@@ -11,6 +12,12 @@ redis.call('SREM', KEYS[3], ARGV[1])
 local job = redis.call('HMGET', KEYS[1], 'status', 'owner', 'attempt')
 if job[1] ~= 'running' or job[2] ~= ARGV[2] or job[3] ~= ARGV[3] then
   return 0
+end
+-- A lease (max_concurrency) ends with its job: the queue's waiting admitters may take its slot.
+if redis.call('HDEL', KEYS[6], ARGV[1]) == 1 then
+  redis.call('LPUSH', KEYS[7], 1)
+  redis.call('LTRIM', KEYS[7], 0, 63)
+  redis.call('PEXPIRE', KEYS[7], 60000)
 end
 local t = redis.call('TIME')
 local now = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))

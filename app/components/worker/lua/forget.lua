@@ -1,6 +1,6 @@
 -- forget: the reaper takes an offline instance off its watch list, once nothing is held.
--- KEYS[1] instances zset   KEYS[2] held set of the instance
--- ARGV[1] instances member '<queue>|<instance>'   ARGV[2] offline threshold (ms)
+-- KEYS[1] instances zset   KEYS[2] held set of the instance   KEYS[3] members hash of its queue
+-- ARGV[1] instances member '<queue>|<instance>'   ARGV[2] offline threshold (ms)   ARGV[3] instance
 -- The reaper recovers held jobs one by one (finish and requeue remove each from the held set);
 -- reading the set and deleting it afterwards would drop a claim made in between. So the
 -- instance goes only when its held set is empty and it is still offline by Redis's clock
@@ -19,4 +19,5 @@ if redis.call('SCARD', KEYS[2]) > 0 then
   return 0
 end
 redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[3])
 return 1

@@ -2,7 +2,8 @@
 -- Used for a retry (attempt stays), a hand-back on shutdown (attempt - 1: not the job's fault)
 -- and a crash recovery by the reaper (attempt stays: the lost attempt counts).
 -- KEYS[1] job hash   KEYS[2] delayed zset of the queue   KEYS[3] held set of the owner   KEYS[4] events
--- KEYS[5] wake-up list of the queue's delayed movers
+-- KEYS[5] wake-up list of the queue's delayed movers   KEYS[6] leases hash of the queue
+-- KEYS[7] wake-up list of the queue's admitters
 -- ARGV[1] job id   ARGV[2] owner instance   ARGV[3] attempt running   ARGV[4] attempt to record
 -- ARGV[5] next envelope JSON   ARGV[6] delay ms from now (the backoff; 0: due at once)
 -- ARGV[7] events maxlen   ARGV[8..] events (JSON objects of string fields)
@@ -16,6 +17,12 @@ redis.call('SREM', KEYS[3], ARGV[1])
 local job = redis.call('HMGET', KEYS[1], 'status', 'owner', 'attempt')
 if job[1] ~= 'running' or job[2] ~= ARGV[2] or job[3] ~= ARGV[3] then
   return 0
+end
+-- A lease (max_concurrency) ends with the attempt: a retry waits for a slot like any job.
+if redis.call('HDEL', KEYS[6], ARGV[1]) == 1 then
+  redis.call('LPUSH', KEYS[7], 1)
+  redis.call('LTRIM', KEYS[7], 0, 63)
+  redis.call('PEXPIRE', KEYS[7], 60000)
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -38,6 +38,7 @@ class JobContext:
     worker_id: str
     worker: WorkerContext
     started_ms: int = 0
+    tags: dict[str, str] = field(default_factory=dict)
 
     def duration_ms(self) -> int:
         return max(0, now_ms() - self.started_ms)  # started_ms: this host's clock (or, recovered, another's)

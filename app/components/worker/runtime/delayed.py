@@ -63,6 +63,7 @@ class DelayedMover:
     def __init__(
         self, store: JobStore, queue: str, send: Send, poll: float, *, engine: str = "", worker_id: str = "",
         keep: int = POISON_KEEP_S, waiter: Any = None, listen: float = LISTEN_S,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.queue = queue
@@ -73,6 +74,7 @@ class DelayedMover:
         self.keep = keep
         self.waiter = waiter
         self.listen = listen
+        self.on_ready = on_ready  # the admitter's wake-up: its tokens come through the same BLPOP
         self.moved = 0
         self.poisoned = 0
         self.passes = 0
@@ -93,18 +95,24 @@ class DelayedMover:
         self.next_due = None if wait_ms is None else wait_ms / 1000
         if not raws:
             return 0
-        messages, sent = [], []
+        messages, routed, sent = [], [], []
         for raw in raws:
             try:
                 text = raw.decode() if isinstance(raw, bytes) else raw
-                messages.append((Envelope.decode(text).message_id, text))
+                env = Envelope.decode(text)
+                if env.routed:
+                    routed.append(text)  # waits for admission (routing/admit.py), not in the engine
+                else:
+                    messages.append((env.message_id, text))
                 sent.append(raw)
             except (ValueError, TypeError, RecursionError) as exc:
                 await self._poison(raw if isinstance(raw, bytes) else raw.encode(), exc)
         if messages:
             await self.send(messages)
+        if routed:
+            await self.store.route(self.queue, routed)
         await self.store.drop_due(self.queue, sent)
-        self.moved += len(messages)
+        self.moved += len(messages) + len(routed)
         return len(raws)
 
     async def _poison(self, raw: bytes, exc: BaseException) -> None:
@@ -149,8 +157,11 @@ class DelayedMover:
         backoff = 1.0
         while True:
             try:
-                if await self.store.wait_due(self.waiter, self.queue, self.listen):
+                woken = await self.store.wait_due(self.waiter, self.queue, self.listen)
+                if woken == "delayed":
                     self._woken.set()
+                elif woken == "ready" and self.on_ready is not None:
+                    self.on_ready()
                 backoff = 1.0
             except asyncio.CancelledError:
                 raise

@@ -89,8 +89,9 @@ class Reaper:
                 continue
             try:
                 count += await self._reap(instance, int(age_ms) / 1000)
-                forgotten = await self._forget(keys=[self.keys.instances, self.keys.held(instance)],
-                                               args=[text, offline_ms])
+                forgotten = await self._forget(
+                    keys=[self.keys.instances, self.keys.held(instance), self.keys.members(self.queue)],
+                    args=[text, offline_ms, instance])
                 if int(forgotten) == 0:
                     logger.warning("queue %s: instance %s still holds jobs; trying again next pass",
                                    self.queue, instance)

@@ -36,6 +36,8 @@ class JobStore:
         self.keys = keys
         self.events_maxlen = events_maxlen
         self._due = redis.register_script(scripts.source("due"))
+        self._route = redis.register_script(scripts.source("route"))
+        self._admit = redis.register_script(scripts.source("admit"))
         self._poison = redis.register_script(scripts.source("poison"))
         self._batch = ScriptBatcher(redis, {name: scripts.source(name) for name in ("claim", "finish", "requeue", "reject")})
 
@@ -50,7 +52,7 @@ class JobStore:
             "claim",
             [self.keys.job(env.id), self.keys.held(instance), self.keys.events],
             [env.id, env.try_, worker_id, env.run, env.queue, env.task, instance, engine,
-             self.events_maxlen, delivery],
+             self.events_maxlen, delivery, self.keys.of_queue(env.queue, ""), env.tags_text],
         )
         if int(ok) == 1:
             return True, int(value)
@@ -81,7 +83,8 @@ class JobStore:
         body = {k: v for k, v in record.items() if k != "finished_at"}
         done = await self._batch.call(
             "finish",
-            [self.keys.job(env.id), self.keys.result(env.id), self.keys.held(owner), self.keys.events],
+            [self.keys.job(env.id), self.keys.result(env.id), self.keys.held(owner), self.keys.events,
+             self.keys.dead(env.queue), self.keys.leases(env.queue), self.keys.ready_wake(env.queue)],
             [env.id, owner, attempt, status, json.dumps(body, default=str), keep,
              self.events_maxlen, *(json.dumps(e) for e in events)],
         )
@@ -97,7 +100,7 @@ class JobStore:
         done = await self._batch.call(
             "requeue",
             [self.keys.job(env.id), self.keys.delayed(env.queue), self.keys.held(owner), self.keys.events,
-             self.keys.delayed_wake(env.queue)],
+             self.keys.delayed_wake(env.queue), self.keys.leases(env.queue), self.keys.ready_wake(env.queue)],
             [env.id, owner, attempt, record_attempt, raw, max(0, int(delay_ms)), self.events_maxlen,
              *(json.dumps(e) for e in events)],
         )
@@ -116,10 +119,38 @@ class JobStore:
         items, wait = await self._due(keys=[self.keys.delayed(queue)], args=[limit, lease_ms])
         return list(items), (None if int(wait) < 0 else int(wait))
 
-    async def wait_due(self, redis: aioredis.Redis, queue: str, timeout: float) -> bool:
+    async def wait_due(self, redis: aioredis.Redis, queue: str, timeout: float) -> str | None:
         """Block (on ``redis``, a connection of the caller's own) up to ``timeout`` seconds for a
-        wake-up token: True when one came (an entry became the earliest of the delayed set)."""
-        return bool(await redis.blpop([self.keys.delayed_wake(queue)], timeout=timeout))
+        wake-up token of the queue's movers or admitters: ``"delayed"`` (an entry became the
+        earliest of the delayed set), ``"ready"`` (a routed job is ready, a lease was freed, the
+        queue was resumed), None when none came. One blocking read serves both."""
+        found = await redis.blpop([self.keys.delayed_wake(queue), self.keys.ready_wake(queue)], timeout=timeout)
+        if not found:
+            return None
+        key = found[0].decode() if isinstance(found[0], bytes) else found[0]
+        return "ready" if key == self.keys.ready_wake(queue) else "delayed"
+
+    async def route(self, queue: str, raws: list[str]) -> int:
+        """Put routed envelopes in their ready sets (route.lua) and wake the admitters."""
+        if not raws:
+            return 0
+        return int(await self._route(keys=[], args=[self.keys.of_queue(queue, ""), *raws]))
+
+    async def admit(
+        self, queue: str, instance: str, worker_id: str, engine: str, group: str, labels: str, free: int,
+        max_concurrency: int, rate_limits: str, delivery: str,
+    ) -> tuple[list[tuple[bytes, int]], int | None, str]:
+        """Take and claim up to ``free`` routed jobs this worker may start now (admit.lua):
+        (envelope, attempt) pairs, the ms until a rate-limited task may start again (None: no such wait),
+        and the queue's state ('' | 'paused' | 'full')."""
+        items, wait, state = await self._admit(
+            keys=[self.keys.held(instance), self.keys.events],
+            args=[self.keys.of_queue(queue, ""), self.keys.job(""), queue, instance, worker_id, engine,
+                  self.events_maxlen, group, labels, free, max_concurrency, rate_limits, delivery],
+        )
+        state = state.decode() if isinstance(state, bytes) else str(state)
+        taken = [(items[i], int(items[i + 1])) for i in range(0, len(items), 2)]
+        return taken, (None if int(wait) < 0 else int(wait)), state
 
     async def drop_due(self, queue: str, raws: list[bytes]) -> None:
         if raws:

@@ -148,6 +148,18 @@ class JobRuntime:
             logger.warning("job %s: %s: %s", job_id, kind, message)
         return done
 
+    async def execute_admitted(self, env: Envelope, attempt: int) -> None:
+        """Run a job its admitter has already claimed for this instance (routing/admit.py):
+        the same path as an engine delivery, past the claim."""
+        task = asyncio.current_task()
+        if task is not None:
+            self.inflight.add(task)
+        try:
+            await self._run_claimed(env, attempt)
+        finally:
+            if task is not None:
+                self.inflight.discard(task)
+
     async def _execute(self, env: Envelope, raw: str) -> None:
         claimed, value = await self._claim(env)
         if not claimed:
@@ -161,7 +173,9 @@ class JobRuntime:
                 return
             logger.debug("job %s: delivery for try %d skipped (%s)", env.id, env.try_, value)
             return
-        attempt = int(value)
+        await self._run_claimed(env, int(value))
+
+    async def _run_claimed(self, env: Envelope, attempt: int) -> None:
         if self.stopping:
             # A message prefetched before the stop: give it back rather than start it now.
             await self._hand_back(env, attempt)
@@ -171,7 +185,7 @@ class JobRuntime:
         job = JobContext(
             job_id=env.id, task=env.task, queue=env.queue, engine=self.config.engine, attempt=attempt,
             max_tries=policy.max_tries, enqueued_at=env.enqueued_at, worker_id=self.worker.worker_id,
-            worker=self.worker, started_ms=now_ms(),
+            worker=self.worker, started_ms=now_ms(), tags=env.tags,
         )
         try:
             result = await self._run_job(spec, env, job)
@@ -305,6 +319,8 @@ class JobRuntime:
             "enqueued_at": env.enqueued_at, "started_at": job.started_ms, "finished_at": now_ms(),
             "result": result, "error": None, "error_type": None,
         }
+        if env.tags:
+            record["tags"] = env.tags
         if error is not None:
             record["error_type"], record["error"] = describe_error(error)
         if status == "completed":
@@ -374,7 +390,7 @@ class JobRuntime:
         job = JobContext(
             job_id=env.id, task=env.task, queue=env.queue, engine=self.config.engine, attempt=attempt,
             max_tries=policy.max_tries, enqueued_at=env.enqueued_at, worker_id=record.get("worker", ""),
-            worker=self.worker, started_ms=int(record.get("started_at") or now_ms()),
+            worker=self.worker, started_ms=int(record.get("started_at") or now_ms()), tags=env.tags,
         )
         error = WorkerLost(f"worker {job.worker_id} stopped beating {lost_for:.0f}s ago while running attempt {attempt}")
         if policy.should_retry(attempt, error):

@@ -1,0 +1,28 @@
+-- route: put routed envelopes (due from the delayed set: a delayed routed job, a retry, a
+-- hand-back, a recovery) in their ready set, and wake the queue's admitters.
+-- KEYS: none (the queue's keys share its hash tag: built from ARGV[1])
+-- ARGV[1] queue key prefix '<prefix>:{<queue>}:'   ARGV[2..] envelopes (JSON)
+-- An envelope whose job no longer waits is dropped later, at admission. The score is priority
+-- band then sequence, so a retried job waits behind the jobs of its level already ready.
+-- Returns how many were placed.
+local qp = ARGV[1]
+for i = 2, #ARGV do
+  local ok, e = pcall(cjson.decode, ARGV[i])
+  if not ok or type(e) ~= 'table' then e = {} end
+  local band, key = 1, qp .. 'ready:-'
+  if e.priority == 'high' then band = 0 end
+  if type(e.selector) == 'string' and e.selector ~= '' then
+    key = qp .. 'ready-sel:' .. e.selector
+    redis.call('SADD', qp .. 'selectors', e.selector)
+  elseif type(e.group) == 'string' and e.group ~= '' then
+    key = qp .. 'ready:' .. e.group
+    redis.call('SADD', qp .. 'groups', e.group)
+  end
+  redis.call('ZADD', key, band * 4398046511104 + redis.call('INCR', qp .. 'seq'), ARGV[i])
+end
+if #ARGV > 1 then
+  redis.call('LPUSH', qp .. 'ready-wake', 1)
+  redis.call('LTRIM', qp .. 'ready-wake', 0, 63)
+  redis.call('PEXPIRE', qp .. 'ready-wake', 60000)
+end
+return #ARGV - 1
