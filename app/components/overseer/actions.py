@@ -15,6 +15,7 @@ from fastapi import HTTPException, Request
 from app.components.overseer import optional
 from app.components.overseer.state import Overseer
 from app.components.worker.dequeue import cancel_waiting
+from app.core.errors import AppError
 
 
 def check_token(overseer: Overseer, request: Request) -> None:
@@ -47,29 +48,32 @@ async def pause(client: Any, queue: str, paused: bool) -> dict[str, Any]:
 
 
 async def retry_dead(client: Any, job_id: str) -> dict[str, Any]:
+    """Enqueue a dead job again under its id (``routing.dead.retry_dead``)."""
     module = _needs(optional.dead(), "retrying a dead job", "dead")
-    outcome = await module.retry_dead(client, job_id)
-    if not outcome:
-        raise HTTPException(404, f"no dead job {job_id!r}: it was retried or purged already, or never died")
+    try:
+        await module.retry_dead(client, job_id)
+    except module.NotDead as exc:
+        raise HTTPException(404, str(exc)) from None
+    except AppError as exc:
+        raise HTTPException(409, str(exc)) from None
     return {"job_id": job_id, "retried": True}
 
 
 async def retry_all(client: Any, queue: str | None) -> dict[str, Any]:
     module = _needs(optional.dead(), "retrying dead jobs", "dead")
-    queues = [queue] if queue else sorted(client.registry.queues)
-    for q in queues:
-        _known_queue(client, q)
-    count = await module.retry_all(client, queues)
-    return {"queues": queues, "retried": count if isinstance(count, int) else len(count or [])}
+    if queue is not None:
+        _known_queue(client, queue)
+    return {"queue": queue or "every queue", "retried": int(await module.retry_all(client, queue))}
 
 
 async def purge_dead(client: Any, queue: str | None) -> dict[str, Any]:
     module = _needs(optional.dead(), "purging dead jobs", "dead")
-    queues = [queue] if queue else sorted(client.registry.queues)
-    for q in queues:
-        _known_queue(client, q)
-    count = await module.purge_dead(client.redis, client.keys, queues)
-    return {"queues": queues, "purged": count if isinstance(count, int) else len(count or [])}
+    if queue is not None:
+        _known_queue(client, queue)
+        count = await module.purge_dead(client.redis, client.keys, queue)
+    else:
+        count = await module.purge_dead(client.redis, client.keys, queues=sorted(client.registry.queues))
+    return {"queue": queue or "every queue", "purged": int(count)}
 
 
 async def cancel(client: Any, job_id: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from app.components.worker.engines import engine_class
 from app.components.worker.events import _decode
 from app.components.worker.health import Thresholds, list_workers, redis_now_ms
 from app.components.worker.metrics import running_jobs
+from app.components.worker.routing.stats import routing_state
 from app.core.settings import ENGINES
 
 HISTORY_SAMPLE = 5000  # newest events read, at most, for "recent jobs"
@@ -48,32 +49,6 @@ def _percentile(values: list[float], q: float) -> float | None:
     values = sorted(values)
     index = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
     return values[index]
-
-
-async def _paused(client: Any, queues: list[str]) -> dict[str, bool]:
-    module = optional.pause()
-    if module is not None:
-        return dict(await module.paused(client.redis, client.keys, queues))
-    values = []
-    for queue in queues:  # the routing hash's field, read directly until pause.py lands
-        values.append(await client.redis.hget(client.keys.route(queue), "paused"))
-    return {q: _text(v) == "1" if v is not None else False for q, v in zip(queues, values, strict=True)}
-
-
-async def _waiting_by_group(client: Any, queue: str) -> dict[str, int]:
-    """Routed jobs waiting per worker group ('' the default group), from the admission sets."""
-    groups = {""}
-    for raw in (await client.redis.hgetall(client.keys.members(queue))).values():
-        try:
-            groups.add(str(json.loads(raw).get("group") or ""))
-        except (ValueError, AttributeError):
-            continue
-    out = {}
-    for group in sorted(groups):
-        count = await client.redis.zcard(client.keys.ready(queue, group))
-        if count:
-            out[group or "default"] = int(count)
-    return out
 
 
 async def run_times(client: Any) -> dict[str, dict[str, float | None]]:
@@ -122,17 +97,22 @@ async def queue_rows(client: Any, adapters: dict[tuple[str, str], Any], history:
             adapter = adapters[(name, engine)] = engine_class(cfg.engine)(settings, keys, cfg)
         stats = await adapter.stats()
         running = running_jobs(live_workers, name)
+        routing = await routing_state(client.redis, keys, name)
+        routed_waiting = sum(c["high"] + c["low"] for c in routing["waiting"].values())
         rows.append({
-            "queue": name, "engine": engine, "ready": stats.ready + max(0, stats.running - running),
+            "queue": name, "engine": engine, "ready": stats.ready + max(0, stats.running - running) + routed_waiting,
             "delayed": int(await client.redis.zcard(keys.delayed(name))), "running": running, "failed": stats.dead,
             "per_minute": _last_minute(history.get(name, []), now),
             "workers": sum(1 for w in live_workers if w["queue"] == name and w["state"] == "healthy"),
+            "paused": routing["paused"], "routed": routing["routed"], "waiting_by_group": routing["waiting"],
+            "max_concurrency": adapter.config.max_concurrency or None, "leases": routing["leases"],
         })
     for name, broken in sorted(client.registry.broken.items()):
         rows.append({
             "queue": name, "engine": None, "ready": None, "delayed": None, "running": None, "failed": None,
             "per_minute": {"completed": 0, "failed": 0},
             "workers": sum(1 for w in live_workers if w["queue"] == name and w["state"] == "healthy"),
+            "paused": False, "routed": False, "waiting_by_group": {}, "max_concurrency": None, "leases": 0,
             "error": broken.reason,
         })
     return rows
@@ -143,14 +123,10 @@ async def queues(client: Any, adapters: dict[tuple[str, str], Any] | None = None
     now = await redis_now_ms(client.redis)
     history = await per_minute(client.redis, client.keys, now)
     rows = await queue_rows(client, {} if adapters is None else adapters, history, now)
-    names = [r["queue"] for r in rows]
-    paused = await _paused(client, names)
     times = await run_times(client)
     for row in rows:
         name = row["queue"]
         row["dead"] = int(await client.redis.zcard(client.keys.dead(name)))
-        row["paused"] = paused.get(name, False)
-        row["groups"] = await _waiting_by_group(client, name)
         row["run_time"] = times.get(name, {"p50_ms": None, "p95_ms": None, "sample": 0})
         row["history"] = history.get(name) or empty_minutes(now)
     return rows
@@ -341,22 +317,29 @@ async def _trail(client: Any, job_id: str, record: dict[str, Any]) -> tuple[list
 
 
 async def dead_letters(client: Any, queue: str | None = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
-    """Dead jobs (failed after their last attempt), newest first, with their error."""
+    """Dead jobs (failed after their last attempt), newest first, with their error: through
+    ``routing.dead`` when this build has it, else read from the dead sets directly."""
     names = [queue] if queue else sorted(client.registry.queues)
+    module = optional.dead()
+    if module is not None:
+        ttl = getattr(client.settings, "worker_dead_ttl_seconds", None)
+        rows = await module.list_dead(client.redis, client.keys, names, limit, offset, ttl=ttl)
+        counts = {q: int(await module.count_dead(client.redis, client.keys, [q])) for q in names}
+        for row in rows:
+            row.setdefault("failed_at", row.get("finished_at"))
+        return {"total": sum(counts.values()), "by_queue": counts, "jobs": rows, "actions": True}
     counts = {q: int(await client.redis.zcard(client.keys.dead(q))) for q in names}
     merged: list[tuple[float, str, str]] = []
     for q in names:  # the newest offset+limit of each queue cover the merged page
         members = await client.redis.zrevrange(client.keys.dead(q), 0, offset + limit - 1, withscores=True)
         merged.extend((float(score), _text(member), q) for member, score in members)
     merged.sort(reverse=True)
-    page = merged[offset:offset + limit]
-    rows = []
-    for score, jid, q in page:
+    out = []
+    for score, jid, q in merged[offset:offset + limit]:
         result_raw = await client.redis.get(client.keys.result(jid))
         record = json.loads(result_raw) if result_raw else {}
         task = record.get("task") or _text(await client.redis.hget(client.keys.job(jid), "task") or b"")
-        rows.append({"job_id": jid, "queue": q, "task": task, "failed_at": int(score),
-                     "attempts": record.get("attempts"), "error_type": record.get("error_type"),
-                     "error": record.get("error")})
-    return {"total": sum(counts.values()), "by_queue": counts, "jobs": rows,
-            "actions": optional.dead() is not None}
+        out.append({"job_id": jid, "queue": q, "task": task, "failed_at": int(score),
+                    "attempts": record.get("attempts"), "error_type": record.get("error_type"),
+                    "error": record.get("error")})
+    return {"total": sum(counts.values()), "by_queue": counts, "jobs": out, "actions": False}

@@ -36,12 +36,17 @@ def build(queues: list[dict[str, Any]], workers: list[dict[str, Any]], counters:
     depth = GaugeMetricFamily("app_queue_jobs", "Jobs of a queue by state (ready, delayed, running, failed in the "
                               "engine, dead letters)", labels=["queue", "engine", "state"])
     paused = GaugeMetricFamily("app_queue_paused", "1 while the queue is paused", labels=["queue"])
+    waiting = GaugeMetricFamily("app_queue_waiting", "Routed jobs waiting for admission, by worker group (or label "
+                                "selector) and priority band", labels=["queue", "target", "priority"])
     for row in queues:
         if row.get("error"):
             continue
         for state in DEPTHS:
             depth.add_metric([row["queue"], row["engine"], state], float(row.get(state) or 0))
         paused.add_metric([row["queue"]], 1.0 if row.get("paused") else 0.0)
+        for target, bands in sorted((row.get("waiting_by_group") or {}).items()):
+            for band in ("high", "low"):
+                waiting.add_metric([row["queue"], target, band], float(bands.get(band, 0)))
     states = GaugeMetricFamily("app_workers", "Workers with a heartbeat, by health state",
                                labels=["queue", "engine", "state"])
     tally: dict[tuple[str, str, str], int] = {}
@@ -68,7 +73,7 @@ def build(queues: list[dict[str, Any]], workers: list[dict[str, Any]], counters:
         runs.add_metric(list(labels), buckets, counters.sums_ms.get(labels, 0.0) / 1000)
     folded = CounterMetricFamily("app_events_counted", "Events of the stream folded into these counters")
     folded.add_metric([], float(counters.folded))
-    out: list[Metric] = [depth, paused, states, jobs, enqueued, runs, folded]
+    out: list[Metric] = [depth, paused, waiting, states, jobs, enqueued, runs, folded]
     if counters.dropped is not None:
         dropped = CounterMetricFamily("app_events_dropped", "Events trimmed from the stream (WORKER_EVENTS_MAXLEN) "
                                       "before they were counted")
