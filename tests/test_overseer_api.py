@@ -274,3 +274,29 @@ async def test_fold_counts_each_event_once_and_the_ones_trimmed_before_it(redis_
         assert counters.dropped == (400 if major >= 7 else None)
     finally:
         await client.aclose()
+
+
+def test_dead_letters_listed_retried_and_purged(env: dict[str, str], start_worker: Any) -> None:
+    from app.components.overseer import optional
+
+    if optional.dead() is None:
+        pytest.skip("dead letters (app/components/worker/routing/dead.py) are not in this build yet")
+    start_worker("contract", "arq")
+    with dashboard(env) as board:
+        ids = [enqueue(env, "always_fails", "--", f"message=dead {n}") for n in range(2)]
+        for job_id in ids:
+            wait_until(lambda job_id=job_id: finished(board.url, job_id), 30, what="jobs to die")
+        dead = get(board.url, "/api/dead", queue="contract")
+        assert dead["total"] == 2 and dead["actions"] is True
+        assert {(d["job_id"], d["error"]) for d in dead["jobs"]} == {(ids[0], "dead 0"), (ids[1], "dead 1")}
+        assert httpx.post(f"{board.url}/api/dead/retry", params={"queue": "contract"}).status_code == 401
+        retried = httpx.post(f"{board.url}/api/dead/retry", params={"queue": "contract"}, headers=AUTH)
+        assert retried.status_code == 200 and retried.json()["retried"] == 2
+        wait_until(lambda: get(board.url, "/api/dead", queue="contract")["total"] == 2
+                   and all(finished(board.url, j) for j in ids), 30, what="both dead again")
+        assert httpx.post(f"{board.url}/api/dead/not-dead/retry", headers=AUTH).status_code == 404
+        purged = httpx.post(f"{board.url}/api/dead/purge", params={"queue": "contract"}, headers=AUTH)
+        assert purged.status_code == 200 and purged.json()["purged"] == 2
+        assert get(board.url, "/api/dead")["total"] == 0
+        samples = metrics(board.url)
+        assert value(samples, "app_queue_jobs", queue="contract", state="dead") == 0
