@@ -12,12 +12,13 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 
 from tests.conftest import ROOT, wait_until
 from tests.overseer_support import TOKEN, Dashboard, dashboard
-from tests.test_overseer_api import enqueue, finished
+from tests.test_overseer_api import AUTH, enqueue, finished
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 SHOTS = ROOT / "docs" / "screenshots"
@@ -55,6 +56,20 @@ def shot(tab: Any, name: str) -> None:
     tab.screenshot(path=str(SHOTS / f"{name}.png"))
 
 
+def waiting(make_settings: Any) -> None:
+    """Jobs that wait: plain ones on load_test (no worker), routed ones per group and priority."""
+    from app.components.worker.api import JobRequest, SyncWorkerClient
+
+    client = SyncWorkerClient(make_settings())
+    try:
+        client.enqueue_many([JobRequest("noop", queue="load_test")] * 40)
+        for n in range(12):
+            client.enqueue("step", f"t{n}", _worker_group="gpu" if n % 3 else None,
+                           _priority="high" if n % 4 == 0 else None)
+    finally:
+        client.close()
+
+
 def stream_id(text: str) -> tuple[int, int]:
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
@@ -66,7 +81,7 @@ def feed_row(tab: Any, job_id: str, kind: str) -> Any:
 
 @pytest.mark.parametrize("engine", ["arq", "dramatiq", "taskiq"])
 def test_live_feed_shows_a_job_start_then_complete_without_reload(
-    engine: str, env: dict[str, str], start_worker: Any, page: Any, tmp_path: Path
+    engine: str, env: dict[str, str], start_worker: Any, page: Any, tmp_path: Path, make_settings: Any
 ) -> None:
     start_worker("contract", engine)
     env = {**env, "WORKER_BACKEND_CONTRACT": engine}
@@ -85,10 +100,13 @@ def test_live_feed_shows_a_job_start_then_complete_without_reload(
         assert page.evaluate("window.sameDocument") is True, "the page reloaded"
         assert page.evaluate("window.overseer.duplicates") == 0
         assert page.errors == []
-        if engine == "arq":  # the other pages, for the README
+        if engine == "arq":  # the other pages, for the README, with some work waiting
             enqueue(env, "add", "--", "a=1", "b=2")
+            waiting(make_settings)
+            assert httpx.post(f"{board.url}/api/queues/load_test/pause", headers=AUTH).status_code == 200
             page.goto(f"{board.url}/")
             expect(page.locator('#queues tr[data-queue="contract"] .engine')).to_have_text(engine)
+            expect(page.locator('#queues tr[data-queue="load_test"] .paused-state')).to_have_text("paused")
             shot(page, "overview")
             page.goto(f"{board.url}/jobs?queue=contract")
             expect(page.locator(f'#jobs tr[data-job="{job_id}"] .status')).to_have_text("completed")
