@@ -92,8 +92,8 @@ async def test_same_id_twice_is_refused_even_within_one_ms(engine: str, client: 
 async def test_a_retried_enqueue_call_is_recognised(engine: str, client: WorkerClient) -> None:
     """The same script call sent twice (its reply lost) keeps its runs: accepted once, one
     message each, whether the engine's commands go per job (chosen ids) or as one batch."""
-    chosen, raw = client._envelope("add", (1, 2), {}, None, "retried")
-    fresh = [client._envelope("add", (n, 2), {}, None, None) for n in range(3)]
+    chosen, raw, _ = client._envelope("add", (1, 2), {}, None, "retried")
+    fresh = [client._envelope("add", (n, 2), {}, None, None)[:2] for n in range(3)]
     call = [Accepting(chosen, raw, 0, engine, True), *(Accepting(env, raw_, 0, engine, False) for env, raw_ in fresh)]
     assert await client._accept(call) == [1, 1, 1, 1]
     assert await client._accept(call) == [1, 1, 1, 1]  # recognised as its own retry, not a duplicate
@@ -156,7 +156,7 @@ async def test_stale_ghost_and_undecodable_deliveries(engine: str, client: Worke
         "bad-time": lambda raw: raw.replace('"enqueued_at":', '"enqueued_at":1e400,"x":'),
         "bad-try": lambda raw: raw.replace('"try":1', '"try":"one"'),
     }.items():
-        env, raw = client._envelope("add", (), {}, None, job_id)
+        env, raw, _ = client._envelope("add", (), {}, None, job_id)
         assert await client._accept([Accepting(env, raw, 3_600_000, engine, True)]) == [1]
         broken[job_id] = mangle(raw)
     adapter = adapter_of(client, engine)
@@ -206,7 +206,7 @@ async def test_undecodable_bytes_end_with_one_event(engine: str, client: WorkerC
     worker = WorkerContext(queue="contract", engine=engine, worker_id="test@1", instance="test@1~x")
     runtime = JobRuntime(spec, resolve(spec, client.settings), JobStore(client.redis, client.keys, 10_000),
                          MiddlewareChain([EventPublishMiddleware(publisher)]), worker, publisher)
-    env, raw = client._envelope("add", (), {}, None, "bad-utf8")
+    env, raw, _ = client._envelope("add", (), {}, None, "bad-utf8")
     assert await client._accept([Accepting(env, raw, 3_600_000, engine, True)]) == [1]
     try:
         await runtime.execute(raw.encode().replace(b'"args":[]', b'"args":["\xff"]'))

@@ -59,7 +59,7 @@ class InProcess:
     async def accept(self, job_id: str, task: str, *args: Any) -> str:
         """Accept a job as enqueue does (delayed far off, so no mover sends it) and return its
         message, as an engine would deliver it."""
-        env, raw = self.client._envelope(task, args, {}, None, job_id)
+        env, raw, _ = self.client._envelope(task, args, {}, None, job_id)
         assert await self.client._accept([Accepting(env, raw, 3_600_000, self.engine, True)]) == [1]
         await self.client.redis.zrem(self.client.keys.delayed("contract"), raw)
         return raw

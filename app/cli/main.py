@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from app.cli import dashboard, dev, jobs, loadtest, monitor, worker
+from app.cli import dashboard, dev, jobs, loadtest, monitor, schedules, worker
 from app.cli.common import fail
 from app.cli.queues import queues
 from app.core.errors import AppError
@@ -38,6 +38,8 @@ cli.command()(monitor.events)
 cli.command()(monitor.health)
 cli.command()(dev.dev)
 cli.command()(loadtest.loadtest)
+cli.add_typer(schedules.app, name="schedules")
+cli.command()(schedules.scheduler)
 cli.command()(dashboard.dashboard)
 
 

@@ -27,6 +27,7 @@ def worker(
     group: Annotated[str | None, typer.Option(help="Worker group to join (WORKER_GROUP): jobs that target it "
                                               "run only here.")] = None,
     reload: Annotated[bool, typer.Option(help="Restart when code changes (development).")] = False,
+    scheduler: Annotated[bool, typer.Option("--scheduler", help="Also run the schedules (see `app schedules`).")] = False,
 ) -> None:
     """Serve one queue: PROCESSES x THREADS concurrent jobs on the queue's engine."""
     detach_if_asked()  # under `--reload`: out of the terminal's process group, like supervised children
@@ -45,6 +46,10 @@ def worker(
         except AppError as exc:
             fail(str(exc))
     effective = resolve(spec, cfg, backend=backend, processes=processes, threads=threads, group=group)
+    if scheduler:
+        from app.components.scheduler import collect
+
+        collect(registry, cfg.worker_schedules_file)  # a bad schedule: one line now, not in the worker
     setup_logging()
     if reload:
         from app.components.worker.reload import run_with_reload
@@ -54,7 +59,8 @@ def worker(
     from app.components.worker.process import WorkerOptions, run
 
     options = WorkerOptions(queue=spec.name, backend=effective.engine, threads=effective.threads,
-                            worker_id=worker_id or cfg.worker_id, labels=labels, group=effective.group)
+                            worker_id=worker_id or cfg.worker_id, labels=labels, group=effective.group,
+                            scheduler=scheduler)
     if effective.processes == 1:
         run(cfg, registry, options)
     else:

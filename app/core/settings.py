@@ -71,6 +71,13 @@ class Settings(BaseSettings):
     worker_delay_poll_seconds: float = Field(default=1.0, gt=0)
     worker_idle_poll_ms: float | None = Field(default=None, gt=0)
 
+    # Schedules (app/components/scheduler): the operators' YAML file, the scheduler's longest
+    # sleep between passes, and how long a claimed tick waits for its enqueue before another
+    # scheduler takes it over.
+    worker_schedules_file: str | None = None
+    worker_scheduler_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    worker_scheduler_lease_seconds: float = Field(default=30.0, gt=0)
+
     # Dashboard (`app dashboard`): actions need `Authorization: Bearer <token>`; unset, it is read-only.
     dashboard_token: SecretStr | None = None
 

@@ -1,5 +1,6 @@
 """The worker layer. Application code imports from here, never from an engine."""
 
+from app.components.scheduler.schedule import Schedule
 from app.components.worker.api import (
     Job,
     JobRequest,
@@ -29,6 +30,6 @@ from app.core.errors import (
 __all__ = [
     "AppError", "DuplicateJob", "EngineMismatch", "InvalidOption", "Job", "JobContext", "JobFailed", "JobNotFound",
     "JobRequest", "Middleware", "PayloadError", "PermanentError", "RedisUnavailable", "ResultTimeout", "Retry",
-    "SkipJob", "SyncJob", "SyncWorkerClient", "UnknownQueue", "UnknownTask", "WorkerClient", "WorkerContext",
+    "Schedule", "SkipJob", "SyncJob", "SyncWorkerClient", "UnknownQueue", "UnknownTask", "WorkerClient", "WorkerContext",
     "current_job", "enqueue", "enqueue_sync", "task",
 ]

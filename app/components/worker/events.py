@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 FIELDS = ("type", "ts", "queue", "backend", "job_id", "task", "attempt", "worker_id", "duration_ms", "error")
 TYPES = ("worker.started", "worker.stopped", "job.enqueued", "job.started", "job.completed",
-         "job.retried", "job.failed")
+         "job.retried", "job.failed",
+         "schedule.fired", "schedule.skipped", "schedule.missed")  # written by app/components/scheduler/lua/claim.lua
 # Written only by the script that changes the job's state (see the module docstring).
 JOB_STATE_TYPES = frozenset({"job.started", "job.completed", "job.retried", "job.failed"})
 

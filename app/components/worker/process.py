@@ -46,6 +46,7 @@ class WorkerOptions:
     worker_id: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     group: str | None = None
+    scheduler: bool = False  # also run the schedules (app.components.scheduler) in this process
 
 
 async def _call_hook(hook: Any, ctx: WorkerContext) -> None:
@@ -108,6 +109,12 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
     mover.start()
     admitter.start()
     reaper.start()
+    scheduler = None
+    if options.scheduler:
+        from app.components.scheduler import Scheduler, collect
+
+        scheduler = Scheduler(settings, collect(registry, settings.worker_schedules_file))
+        scheduler.start()
     logger.info("worker %s serving queue %s on %s with %d slots (pid %d)",
                 worker_id, spec.name, config.engine, config.threads, os.getpid())
     try:
@@ -115,6 +122,8 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
     finally:
         logger.info("worker %s stopping: finishing running jobs (grace %gs)", worker_id, settings.worker_shutdown_timeout)
         runtime.stopping = True
+        if scheduler is not None:
+            await _step("stop the scheduler", scheduler.stop())
         # Each step on its own: one Redis call that fails (a connection left dead by a
         # partition) must not skip the drain, the hand-backs or the last heartbeat.
         await _step("stop crash recovery", reaper.stop())

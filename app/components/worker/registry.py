@@ -42,7 +42,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 SETTINGS_ATTRIBUTES = (
     "functions", "queue_name", "max_jobs", "job_timeout", "max_tries", "keep_result", "backend",
     "on_startup", "on_shutdown", "middleware",
-    "max_concurrency", "worker_group", "worker_selector", "fallback",
+    "max_concurrency", "worker_group", "worker_selector", "fallback", "schedules",
 )
 _NUMBERS = {"max_jobs": (int, 1), "job_timeout": ((int, float), 0), "max_tries": (int, 1), "keep_result": (int, 1)}
 
@@ -104,6 +104,7 @@ class QueueSpec:
         (``WORKER_MAX_CONCURRENCY_<QUEUE>`` can make it routed from the environment too)."""
         return (self.max_concurrency is not None or self.worker_group is not None
                 or self.worker_selector is not None or any(t.routed for t in self.tasks.values()))
+    schedules: list[Any] = field(default_factory=list)  # Schedule(...) items, read by app.components.scheduler
 
 
 def _context_param(func: Callable[..., Any]) -> str | None:
@@ -175,6 +176,7 @@ def _queue_from_module(module: Any) -> QueueSpec | None:
         on_shutdown=getattr(ws, "on_shutdown", None),
         middleware=as_instances(list(getattr(ws, "middleware", []) or [])),
         **_queue_routing(module.__name__, ws),
+        schedules=getattr(ws, "schedules", None) or [],
     )
 
 

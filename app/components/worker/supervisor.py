@@ -59,6 +59,8 @@ def child_argv(options: WorkerOptions, index: int) -> list[str]:
         argv += ["--label", f"{key}={value}"]
     if options.group:
         argv += ["--group", options.group]
+    if options.scheduler and index == 1:  # one scheduler per supervisor is enough (any number would be safe)
+        argv.append("--scheduler")
     return argv
 
 
