@@ -269,6 +269,9 @@ async def job(client: Any, job_id: str) -> dict[str, Any] | None:
         "error_type": source.get("error_type"), "error": source.get("error"),
         "waiting": status in ("queued", "delayed"),
     }
+    started, finished = out["started_at"], out["finished_at"]
+    out["waited_ms"] = started - enqueued if started and enqueued else None  # before its last attempt
+    out["ran_ms"] = finished - started if finished and started else None  # its last attempt
     out["events"], out["events_partial"] = await _trail(client, job_id, out)
     return out
 
