@@ -53,7 +53,7 @@ def page(browser: Any) -> Any:
 
 def shot(tab: Any, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
-    tab.screenshot(path=str(SHOTS / f"{name}.png"))
+    tab.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
 def waiting(make_settings: Any) -> None:
