@@ -212,14 +212,14 @@ async def test_stopped_instance_holding_a_job_is_recovered_and_reaping_drops_no_
         forget = client.redis.register_script(scripts.source("forget"))
         await client.redis.zadd(keys.instances, {"contract|late~1": 0})
         await client.redis.sadd(keys.held("late~1"), "claimed-meanwhile")
-        assert await forget(keys=[keys.instances, keys.held("late~1")], args=["contract|late~1", 1500]) == 0
+        assert await forget(keys=[keys.instances, keys.held("late~1"), keys.members("contract")], args=["contract|late~1", 1500, "late~1"]) == 0
         assert await client.redis.smembers(keys.held("late~1")) == {b"claimed-meanwhile"}
         await client.redis.srem(keys.held("late~1"), "claimed-meanwhile")
         seconds, micros = await client.redis.time()
         await client.redis.zadd(keys.instances, {"contract|late~1": seconds * 1000 + micros // 1000})
-        assert await forget(keys=[keys.instances, keys.held("late~1")], args=["contract|late~1", 1500]) == -1
+        assert await forget(keys=[keys.instances, keys.held("late~1"), keys.members("contract")], args=["contract|late~1", 1500, "late~1"]) == -1
         await client.redis.zadd(keys.instances, {"contract|late~1": 0})
-        assert await forget(keys=[keys.instances, keys.held("late~1")], args=["contract|late~1", 1500]) == 1
+        assert await forget(keys=[keys.instances, keys.held("late~1"), keys.members("contract")], args=["contract|late~1", 1500, "late~1"]) == 1
     finally:
         conn.close()
         await client.close()

@@ -90,6 +90,7 @@ class ProducerQueue:
     config: QueueConfig
     chain: MiddlewareChain
     prefix: str  # '<prefix>:{<queue>}:', the queue's own keys (routing, dead letters)
+    explicit_engine: str | None  # the engine someone chose (flag, env, WorkerSettings), read once
 
     def route(self, task: TaskSpec, priority: str | None, group: str | None,
               selector: Mapping[str, str] | None, fallback: str | None) -> Route:
@@ -138,14 +139,15 @@ class WorkerClient:
             spec = self.registry.queue(name)
             found = self._queues[name] = ProducerQueue(
                 spec, queue_config.resolve(spec, self.settings),
-                MiddlewareChain([*self._global_middleware, *spec.middleware]), self.keys.of_queue(name, ""))
+                MiddlewareChain([*self._global_middleware, *spec.middleware]), self.keys.of_queue(name, ""),
+                queue_config.explicit_engine_for(spec, self.settings))
         return found
 
     def engine_of(self, queue: str) -> str:
         """The explicit engine (flag, WORKER_BACKEND*, WorkerSettings.backend), else the one the
         queue's live workers announced at the last ``_check_engine``, else the default."""
-        explicit = queue_config.explicit_engine_for(self.queue(queue).spec, self.settings)
-        return queue_config.choose_engine(explicit, self._live.get(queue, {}), self.settings.worker_backend)
+        return queue_config.choose_engine(self.queue(queue).explicit_engine, self._live.get(queue, {}),
+                                          self.settings.worker_backend)
 
     def _chain(self, queue: str) -> MiddlewareChain:
         """Producer-side hooks (before/after enqueue): global middleware, then the queue's."""
