@@ -195,6 +195,8 @@ def test_actions_need_the_token(env: dict[str, str], start_worker: Any) -> None:
     with dashboard(env, token=None) as board:
         read_only = httpx.post(f"{board.url}/api/queues/contract/pause", headers=AUTH)
         assert read_only.status_code == 403 and "read-only" in read_only.json()["detail"]
+        page = httpx.get(f"{board.url}/").text
+        assert "read-only" in page and "data-post" not in page  # no action buttons
 
 
 def test_pages_and_static_files_are_served_from_the_package(env: dict[str, str]) -> None:
