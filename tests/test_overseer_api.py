@@ -291,6 +291,8 @@ def test_dead_letters_listed_retried_and_purged(env: dict[str, str], start_worke
         dead = get(board.url, "/api/dead", queue="contract")
         assert dead["total"] == 2 and dead["actions"] is True
         assert {(d["job_id"], d["error"]) for d in dead["jobs"]} == {(ids[0], "dead 0"), (ids[1], "dead 1")}
+        assert get(board.url, f"/api/jobs/{ids[0]}")["dead"] is True
+        assert get(board.url, "/api/dead", queue="contract", limit=1, offset=1)["jobs"] == dead["jobs"][1:]
         assert httpx.post(f"{board.url}/api/dead/retry", params={"queue": "contract"}).status_code == 401
         retried = httpx.post(f"{board.url}/api/dead/retry", params={"queue": "contract"}, headers=AUTH)
         assert retried.status_code == 200 and retried.json()["retried"] == 2

@@ -269,6 +269,8 @@ async def job(client: Any, job_id: str) -> dict[str, Any] | None:
         "error_type": source.get("error_type"), "error": source.get("error"),
         "waiting": status in ("queued", "delayed"),
     }
+    out["dead"] = bool(status == "failed" and out["queue"]
+                       and await client.redis.zscore(client.keys.dead(out["queue"]), job_id) is not None)
     started, finished = out["started_at"], out["finished_at"]
     out["waited_ms"] = started - enqueued if started and enqueued else None  # before its last attempt
     out["ran_ms"] = finished - started if finished and started else None  # its last attempt
