@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -304,3 +305,42 @@ def test_dead_letters_listed_retried_and_purged(env: dict[str, str], start_worke
         assert get(board.url, "/api/dead")["total"] == 0
         samples = metrics(board.url)
         assert value(samples, "app_queue_jobs", queue="contract", state="dead") == 0
+
+
+@pytest.mark.parametrize("token", ["", TOKEN], ids=["no-token", "token"])
+def test_compose_dashboard_service_runs(token: str, redis_url: str, prefix: str, tmp_path: Any) -> None:
+    """The `dashboard` service's command, environment and healthcheck, on the test Redis (on a
+    free port instead of 8000): refused without DASHBOARD_TOKEN, healthy with it."""
+    from tests.overseer_support import free_port
+    from tests.test_deploy import resolved_compose
+
+    svc = resolved_compose(tmp_path, DASHBOARD_TOKEN=token)["services"]["dashboard"]
+    assert svc["profiles"] == ["dashboard"]
+    assert any(str(p.get("host_ip") if isinstance(p, dict) else p).startswith("127.0.0.1") for p in svc["ports"])
+    port = str(free_port())
+    command = [port if part == "8000" else part for part in svc["command"]]
+    health = [part.replace(":8000/", f":{port}/") for part in svc["healthcheck"]["test"]]
+    assert command[:3] == ["dashboard", "--host", "0.0.0.0"] and health[0] == "CMD"
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("WORKER_", "REDIS_", "DASHBOARD_"))}
+    env.update({k: "" if v is None else str(v) for k, v in svc["environment"].items()})
+    env.update({"REDIS_URL": redis_url, "WORKER_KEY_PREFIX": prefix, "PYTHONPATH": str(ROOT)})
+    workdir = tmp_path / "workdir"  # no .env here
+    workdir.mkdir()
+    board = subprocess.Popen([sys.executable, "-m", "app", *command], env=env, cwd=workdir,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if not token:
+            _, err = board.communicate(timeout=30)
+            assert board.returncode == 2 and "without DASHBOARD_TOKEN" in err
+            return
+        check = [sys.executable if health[1] == "python" else health[1], *health[2:]]
+
+        def healthy() -> bool:
+            assert board.poll() is None, board.communicate()[1]
+            return subprocess.run(check, env=env, capture_output=True, timeout=10).returncode == 0
+
+        wait_until(healthy, 30, interval=0.1, what="the dashboard service's healthcheck")
+    finally:
+        if board.poll() is None:
+            board.terminate()
+            board.communicate(timeout=10)
