@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response, StreamingResponse
 
-from app.components.overseer import actions, data, prom
+from app.components.overseer import actions, history, overview, prom
 from app.components.overseer.state import Overseer
 from app.components.overseer.stream import feed, valid_id
 from app.components.worker.validation import validate_job_id
@@ -34,33 +34,33 @@ def add_api(router: APIRouter, overseer: Overseer) -> None:
     @router.get(f"{p}/api/queues")
     async def get_queues() -> list[dict[str, Any]]:
         await overseer.fold()
-        return await data.queues(overseer.client, overseer.adapters)
+        return await overview.queues(overseer.client, overseer.adapters)
 
     @router.get(f"{p}/api/workers")
     async def get_workers(queue: str | None = None) -> list[dict[str, Any]]:
-        return await data.workers(overseer.client, queue)
+        return await overview.workers(overseer.client, queue)
 
     @router.get(f"{p}/api/jobs")
     async def get_jobs(queue: str | None = None, task: str | None = None, status: str | None = None,
                        limit: int = 50) -> list[dict[str, Any]]:
-        return await data.recent_jobs(overseer.client, queue or None, task or None, status or None,
+        return await history.recent_jobs(overseer.client, queue or None, task or None, status or None,
                                       max(1, min(limit, 500)))
 
     @router.get(f"{p}/api/jobs/{{job_id}}")
     async def get_job(job_id: str) -> dict[str, Any]:
-        found = await data.job(overseer.client, _job_id(job_id))
+        found = await history.job(overseer.client, _job_id(job_id))
         if found is None:
             raise HTTPException(404, f"no job {job_id!r}: unknown id, or its record expired")
         return found
 
     @router.get(f"{p}/api/dead")
     async def get_dead(queue: str | None = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
-        return await data.dead_letters(overseer.client, queue or None, max(1, min(limit, 500)), max(0, offset))
+        return await history.dead_letters(overseer.client, queue or None, max(1, min(limit, 500)), max(0, offset))
 
     @router.get(f"{p}/api/events")
     async def get_events(after: str | None = None, queue: str | None = None, type: str | None = None,
                          task: str | None = None, job: str | None = None, limit: int = 100) -> list[dict[str, str]]:
-        return await data.events_after(overseer.client, valid_id(after), max(1, min(limit, 1000)),
+        return await history.events_after(overseer.client, valid_id(after), max(1, min(limit, 1000)),
                                        queue=queue or None, type_=type or None, task=task or None, job=job or None)
 
     @router.get(f"{p}/api/events/stream")

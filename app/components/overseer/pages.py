@@ -17,7 +17,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from app.components.overseer import data
+from app.components.overseer import history, overview
 from app.components.overseer.state import Overseer
 from app.components.worker.events import TYPES
 
@@ -66,19 +66,19 @@ def add_pages(router: APIRouter, overseer: Overseer) -> None:
             "base": p, "page": page, "read_only": overseer.token is None, **context})
 
     @router.get(f"{p}/", response_class=HTMLResponse)
-    async def overview(request: Request, partial: str | None = None) -> HTMLResponse:
+    async def overview_page(request: Request, partial: str | None = None) -> HTMLResponse:
         await overseer.fold()
-        return render(request, "overview", partial, queues=await data.queues(overseer.client, overseer.adapters))
+        return render(request, "overview", partial, queues=await overview.queues(overseer.client, overseer.adapters))
 
     @router.get(f"{p}/workers", response_class=HTMLResponse)
-    async def workers(request: Request, partial: str | None = None, queue: str | None = None) -> HTMLResponse:
-        return render(request, "workers", partial, workers=await data.workers(overseer.client, queue or None),
+    async def workers_page(request: Request, partial: str | None = None, queue: str | None = None) -> HTMLResponse:
+        return render(request, "workers", partial, workers=await overview.workers(overseer.client, queue or None),
                       thresholds=overseer.settings)
 
     @router.get(f"{p}/events", response_class=HTMLResponse)
-    async def events(request: Request, queue: str = "", type: str = "", task: str = "", job: str = "") -> HTMLResponse:
+    async def events_page(request: Request, queue: str = "", type: str = "", task: str = "", job: str = "") -> HTMLResponse:
         filters = {"queue": queue, "type": type, "task": task, "job": job}
-        rows = await data.events_after(overseer.client, None, 100, queue=queue or None, type_=type or None,
+        rows = await history.events_after(overseer.client, None, 100, queue=queue or None, type_=type or None,
                                        task=task or None, job=job or None)
         newest = await overseer.client.redis.xrevrange(overseer.client.keys.events, count=1)
         last = newest[0][0].decode() if newest else "0-0"
@@ -86,25 +86,25 @@ def add_pages(router: APIRouter, overseer: Overseer) -> None:
                       queues=sorted(overseer.client.registry.queues))
 
     @router.get(f"{p}/jobs", response_class=HTMLResponse, response_model=None)
-    async def jobs(request: Request, id: str = "", queue: str = "", task: str = "", status: str = "",
+    async def jobs_page(request: Request, id: str = "", queue: str = "", task: str = "", status: str = "",
                    partial: str | None = None) -> Response:
         if id.strip():
             return RedirectResponse(f"{p}/jobs/{id.strip()}", status_code=303)
-        rows = await data.recent_jobs(overseer.client, queue or None, task or None, status or None, 100)
+        rows = await history.recent_jobs(overseer.client, queue or None, task or None, status or None, 100)
         return render(request, "jobs", partial, jobs=rows, filters={"queue": queue, "task": task, "status": status},
                       queues=sorted(overseer.client.registry.queues))
 
     @router.get(f"{p}/jobs/{{job_id}}", response_class=HTMLResponse)
-    async def job(request: Request, job_id: str, partial: str | None = None) -> HTMLResponse:
-        found = await data.job(overseer.client, job_id)
+    async def job_page(request: Request, job_id: str, partial: str | None = None) -> HTMLResponse:
+        found = await history.job(overseer.client, job_id)
         response = render(request, "job", partial, job=found, job_id=job_id)
         if found is None:
             response.status_code = 404
         return response
 
     @router.get(f"{p}/dead", response_class=HTMLResponse)
-    async def dead(request: Request, queue: str = "", partial: str | None = None, offset: int = 0) -> HTMLResponse:
-        letters = await data.dead_letters(overseer.client, queue or None, 50, max(0, offset))
+    async def dead_page(request: Request, queue: str = "", partial: str | None = None, offset: int = 0) -> HTMLResponse:
+        letters = await history.dead_letters(overseer.client, queue or None, 50, max(0, offset))
         return render(request, "dead", partial, dead=letters, queue=queue, offset=max(0, offset),
                       queues=sorted(overseer.client.registry.queues))
 

@@ -15,7 +15,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from app.components.overseer import data
+from app.components.overseer import overview
 from app.components.overseer.counters import BUCKETS_S, Counters, read_counters
 
 STATES = ("healthy", "warning", "unhealthy", "offline", "stopped")
@@ -85,7 +85,7 @@ def build(queues: list[dict[str, Any]], workers: list[dict[str, Any]], counters:
 async def exposition(overseer: Any) -> bytes:
     client = overseer.client
     await overseer.fold()
-    metrics = build(await data.queues(client, overseer.adapters), await data.workers(client), await read_counters(client.redis, client.keys))
+    metrics = build(await overview.queues(client, overseer.adapters), await overview.workers(client), await read_counters(client.redis, client.keys))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Snapshot(metrics))
     return generate_latest(registry)

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from app.components.overseer.data import matches
+from app.components.overseer.history import matches
 
 BLOCK_MS = 1000
 KEEPALIVE_S = 15.0
