@@ -108,6 +108,11 @@ def test_live_feed_shows_a_job_start_then_complete_without_reload(
             expect(page.locator('#queues tr[data-queue="contract"] .engine')).to_have_text(engine)
             expect(page.locator('#queues tr[data-queue="load_test"] .paused-state')).to_have_text("paused")
             shot(page, "overview")
+            page.fill("#token", TOKEN)  # resume it from the page
+            page.click("#token-form button")
+            page.locator('#queues tr[data-queue="load_test"] button').click()
+            expect(page.locator("#notice")).to_contain_text("paused false")
+            expect(page.locator('#queues tr[data-queue="load_test"] .paused-state')).to_have_text("running")
             page.goto(f"{board.url}/jobs?queue=contract")
             expect(page.locator(f'#jobs tr[data-job="{job_id}"] .status')).to_have_text("completed")
             shot(page, "jobs")
