@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from app.components.overseer.counters import empty_minutes, per_minute
-from app.components.overseer.history import _decode
+from app.components.overseer.history import _raw
 from app.components.worker import config as queue_config
 from app.components.worker.engine_switch import live_engine_beats, waiting_in
 from app.components.worker.engines import engine_class
@@ -35,10 +35,10 @@ async def run_times(client: Any) -> dict[str, dict[str, float | None]]:
     entries = await client.redis.xrevrange(client.keys.events, count=PERCENTILE_SAMPLE)
     values: dict[str, list[float]] = {}
     for _, fields in entries:
-        event = _decode(fields)
-        if event.get("type") in ("job.completed", "job.failed", "job.retried") and event.get("duration_ms"):
+        duration = _raw(fields, "duration_ms")
+        if duration and _raw(fields, "type") in ("job.completed", "job.failed", "job.retried"):
             try:
-                values.setdefault(event.get("queue", ""), []).append(float(event["duration_ms"]))
+                values.setdefault(_raw(fields, "queue"), []).append(float(duration))
             except ValueError:
                 continue
     return {q: {"p50_ms": _percentile(v, 0.5), "p95_ms": _percentile(v, 0.95), "sample": len(v)}
