@@ -8,12 +8,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 
 from tests.conftest import ROOT, wait_until
 
 TOKEN = "test-token-0123"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def free_port() -> int:
@@ -66,3 +68,15 @@ def dashboard(env: dict[str, str], **kwargs: object) -> Iterator[Dashboard]:
         yield board
     finally:
         board.stop()
+
+
+def enqueue(env: dict[str, str], task: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "app", "enqueue", task, "--queue", "contract", *args],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def finished(url: str, job_id: str) -> dict[str, Any] | None:
+    job = httpx.get(f"{url}/api/jobs/{job_id}", timeout=10).json()
+    return job if job.get("status") in ("completed", "failed", "cancelled") else None

@@ -15,9 +15,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ROOT, wait_until
-from tests.overseer_support import TOKEN, Dashboard, dashboard
-
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+from tests.overseer_support import AUTH, TOKEN, Dashboard, dashboard, enqueue, finished
 
 
 def metrics(url: str) -> dict[str, list[Any]]:
@@ -35,22 +33,10 @@ def value(samples: dict[str, list[Any]], name: str, **labels: str) -> float:
     return sum(found)
 
 
-def enqueue(env: dict[str, str], task: str, *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "app", "enqueue", task, "--queue", "contract", *args],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip().splitlines()[-1]
-
-
 def get(url: str, path: str, **params: Any) -> Any:
     answer = httpx.get(f"{url}{path}", params=params, timeout=10)
     assert answer.status_code == 200, answer.text
     return answer.json()
-
-
-def finished(url: str, job_id: str) -> dict[str, Any] | None:
-    job = httpx.get(f"{url}/api/jobs/{job_id}", timeout=10).json()
-    return job if job.get("status") in ("completed", "failed", "cancelled") else None
 
 
 @pytest.mark.parametrize("engine", ["arq", "dramatiq", "taskiq"])

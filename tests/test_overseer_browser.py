@@ -17,8 +17,7 @@ import pytest
 import redis
 
 from tests.conftest import ROOT, wait_until
-from tests.overseer_support import TOKEN, Dashboard, dashboard
-from tests.test_overseer_api import AUTH, enqueue, finished
+from tests.overseer_support import AUTH, TOKEN, Dashboard, dashboard, enqueue, finished
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 SHOTS = ROOT / "docs" / "screenshots"
