@@ -116,6 +116,7 @@ async def test_fallback_fail_and_cancel_end_at_once(engine: str, client: WorkerC
     with pytest.raises(JobFailed) as error:
         await failed.result(TIMEOUT)
     assert error.value.error_type == "NoWorker" and "group 'nope'" in error.value.message
+    assert await client.redis.zscore(client.keys.dead("contract"), failed.job_id)  # a dead letter: `app dead retry`
     cancelled = await client.enqueue("add", 1, 1, _worker_selector={"gpu": "h100"}, _fallback="cancel")
     assert await cancelled.status() == "cancelled"
     waits = await client.enqueue("add", 1, 1, _worker_group="nope")  # wait: the default

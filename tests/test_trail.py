@@ -43,9 +43,10 @@ from tests.conftest import BASE_ENV, ROOT, WorkerProcess, wait_until
 
 ENGINES = ["arq", "dramatiq", "taskiq"]
 RESULT_TIMEOUT = 30
-WORKER_JSON_KEYS = {"worker_id", "queue", "engine", "state", "reason", "labels", "last_beat_age_s", "running", "done",
-                    "failed"}
-QUEUE_JSON_KEYS = {"queue", "engine", "ready", "delayed", "running", "failed", "per_minute", "workers"}
+WORKER_JSON_KEYS = {"worker_id", "queue", "engine", "group", "state", "reason", "labels", "last_beat_age_s", "running",
+                    "done", "failed"}
+QUEUE_JSON_KEYS = {"queue", "engine", "ready", "delayed", "running", "failed", "per_minute", "workers", "paused",
+                   "routed", "waiting_by_group", "max_concurrency", "leases"}
 
 
 def app(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from app.cli import dashboard, dev, jobs, loadtest, monitor, schedules, worker
+from app.cli import dashboard, dead, dev, jobs, loadtest, monitor, schedules, worker
 from app.cli.common import fail
 from app.cli.queues import queues
 from app.core.errors import AppError
@@ -40,6 +40,7 @@ cli.command()(dev.dev)
 cli.command()(loadtest.loadtest)
 cli.add_typer(schedules.app, name="schedules")
 cli.command()(schedules.scheduler)
+cli.add_typer(dead.app, name="dead")
 cli.command()(dashboard.dashboard)
 
 

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     worker_timeout_seconds: float | None = Field(default=None, gt=0)
     worker_max_tries: int | None = Field(default=None, ge=1)
     worker_keep_result_seconds: int | None = Field(default=None, ge=1)
+    # How long a job that ended failed stays in its queue's dead set (app dead), record and result with it.
+    worker_dead_ttl_seconds: int = Field(default=604_800, gt=0)
     worker_queue_type: str = "system"
     worker_retry_backoff_seconds: float = Field(default=1.0, ge=0)
     worker_retry_backoff_max_seconds: float = Field(default=300.0, ge=0)

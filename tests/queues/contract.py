@@ -43,6 +43,13 @@ async def always_fails_4() -> None:
     raise ValueError("four times")
 
 
+async def fails_until_file(path: str) -> str:
+    """Fails (retryably) until ``path`` exists: a job a test lets succeed on a later run."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path} does not exist yet")
+    return "recovered"
+
+
 async def permanent() -> None:
     raise PermanentError("cannot work, do not retry")
 
@@ -114,7 +121,7 @@ def kill_my_worker() -> None:
 class WorkerSettings:
     functions = [add, multiply, echo, whoami, whoami_sync, always_fails, always_fails_4, permanent, flaky,
                  slow_async, slow_sync, returns_unserialisable, started_at, touch, wait_for_file,
-                 kill_my_worker, chaos_job, cancels_itself]
+                 kill_my_worker, chaos_job, cancels_itself, fails_until_file]
     queue_name = "contract"
     max_jobs = 8
     job_timeout = 30

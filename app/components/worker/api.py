@@ -310,7 +310,8 @@ class WorkerClient:
                      self.keys.delayed(env.queue) if delay_ms else "",
                      self.keys.delayed_wake(env.queue) if delay_ms else "", int(engine_path and not job.chosen),
                      pq.prefix, int(env.routed), env.priority, env.group, env.selector, job.fallback, healthy_ms,
-                     max(pq.config.keep_result, 1), env.tags_text, len(commands)]
+                     max(pq.config.keep_result, 1), self.settings.worker_dead_ttl_seconds, env.tags_text,
+                     len(commands)]
             for words in commands:
                 args += [len(words), *words]
         args.append(len(batched))

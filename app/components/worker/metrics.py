@@ -1,6 +1,7 @@
 """Queue metrics: what waits and runs, read from the engine's own keys and the layer's.
 
-``ready`` and ``failed`` (dead) come from the engine's keys, ``delayed`` from the layer's
+``ready`` comes from the engine's keys, ``failed`` from the layer's dead set of the queue
+(``app dead``; plus any dead letter the engine holds itself), ``delayed`` from the layer's
 delayed set, ``per_minute`` from the event stream. ``running`` comes from the layer, not the
 engine: the engines cannot tell a running job from one a worker has only taken off the queue
 (Dramatiq prefetches ``2 x threads`` messages per consumer into its ``.msgs`` hash; TaskIQ's
@@ -103,7 +104,7 @@ async def queue_metrics(client: Any) -> list[dict[str, Any]]:
         ready = stats.ready + max(0, stats.running - running) + routed_waiting
         rows.append({
             "queue": name, "engine": cfg.engine, "ready": ready, "delayed": delayed,
-            "running": running, "failed": stats.dead, "per_minute": rate,
+            "running": running, "failed": stats.dead + await client.redis.zcard(keys.dead(name)), "per_minute": rate,
             "workers": sum(1 for w in workers if w["queue"] == name and w["state"] == "healthy"),
             "paused": routing["paused"], "routed": routing["routed"], "waiting_by_group": routing["waiting"],
             "max_concurrency": cfg.max_concurrency or None, "leases": routing["leases"],

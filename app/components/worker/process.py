@@ -81,7 +81,7 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
                            instance=f"{worker_id}~{uuid.uuid4().hex[:8]}")
     chain = MiddlewareChain([EventPublishMiddleware(publisher), *load_middleware(settings.middleware_paths),
                              *spec.middleware])
-    store = JobStore(redis, keys, settings.worker_events_maxlen)
+    store = JobStore(redis, keys, settings.worker_events_maxlen, settings.worker_dead_ttl_seconds)
     runtime = JobRuntime(spec, config, store, chain, worker, publisher)
     adapter = engine_class(config.engine)(settings, keys, config)
     labels = {**settings.labels, **options.labels}

@@ -12,7 +12,8 @@
 --   movers ('' when not delayed), batched (1: its message is among the queue's shared commands
 --   below), queue key prefix ('<prefix>:{<queue>}:'), routed (1: this job needs routing),
 --   priority, group, selector, fallback (wait|fail|cancel), healthy ms (a target worker counts
---   when it beat that recently), keep seconds (for a job ended by its fallback), tags ('k=v,...'),
+--   when it beat that recently), keep seconds (for a job ended by its fallback), dead ttl seconds
+--   (a job failed by its fallback is a dead letter: retried with `app dead retry`), tags ('k=v,...'),
 --   n = number of its own engine commands (run only if this job is accepted and not routed),
 --   then n times: k = word count and the k words of one Redis command (what the engine adapter's
 --   stage() queues for the message).
@@ -107,10 +108,11 @@ for _ = 1, tonumber(ARGV[5]) do
   local queue, engine, delay, delayed_key = ARGV[i + 4], ARGV[i + 5], tonumber(ARGV[i + 6]), ARGV[i + 7]
   local wake_key, batched, qp = ARGV[i + 8], ARGV[i + 9] == '1', ARGV[i + 10]
   local routed, priority, group, selector = ARGV[i + 11] == '1', ARGV[i + 12], ARGV[i + 13], ARGV[i + 14]
-  local fallback, healthy_ms, keep, tags = ARGV[i + 15], tonumber(ARGV[i + 16]), tonumber(ARGV[i + 17]), ARGV[i + 18]
-  local ncmds = tonumber(ARGV[i + 19])
+  local fallback, healthy_ms, keep, dead_ttl = ARGV[i + 15], tonumber(ARGV[i + 16]), tonumber(ARGV[i + 17]),
+    tonumber(ARGV[i + 18])
+  local tags, ncmds = ARGV[i + 19], tonumber(ARGV[i + 20])
   local job_key, result_key = ARGV[2] .. id, ARGV[3] .. id
-  i = i + 20
+  i = i + 21
   local cmds = {}
   for c = 1, ncmds do
     cmds[c], i = read_command(i)
@@ -138,7 +140,13 @@ for _ = 1, tonumber(ARGV[5]) do
       local target = "group '" .. group .. "'"
       if selector ~= '' then target = "labels " .. selector end
       local status_end, kind = 'failed', 'NoWorker'
-      if ended == 'cancel' then status_end, kind = 'cancelled', 'Cancelled' end
+      if ended == 'cancel' then
+        status_end, kind = 'cancelled', 'Cancelled'
+      else
+        keep = math.max(keep, dead_ttl)
+        redis.call('ZREMRANGEBYSCORE', qp .. 'dead', '-inf', now_n - dead_ttl * 1000)
+        redis.call('ZADD', qp .. 'dead', now_n, id)
+      end
       local reason = 'no healthy worker of ' .. target .. ' on queue ' .. queue .. ' (fallback=' .. ended .. ')'
       redis.call('HSET', job_key, 'status', status_end, 'attempt', 0, 'queue', queue, 'task', task,
         'envelope', envelope, 'enqueued_at', now, 'engine', engine, 'run', run, 'finished_at', now)

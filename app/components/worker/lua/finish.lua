@@ -1,13 +1,18 @@
 -- finish: end a running attempt with its result, terminal status and events, exactly once.
 -- KEYS[1] job hash   KEYS[2] result key   KEYS[3] held set of the owner instance   KEYS[4] events stream
--- KEYS[5] dead set of the queue   KEYS[6] leases hash of the queue   KEYS[7] wake-up list of its admitters
+-- KEYS[5] dead set of the queue (zset of job ids scored by finish time, ms)
+-- KEYS[6] leases hash of the queue   KEYS[7] wake-up list of its admitters
 -- ARGV[1] job id   ARGV[2] owner instance   ARGV[3] attempt   ARGV[4] status
 -- ARGV[5] result record: a JSON object, without finished_at (added here)   ARGV[6] keep seconds
--- ARGV[7] events maxlen   ARGV[8..] events (JSON objects of string fields)
+-- ARGV[7] events maxlen   ARGV[8] dead ttl seconds   ARGV[9..] events (JSON objects of string fields)
 -- finished_at and each event's ts are Redis's clock (TIME), comparable across hosts.
 -- Returns 1 when written, 0 when that attempt is no longer running there: a retry of a write
 -- whose reply was lost (a Redis restart), or a worker cut off while another one recovered the
 -- job, must not write a terminal event a second time. Refused events are written by no one.
+-- A job that ends 'failed' joins its queue's dead set in the same step, and its record and
+-- result then live as long as its entry (max of keep and the dead ttl), so `app dead` can
+-- show it and `app dead retry` re-enqueue its envelope; entries older than the ttl are
+-- trimmed here (lazily, one ZREMRANGEBYSCORE). Cancelled jobs are not dead.
 redis.call('SREM', KEYS[3], ARGV[1])
 local job = redis.call('HMGET', KEYS[1], 'status', 'owner', 'attempt')
 if job[1] ~= 'running' or job[2] ~= ARGV[2] or job[3] ~= ARGV[3] then
@@ -22,11 +27,17 @@ end
 local t = redis.call('TIME')
 local now = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 local keep = tonumber(ARGV[6])
+if ARGV[4] == 'failed' then
+  local ttl = tonumber(ARGV[8])
+  if ttl > keep then keep = ttl end
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. string.format('%.0f', tonumber(now) - ttl * 1000))
+  redis.call('ZADD', KEYS[5], now, ARGV[1])
+end
 local record = string.sub(ARGV[5], 1, -2) .. ',"finished_at":' .. now .. '}'
 redis.call('SET', KEYS[2], record, 'EX', keep)
 redis.call('HSET', KEYS[1], 'status', ARGV[4], 'finished_at', now)
 redis.call('EXPIRE', KEYS[1], keep)
-for i = 8, #ARGV do
+for i = 9, #ARGV do
   local fields = {}
   for name, value in pairs(cjson.decode(ARGV[i])) do
     if name == 'ts' then value = now end

@@ -70,9 +70,14 @@ class Admitter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"admitter-{self.queue}")
 
+    def free_slots(self) -> int:
+        """Idle slots of this process: a job started here counts from the moment its task is
+        created, before it runs its first step (and enters the runtime's in-flight set)."""
+        return self.config.threads - len(self.runtime.inflight | self._running.keys())
+
     async def admit_once(self) -> int:
         """One pass: take and start up to this process's idle slots; how many started."""
-        free = self.config.threads - self.runtime.running
+        free = self.free_slots()
         if free <= 0 or self.runtime.stopping:
             return 0
         worker = self.runtime.worker
@@ -130,7 +135,7 @@ class Admitter:
                     orphans = False
                 started = await self.admit_once()
                 backoff = 1.0
-                if started and self.config.threads - self.runtime.running > 0:
+                if started and self.free_slots() > 0:
                     continue  # more may be ready and there is room: at once
                 await self._sleep()
             except asyncio.CancelledError:

@@ -3,7 +3,8 @@
 The hash ``<prefix>:job:<id>`` holds status (queued, delayed, running, completed, failed,
 cancelled), the attempt count, the owner instance and the current envelope;
 ``<prefix>:result:<id>`` holds the JSON result once the job ends. Both expire
-``keep_result`` seconds after the end.
+``keep_result`` seconds after the end; a job that ends failed also joins its queue's dead set
+(``Keys.dead``) in the same script, and then both live as long as its entry (``dead_ttl``).
 
 Each state change is one Lua script (one round trip) that checks it still applies (a
 compare-and-set on status, owner and attempt) and carries the job's lifecycle events: an
@@ -28,13 +29,16 @@ from app.components.worker.runtime import scripts
 from app.components.worker.runtime.batch import ScriptBatcher
 
 Events = list[dict[str, str]]
+DEAD_TTL_S = 604_800  # WORKER_DEAD_TTL_SECONDS's default
 
 
 class JobStore:
-    def __init__(self, redis: aioredis.Redis, keys: Keys, events_maxlen: int = 100_000) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, events_maxlen: int = 100_000,
+                 dead_ttl: int = DEAD_TTL_S) -> None:
         self.redis = redis
         self.keys = keys
         self.events_maxlen = events_maxlen
+        self.dead_ttl = dead_ttl
         self._due = redis.register_script(scripts.source("due"))
         self._route = redis.register_script(scripts.source("route"))
         self._admit = redis.register_script(scripts.source("admit"))
@@ -68,9 +72,9 @@ class JobStore:
         False when that delivery is not the job's current one: nothing is written."""
         done = await self._batch.call(
             "reject",
-            [self.keys.job(job_id), self.keys.result(job_id), self.keys.events],
+            [self.keys.job(job_id), self.keys.result(job_id), self.keys.events, self.keys.dead(queue)],
             [job_id, "*" if run is None else run, try_, queue, task, engine, keep, self.events_maxlen,
-             json.dumps(record, default=str), *(json.dumps(e) for e in events)],
+             json.dumps(record, default=str), self.dead_ttl, *(json.dumps(e) for e in events)],
         )
         return bool(int(done))
 
@@ -79,14 +83,15 @@ class JobStore:
         events: Events,
     ) -> bool:
         """Write the result, the terminal status and the job's events together, once. The
-        script adds ``finished_at`` to ``record`` (Redis's clock)."""
+        script adds ``finished_at`` to ``record`` (Redis's clock). A ``failed`` job joins its
+        queue's dead set in the same script."""
         body = {k: v for k, v in record.items() if k != "finished_at"}
         done = await self._batch.call(
             "finish",
             [self.keys.job(env.id), self.keys.result(env.id), self.keys.held(owner), self.keys.events,
              self.keys.dead(env.queue), self.keys.leases(env.queue), self.keys.ready_wake(env.queue)],
             [env.id, owner, attempt, status, json.dumps(body, default=str), keep,
-             self.events_maxlen, *(json.dumps(e) for e in events)],
+             self.events_maxlen, self.dead_ttl, *(json.dumps(e) for e in events)],
         )
         return bool(int(done))
 
