@@ -77,10 +77,12 @@ async def queue_rows(client: Any, adapters: dict[tuple[str, str], Any], history:
         stats = await adapter.stats()
         running = running_jobs(live_workers, name)
         routing = await routing_state(client.redis, keys, name)
+        dead = int(await client.redis.zcard(keys.dead(name)))  # dead letters; "failed" adds the engine's own
         routed_waiting = sum(c["high"] + c["low"] for c in routing["waiting"].values())
         rows.append({
             "queue": name, "engine": engine, "ready": stats.ready + max(0, stats.running - running) + routed_waiting,
-            "delayed": int(await client.redis.zcard(keys.delayed(name))), "running": running, "failed": stats.dead,
+            "delayed": int(await client.redis.zcard(keys.delayed(name))), "running": running,
+            "failed": stats.dead + dead, "dead": dead,
             "per_minute": _last_minute(history.get(name, []), now),
             "workers": sum(1 for w in live_workers if w["queue"] == name and w["state"] == "healthy"),
             "paused": routing["paused"], "routed": routing["routed"], "waiting_by_group": routing["waiting"],
@@ -88,7 +90,7 @@ async def queue_rows(client: Any, adapters: dict[tuple[str, str], Any], history:
         })
     for name, broken in sorted(client.registry.broken.items()):
         rows.append({
-            "queue": name, "engine": None, "ready": None, "delayed": None, "running": None, "failed": None,
+            "queue": name, "engine": None, "ready": None, "delayed": None, "running": None, "failed": None, "dead": None,
             "per_minute": {"completed": 0, "failed": 0},
             "workers": sum(1 for w in live_workers if w["queue"] == name and w["state"] == "healthy"),
             "paused": False, "routed": False, "waiting_by_group": {}, "max_concurrency": None, "leases": 0,
@@ -105,7 +107,6 @@ async def queues(client: Any, adapters: dict[tuple[str, str], Any] | None = None
     times = await run_times(client)
     for row in rows:
         name = row["queue"]
-        row["dead"] = int(await client.redis.zcard(client.keys.dead(name)))
         row["run_time"] = times.get(name, {"p50_ms": None, "p95_ms": None, "sample": 0})
         row["history"] = history.get(name) or empty_minutes(now)
     return rows

@@ -33,16 +33,17 @@ class _Snapshot:
 
 
 def build(queues: list[dict[str, Any]], workers: list[dict[str, Any]], counters: Counters) -> list[Metric]:
-    depth = GaugeMetricFamily("app_queue_jobs", "Jobs of a queue by state (ready, delayed, running, failed in the "
-                              "engine, dead letters)", labels=["queue", "engine", "state"])
+    depth = GaugeMetricFamily("app_queue_jobs", "Jobs of a queue by state (ready, delayed, running, failed: kept "
+                              "by the engine, dead: dead letters)", labels=["queue", "engine", "state"])
     paused = GaugeMetricFamily("app_queue_paused", "1 while the queue is paused", labels=["queue"])
     waiting = GaugeMetricFamily("app_queue_waiting", "Routed jobs waiting for admission, by worker group (or label "
                                 "selector) and priority band", labels=["queue", "target", "priority"])
     for row in queues:
         if row.get("error"):
             continue
+        counts = {**row, "failed": (row.get("failed") or 0) - (row.get("dead") or 0)}  # disjoint states
         for state in DEPTHS:
-            depth.add_metric([row["queue"], row["engine"], state], float(row.get(state) or 0))
+            depth.add_metric([row["queue"], row["engine"], state], float(counts.get(state) or 0))
         paused.add_metric([row["queue"]], 1.0 if row.get("paused") else 0.0)
         for target, bands in sorted((row.get("waiting_by_group") or {}).items()):
             for band in ("high", "low"):
