@@ -157,10 +157,6 @@ def test_job_page_of_a_failed_job_shows_its_error(env: dict[str, str], start_wor
 def test_dead_job_is_retried_from_the_page_with_the_token_only(
     env: dict[str, str], start_worker: Any, page: Any
 ) -> None:
-    from app.components.overseer import optional
-
-    if optional.dead() is None:
-        pytest.skip("dead letters (app/components/worker/routing/dead.py) are not in this build yet")
     start_worker("contract", "arq")
     with dashboard(env) as board:
         job_id = enqueue(env, "always_fails", "--", "message=dead on arrival")

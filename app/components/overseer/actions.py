@@ -12,9 +12,10 @@ from typing import Any
 
 from fastapi import HTTPException, Request
 
-from app.components.overseer import optional
 from app.components.overseer.state import Overseer
 from app.components.worker.dequeue import cancel_waiting
+from app.components.worker.routing import dead
+from app.components.worker.routing import pause as pausing
 from app.core.errors import AppError
 
 
@@ -34,25 +35,17 @@ def _known_queue(client: Any, queue: str) -> None:
         raise HTTPException(404, f"unknown queue {queue!r}: known queues are {known}")
 
 
-def _needs(module: Any, what: str, name: str) -> Any:
-    if module is None:
-        raise HTTPException(501, f"{what} is not available in this build (app/components/worker/routing/{name}.py)")
-    return module
-
-
 async def pause(client: Any, queue: str, paused: bool) -> dict[str, Any]:
     _known_queue(client, queue)
-    module = _needs(optional.pause(), "pausing a queue", "pause")
-    await (module.pause if paused else module.resume)(client.redis, client.keys, queue)
+    await (pausing.pause if paused else pausing.resume)(client.redis, client.keys, queue)
     return {"queue": queue, "paused": paused}
 
 
 async def retry_dead(client: Any, job_id: str) -> dict[str, Any]:
     """Enqueue a dead job again under its id (``routing.dead.retry_dead``)."""
-    module = _needs(optional.dead(), "retrying a dead job", "dead")
     try:
-        await module.retry_dead(client, job_id)
-    except module.NotDead as exc:
+        await dead.retry_dead(client, job_id)
+    except dead.NotDead as exc:
         raise HTTPException(404, str(exc)) from None
     except AppError as exc:
         raise HTTPException(409, str(exc)) from None
@@ -60,19 +53,17 @@ async def retry_dead(client: Any, job_id: str) -> dict[str, Any]:
 
 
 async def retry_all(client: Any, queue: str | None) -> dict[str, Any]:
-    module = _needs(optional.dead(), "retrying dead jobs", "dead")
     if queue is not None:
         _known_queue(client, queue)
-    return {"queue": queue or "every queue", "retried": int(await module.retry_all(client, queue))}
+    return {"queue": queue or "every queue", "retried": int(await dead.retry_all(client, queue))}
 
 
 async def purge_dead(client: Any, queue: str | None) -> dict[str, Any]:
-    module = _needs(optional.dead(), "purging dead jobs", "dead")
     if queue is not None:
         _known_queue(client, queue)
-        count = await module.purge_dead(client.redis, client.keys, queue)
+        count = await dead.purge_dead(client.redis, client.keys, queue)
     else:
-        count = await module.purge_dead(client.redis, client.keys, queues=sorted(client.registry.queues))
+        count = await dead.purge_dead(client.redis, client.keys, queues=sorted(client.registry.queues))
     return {"queue": queue or "every queue", "purged": int(count)}
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from app.components.overseer import optional
 from app.components.worker.events import _decode
+from app.components.worker.routing import dead
 
 HISTORY_SAMPLE = 5000  # newest events read, at most, for "recent jobs"
 HISTORY_PAGE = 500
@@ -218,29 +218,12 @@ async def _trail(client: Any, job_id: str, record: dict[str, Any]) -> tuple[list
 
 
 async def dead_letters(client: Any, queue: str | None = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
-    """Dead jobs (failed after their last attempt), newest first, with their error: through
-    ``routing.dead`` when this build has it, else read from the dead sets directly."""
+    """Dead jobs (failed after their last attempt), most recent failure first, with their error
+    (``routing.dead``: expired entries are trimmed first)."""
     names = [queue] if queue else sorted(client.registry.queues)
-    module = optional.dead()
-    if module is not None:
-        ttl = getattr(client.settings, "worker_dead_ttl_seconds", None)
-        rows = await module.list_dead(client.redis, client.keys, names, limit, offset, ttl=ttl)
-        counts = {q: int(await module.count_dead(client.redis, client.keys, [q])) for q in names}
-        for row in rows:
-            row.setdefault("failed_at", row.get("finished_at"))
-        return {"total": sum(counts.values()), "by_queue": counts, "jobs": rows, "actions": True}
-    counts = {q: int(await client.redis.zcard(client.keys.dead(q))) for q in names}
-    merged: list[tuple[float, str, str]] = []
-    for q in names:  # the newest offset+limit of each queue cover the merged page
-        members = await client.redis.zrevrange(client.keys.dead(q), 0, offset + limit - 1, withscores=True)
-        merged.extend((float(score), _text(member), q) for member, score in members)
-    merged.sort(reverse=True)
-    out = []
-    for score, jid, q in merged[offset:offset + limit]:
-        result_raw = await client.redis.get(client.keys.result(jid))
-        record = json.loads(result_raw) if result_raw else {}
-        task = record.get("task") or _text(await client.redis.hget(client.keys.job(jid), "task") or b"")
-        out.append({"job_id": jid, "queue": q, "task": task, "failed_at": int(score),
-                    "attempts": record.get("attempts"), "error_type": record.get("error_type"),
-                    "error": record.get("error")})
-    return {"total": sum(counts.values()), "by_queue": counts, "jobs": out, "actions": False}
+    ttl = client.settings.worker_dead_ttl_seconds
+    rows = await dead.list_dead(client.redis, client.keys, names, limit, offset, ttl=ttl)
+    counts = {q: int(await dead.count_dead(client.redis, client.keys, [q])) for q in names}
+    for row in rows:
+        row.setdefault("failed_at", row.get("finished_at"))
+    return {"total": sum(counts.values()), "by_queue": counts, "jobs": rows}
