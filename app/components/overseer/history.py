@@ -18,6 +18,7 @@ HISTORY_SAMPLE = 5000  # newest events read, at most, for "recent jobs"
 HISTORY_PAGE = 500
 TRAIL_PAGE = 10_000
 TRAIL_PAGES = 5
+SLACK_MS = 1000
 STATUS_OF_EVENT = {"job.enqueued": "queued", "job.started": "running", "job.completed": "completed",
                    "job.retried": "delayed", "job.failed": "failed"}
 
@@ -186,34 +187,43 @@ async def _trail(client: Any, job_id: str, record: dict[str, Any]) -> tuple[list
     """The job's events. Stream ids are Redis ms, and the job record holds Redis times, so the
     trail is the range from its enqueue to its end (or to its enqueue alone while it has
     never started), read a page at a time up to a bound; past the bound, the entries at its
-    last start and its end are read directly. True when the trail may miss some events."""
+    last start and its end are read directly. True when the trail may miss some events.
+
+    An entry's id can be a little later than the time its script wrote in the record (Redis
+    6.2 stamps XADD with the clock of the moment, and never below the stream's last id), so
+    each bound gets ``SLACK_MS`` and the read stops at the job's terminal event."""
     since, started, ended = record["enqueued_at"], record["started_at"], record["finished_at"]
     if since is None:
         return [], True
     if ended is not None:
-        upper = str(ended)
+        upper = str(ended + SLACK_MS)
     elif record["status"] in ("queued", "delayed") and not record["attempts"]:
-        upper = str(since)
+        upper = str(since + SLACK_MS)
     else:
         upper = "+"
     found: dict[str, dict[str, str]] = {}
-    lower, partial = f"{since}-0", True
-    for _ in range(TRAIL_PAGES):
-        entries = await client.redis.xrange(client.keys.events, min=lower, max=upper, count=TRAIL_PAGE)
+
+    def take(entries: list[Any]) -> bool:
+        """Keep the job's entries; True once its terminal event is in."""
         for entry_id, fields in entries:
             if _raw(fields, "job_id") == job_id:
                 event = _event(entry_id, fields)
                 found[event["id"]] = event
-        if len(entries) < TRAIL_PAGE:
+                if event["type"] in ("job.completed", "job.failed"):
+                    return True
+        return False
+
+    lower, partial = f"{since}-0", True
+    for _ in range(TRAIL_PAGES):
+        entries = await client.redis.xrange(client.keys.events, min=lower, max=upper, count=TRAIL_PAGE)
+        if take(entries) or len(entries) < TRAIL_PAGE:
             partial = False
             break
         lower = f"({_text(entries[-1][0])}"
     if partial:
         for moment in (started, ended):
             if moment is not None:
-                for entry_id, fields in await client.redis.xrange(client.keys.events, min=moment, max=moment):
-                    if _raw(fields, "job_id") == job_id:
-                        found[_text(entry_id)] = _event(entry_id, fields)
+                take(await client.redis.xrange(client.keys.events, min=moment, max=moment + SLACK_MS, count=TRAIL_PAGE))
     return sorted(found.values(), key=lambda e: tuple(int(x) for x in e["id"].split("-"))), partial
 
 
