@@ -59,3 +59,18 @@ def test_bad_routing_input_is_one_line(env: dict[str, str]) -> None:
     assert "WORKER_MAX_CONCURRENCY_CONTRACT" in one_line_error(
         app({**env, "WORKER_MAX_CONCURRENCY_CONTRACT": "many"}, "worker", "contract"))
     assert "unknown queue 'nope'" in one_line_error(app(env, "queues", "pause", "nope"))
+
+
+async def test_a_lone_surrogate_is_refused_at_enqueue(make_settings: Any) -> None:
+    import pytest
+
+    from app.components.worker.api import WorkerClient
+    from app.core.errors import PayloadError
+
+    client = WorkerClient(make_settings())
+    try:
+        with pytest.raises(PayloadError, match="lone surrogate"):
+            await client.enqueue("echo", "\ud800", _priority="high")
+        assert (await client.enqueue("echo", "\U0001f600")).job_id  # a pair is fine
+    finally:
+        await client.close()

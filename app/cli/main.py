@@ -7,6 +7,7 @@ import typer
 from app.cli import dashboard, dead, dev, jobs, loadtest, monitor, schedules, worker
 from app.cli.common import fail
 from app.cli.queues import queues
+from app.cli.workflow import workflow_cli
 from app.core.errors import AppError
 from app.core.settings import get_settings
 
@@ -41,6 +42,7 @@ cli.command()(loadtest.loadtest)
 cli.add_typer(schedules.app, name="schedules")
 cli.command()(schedules.scheduler)
 cli.add_typer(dead.app, name="dead")
+cli.add_typer(workflow_cli)
 cli.command()(dashboard.dashboard)
 
 

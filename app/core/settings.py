@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     worker_scheduler_poll_seconds: float = Field(default=1.0, gt=0, le=60)
     worker_scheduler_lease_seconds: float = Field(default=30.0, gt=0)
 
+    # Workflows (app/components/workflows): how long an ended run is kept, how often one
+    # process sweeps the active runs, and whether worker processes advance runs at all.
+    workflow_keep_seconds: int = Field(default=7 * 24 * 3600, ge=1)
+    workflow_sweep_seconds: float = Field(default=2.0, gt=0)
+    workflow_reconciler: bool = True
+
     # Dashboard (`app dashboard`): actions need `Authorization: Bearer <token>`; unset, it is read-only.
     dashboard_token: SecretStr | None = None
 

@@ -17,6 +17,7 @@ The engine behind each queue is the operator's choice; this code does not change
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 import weakref
@@ -199,8 +200,14 @@ class WorkerClient:
         route = pq.route(spec, priority, group, selector, fallback)
         env = Envelope(job_id or new_job_id(), spec.name, spec.queue, list(args), kwargs, 1, now_ms(), new_run(),
                        route.priority, route.group, route.selector, route.needed or pq.config.routed,
-                       check_tags(tags, "_tags") if tags is not None else {})
+                       check_tags(tags, "_tags") if tags is not None else {}, spec.rate_limit is not None)
         raw = env.encode()
+        if "\\ud" in raw:  # a lone surrogate ("\ud800") passes json.dumps, but no Lua script can read it
+            try:
+                json.dumps(json.loads(raw), ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise PayloadError(f"arguments of {spec.name!r} hold a lone surrogate (text that is not valid "
+                                   "Unicode, e.g. from os.fsdecode): encode it, or pass bytes as base64") from None
         if raw.count("[") + raw.count("{") > MAX_DEPTH:  # only then can an argument be too deep
             for value in (*env.args, *env.kwargs.values()):
                 check_depth(value, MAX_DEPTH)
@@ -309,7 +316,8 @@ class WorkerClient:
             args += [env.id, env.run, raw, env.task, env.queue, job.engine, delay_ms,
                      self.keys.delayed(env.queue) if delay_ms else "",
                      self.keys.delayed_wake(env.queue) if delay_ms else "", int(engine_path and not job.chosen),
-                     pq.prefix, int(env.routed), env.priority, env.group, env.selector, job.fallback, healthy_ms,
+                     pq.prefix, int(env.routed), env.priority, env.group, env.selector,
+                     env.task if env.limited else "", job.fallback, healthy_ms,
                      max(pq.config.keep_result, 1), self.settings.worker_dead_ttl_seconds, env.tags_text,
                      len(commands)]
             for words in commands:

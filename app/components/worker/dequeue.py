@@ -26,7 +26,7 @@ REASON = "dequeued by operator"
 def _id_of(raw: bytes | str) -> str | None:
     try:
         return Envelope.decode(raw).id
-    except ValueError:
+    except Exception:  # noqa: BLE001 - ValueError, RecursionError, UnicodeDecodeError: not one of ours
         return None
 
 
@@ -76,7 +76,8 @@ async def cancel_waiting(client: WorkerClient, queue: str, job_id: str | None = 
             break
     for engine in ENGINES:  # what the engines hold (all three: a switch may have left some)
         async for page in waiting_pages(client.redis, client.keys, queue, engine):
-            refs = [(ref, Envelope.decode(message[1]).id) for ref, message in page if message is not None]
+            refs = [(ref, job_id) for ref, message in page if message is not None
+                    if (job_id := _id_of(message[1])) is not None]
             if not refs:
                 continue
             done = await cancel(list(dict.fromkeys(jid for _, jid in refs)))

@@ -9,7 +9,8 @@ earlier job under a reused id never runs with the old arguments.
 
 Routing fields are present only when set, so a plain job's message stays as small as before:
 ``priority`` ("high"; absent = low), ``group``, ``selector`` (canonical ``k=v,k=v``),
-``routed`` (true: the job goes through admission, see routing/), ``tags`` (str -> str).
+``routed`` (true: the job goes through admission, see routing/), ``tags`` (str -> str),
+``limited`` (true: its task has a rate limit).
 They sit before the arguments, so ``recover_id``'s first/last-match rule still holds.
 """
 
@@ -86,6 +87,7 @@ class Envelope:
     selector: str = ""
     routed: bool = False
     tags: dict[str, str] = field(default_factory=dict)
+    limited: bool = False  # its task has a rate limit: it waits in the task's own ready set
 
     def encode(self) -> str:
         data: dict[str, Any] = {"id": self.id, "task": self.task, "queue": self.queue}
@@ -97,6 +99,8 @@ class Envelope:
             data["selector"] = self.selector
         if self.routed:
             data["routed"] = True
+        if self.limited:
+            data["limited"] = True
         if self.tags:
             data["tags"] = self.tags
         data.update(args=self.args, kwargs=self.kwargs)
@@ -156,4 +160,4 @@ class Envelope:
         if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
             raise ValueError("message tags must be an object of strings")
         return cls(job_id, task, queue, args, kwargs, try_, int(enqueued_at), run, priority, group, selector,
-                   data.get("routed") is True, tags)
+                   data.get("routed") is True, tags, data.get("limited") is True)

@@ -83,6 +83,12 @@ class Keys:
         """Set of the worker groups that have (or had) a ready set in the queue ('-': default)."""
         return self.of_queue(queue, "groups")
 
+    def limited(self, queue: str) -> str:
+        """Set of the ready sets of rate-limited tasks ('ready:<group>|<task>' and
+        'ready-sel:<selector>|<task>'): each such task waits in a set of its own, so a task at
+        its limit is passed over as a whole and the others go on."""
+        return self.of_queue(queue, "limited")
+
     def selectors(self, queue: str) -> str:
         """Set of the label selectors that have (or had) a ready set in the queue."""
         return self.of_queue(queue, "selectors")

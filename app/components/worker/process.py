@@ -109,6 +109,7 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
     mover.start()
     admitter.start()
     reaper.start()
+    flows = _start_workflows(settings, registry, worker.instance)  # advances workflow runs (app/components/workflows)
     scheduler = None
     if options.scheduler:
         from app.components.scheduler import Scheduler, collect
@@ -122,6 +123,8 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
     finally:
         logger.info("worker %s stopping: finishing running jobs (grace %gs)", worker_id, settings.worker_shutdown_timeout)
         runtime.stopping = True
+        if flows is not None:
+            await _step("stop advancing workflows", flows.stop())
         if scheduler is not None:
             await _step("stop the scheduler", scheduler.stop())
         # Each step on its own: one Redis call that fails (a connection left dead by a
@@ -140,6 +143,16 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
         runtime.close()
         await _step("close Redis", redis.aclose())
         logger.info("worker %s stopped: %d done, %d failed", worker_id, runtime.done, runtime.failed)
+
+
+def _start_workflows(settings: Settings, registry: Registry, instance: str) -> Any:
+    """The workflow reconciler of this process (WORKFLOW_RECONCILER=false: none)."""
+    if not settings.workflow_reconciler:
+        return None
+    from app.components.worker.api import WorkerClient
+    from app.components.workflows.reconciler import Reconciler
+
+    return Reconciler(settings, WorkerClient(settings, registry), consumer=instance, own_client=True).start()
 
 
 def run(settings: Settings, registry: Registry, options: WorkerOptions) -> None:

@@ -114,8 +114,11 @@ class Adapter(EngineAdapter):
         super().__init__(*args, **kwargs)
         self.queue_name = self.config.name
         self.base = f"{self.namespace}:{self.queue_name}"
-        self.broker = _Broker(client=sync_client(self.settings), namespace=self.namespace, middleware=[],
-                              maintenance_chance=0)
+        # Every worker thread acks through this client: a pool smaller than the threads makes
+        # acks fail with "Too many connections" under load (Dramatiq retries them 5 s later).
+        pool = max(self.settings.redis_max_connections, self.config.threads + 8)
+        self.broker = _Broker(client=sync_client(self.settings, max_connections=pool), namespace=self.namespace,
+                              middleware=[], maintenance_chance=0)
         self.broker.adapter = self
         self.broker.declare_queue(self.queue_name)
         self._fetch = self.broker.client.register_script(scripts.source("dramatiq_fetch"))

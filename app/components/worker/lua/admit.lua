@@ -5,6 +5,7 @@
 -- ARGV[8] this worker's group ('' = default)   ARGV[9] its labels (JSON object)
 -- ARGV[10] its free slots   ARGV[11] max_concurrency of the queue (0: none)
 -- ARGV[12] rate limits (JSON: task -> [count, period ms])   ARGV[13] delivery token prefix
+-- ARGV[14] result key prefix
 -- The ready sets this worker may take from: its group's, and those of the label selectors it
 -- matches. They are scored by priority band, then sequence, so taking the lowest score across
 -- them is strict priority, FIFO within a level. free = min(free slots, max_concurrency - live
@@ -16,19 +17,20 @@
 -- Entries whose job no longer waits for that delivery (cancelled, ended, another run) are
 -- dropped; an entry that cannot be decoded is dropped with a job.failed event (its job, if it
 -- still waits on it, ends when its record expires or is cancelled: the entry named no job we can trust).
--- Returns {envelope, attempt, envelope, attempt... taken, wait ms until a rate-limited task may start again (-1: none),
--- state: '' | 'paused' | 'full'}.
+-- Returns {{envelope, attempt, job id, task} for each job taken, flattened; wait ms until a rate-limited task may start again (-1: none),
+-- state: '' | 'paused' | 'full', size of this instance's held set (more than it runs: a reply of
+-- an earlier pass was lost, even one redis-py resent on its own; the caller adopts those jobs)}.
 local qp, jp, queue = ARGV[1], ARGV[2], ARGV[3]
 local instance, worker, engine, maxlen = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local free, limit = tonumber(ARGV[10]), tonumber(ARGV[11])
 if redis.call('HGET', qp .. 'route', 'paused') == '1' then
-  return {{}, -1, 'paused'}
+  return {{}, -1, 'paused', redis.call('SCARD', KEYS[1])}
 end
 if limit > 0 then
   free = math.min(free, limit - redis.call('HLEN', qp .. 'leases'))
 end
 if free <= 0 then
-  return {{}, -1, 'full'}
+  return {{}, -1, 'full', redis.call('SCARD', KEYS[1])}
 end
 local ok, labels = pcall(cjson.decode, ARGV[9])
 if not ok or type(labels) ~= 'table' then labels = {} end
@@ -37,14 +39,22 @@ if not ok2 or type(limits) ~= 'table' then limits = {} end
 
 local group = ARGV[8]
 if group == '' then group = '-' end
-local sets = {qp .. 'ready:' .. group}
+local bases = {['ready:' .. group] = true}
 for _, sel in ipairs(redis.call('SMEMBERS', qp .. 'selectors')) do
   local match = true
   for pair in string.gmatch(sel, '[^,]+') do
     local k, v = string.match(pair, '^([^=]*)=(.*)$')
     if labels[k] ~= v then match = false end
   end
-  if match then table.insert(sets, qp .. 'ready-sel:' .. sel) end
+  if match then bases['ready-sel:' .. sel] = true end
+end
+-- A rate-limited task waits in a set of its own beside its base set ('<base>|<task>'): when the
+-- task is at its limit the whole set is passed over, and the other tasks go on in order.
+local sets = {}
+for base, _ in pairs(bases) do table.insert(sets, qp .. base) end
+for _, name in ipairs(redis.call('SMEMBERS', qp .. 'limited')) do
+  local base = string.match(name, '^(.*)|[^|]*$')
+  if base and bases[base] then table.insert(sets, qp .. name) end
 end
 
 -- The checks Envelope.decode makes, so a taken entry never fails to decode in the worker
@@ -54,15 +64,34 @@ local function well_formed(e)
   for _, name in ipairs({'id', 'task', 'queue'}) do
     if type(e[name]) ~= 'string' or e[name] == '' then return false end
   end
-  if e.args ~= nil and type(e.args) ~= 'table' then return false end
-  if e.kwargs ~= nil and type(e.kwargs) ~= 'table' then return false end
-  if e.try ~= nil and (type(e.try) ~= 'number' or e.try < 1 or e.try ~= math.floor(e.try)) then return false end
+  if e.args ~= nil then
+    if type(e.args) ~= 'table' then return false end
+    local n = 0
+    for _ in pairs(e.args) do n = n + 1 end
+    if n ~= #e.args then return false end  -- an object, not a list
+  end
+  if e.kwargs ~= nil then
+    if type(e.kwargs) ~= 'table' then return false end
+    for k, _ in pairs(e.kwargs) do
+      if type(k) ~= 'string' then return false end  -- a non-empty list, not an object
+    end
+  end
+  if e.try ~= nil and (type(e.try) ~= 'number' or e.try < 1 or e.try ~= math.floor(e.try) or e.try > 1e9) then
+    return false
+  end
   if e.run ~= nil and type(e.run) ~= 'string' then return false end
+  if e.group ~= nil and type(e.group) ~= 'string' then return false end
+  if e.selector ~= nil and type(e.selector) ~= 'string' then return false end
   if e.enqueued_at ~= nil and (type(e.enqueued_at) ~= 'number' or e.enqueued_at < 0 or e.enqueued_at >= 1e15) then
     return false
   end
   if e.priority ~= nil and e.priority ~= 'high' and e.priority ~= 'low' then return false end
-  if e.tags ~= nil and type(e.tags) ~= 'table' then return false end
+  if e.tags ~= nil then
+    if type(e.tags) ~= 'table' then return false end
+    for k, v in pairs(e.tags) do
+      if type(k) ~= 'string' or type(v) ~= 'string' then return false end
+    end
+  end
   return true
 end
 
@@ -80,7 +109,7 @@ local t = redis.call('TIME')
 local now_n = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local now = string.format('%.0f', now_n)
 local out, wait, budget, blocked = {}, -1, free * 4 + 64, {}
-while #out / 2 < free and budget > 0 do
+while #out / 4 < free and budget > 0 do
   budget = budget - 1
   local best = nil
   for s = 1, #sets do
@@ -90,11 +119,27 @@ while #out / 2 < free and budget > 0 do
   local raw = heads[best][1]
   local okd, e = pcall(cjson.decode, raw)
   if not okd or not well_formed(e) then
+    -- Written behind the layer's back (the layer refuses what Lua cannot read at enqueue). When
+    -- it is the envelope its job's record waits on, that job ends failed too, never queued forever.
     redis.call('ZREM', sets[best], raw)
+    local shown = string.gsub(string.sub(raw, 1, 200), '[^%w%p ]',
+      function(c) return string.format('\\x%02x', string.byte(c)) end)
+    local pid = string.match(raw, '^{"id":"([^"\\]+)"') or ''
+    if pid ~= '' then
+      local job = redis.call('HMGET', jp .. pid, 'status', 'envelope', 'task')
+      if (job[1] == 'queued' or job[1] == 'delayed') and job[2] == raw then
+        redis.call('HSET', jp .. pid, 'status', 'failed', 'finished_at', now)
+        redis.call('EXPIRE', jp .. pid, 86400)
+        redis.call('SET', ARGV[14] .. pid, cjson.encode({job_id = pid, queue = queue, task = job[3] or '',
+          status = 'failed', attempts = 0, engine = engine, finished_at = now_n, error_type = 'MalformedMessage',
+          error = 'undecodable ready entry: ' .. shown}), 'EX', 86400)
+      else
+        pid = ''
+      end
+    end
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'job.failed', 'ts', now, 'queue', queue,
-      'backend', engine, 'job_id', '', 'task', '', 'attempt', '0', 'worker_id', worker, 'duration_ms', '0',
-      'error', 'MalformedMessage: undecodable ready entry: ' .. string.gsub(string.sub(raw, 1, 200), '[^%w%p ]',
-        function(c) return string.format('\\x%02x', string.byte(c)) end))
+      'backend', engine, 'job_id', pid, 'task', '', 'attempt', '0', 'worker_id', worker, 'duration_ms', '0',
+      'error', 'MalformedMessage: undecodable ready entry: ' .. shown)
     load(best)
   else
     local try = tonumber(e.try) or 1
@@ -125,11 +170,10 @@ while #out / 2 < free and budget > 0 do
         end
       end
       if not allowed then
-        offsets[best] = offsets[best] + 1
-        load(best)
+        heads[best] = false  -- its own set: every job of that task waits for the window
       else
         redis.call('HSET', jp .. e.id, 'status', 'running', 'attempt', try, 'worker', worker, 'owner', instance,
-          'started_at', now, 'delivery', ARGV[13] .. (#out / 2))
+          'started_at', now, 'delivery', ARGV[13] .. (#out / 4))
         redis.call('SADD', KEYS[1], e.id)
         local fields = {'type', 'job.started', 'ts', now, 'queue', queue, 'backend', engine, 'job_id', e.id,
           'task', e.task, 'attempt', try, 'worker_id', worker, 'duration_ms', '', 'error', ''}
@@ -149,9 +193,11 @@ while #out / 2 < free and budget > 0 do
         redis.call('ZREM', sets[best], raw)
         table.insert(out, raw)
         table.insert(out, try)
+        table.insert(out, e.id)
+        table.insert(out, e.task)
         load(best)
       end
     end
   end
 end
-return {out, wait, ''}
+return {out, wait, '', redis.call('SCARD', KEYS[1])}

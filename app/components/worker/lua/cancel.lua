@@ -17,13 +17,14 @@ if job[1] then
   if ARGV[6] and ARGV[6] ~= '' then
     local ok, e = pcall(cjson.decode, job[1])
     if ok and type(e) == 'table' then
-      local key = ARGV[6] .. 'ready:-'
+      local key = 'ready:-'
       if type(e.selector) == 'string' and e.selector ~= '' then
-        key = ARGV[6] .. 'ready-sel:' .. e.selector
+        key = 'ready-sel:' .. e.selector
       elseif type(e.group) == 'string' and e.group ~= '' then
-        key = ARGV[6] .. 'ready:' .. e.group
+        key = 'ready:' .. e.group
       end
-      redis.call('ZREM', key, job[1])
+      if e.limited == true and type(e.task) == 'string' then key = key .. '|' .. e.task end
+      redis.call('ZREM', ARGV[6] .. key, job[1])
     end
   end
 end

@@ -4,7 +4,8 @@
 -- ARGV[4] run token of the delivery's envelope  ARGV[5] queue  ARGV[6] task
 -- ARGV[7] worker instance (owner)  ARGV[8] engine  ARGV[9] events maxlen
 -- ARGV[10] delivery token (unique per delivery handled)   ARGV[11] queue key prefix '<prefix>:{<queue>}:'
--- ARGV[12] tags of the job ('k=v,...', '' when none)
+-- ARGV[12] tags of the job ('k=v,...', '' when none)   ARGV[13] its priority   ARGV[14] its group
+-- ARGV[15] its selector   ARGV[16] its task when that task has a rate limit, else ''
 -- Returns {1, attempt} to run, or {0, reason}: completed|failed|cancelled|running|stale (another
 -- attempt), otherrun (a message of an earlier job under this id), norecord (no job record: the
 -- caller ends the delivery with StaleDelivery, see reject.lua), parked (the queue is paused or
@@ -40,18 +41,20 @@ if flags[1] == '1' or flags[2] == '1' then
   -- A message that reached the engine before the queue was paused or routed: it waits in the
   -- ready set like the others, in order, instead of starting now.
   local envelope = redis.call('HGET', KEYS[1], 'envelope')
-  local ok, e = pcall(cjson.decode, envelope)
-  if not ok or type(e) ~= 'table' then e = {} end
-  local band, key = 1, qp .. 'ready:-'
-  if e.priority == 'high' then band = 0 end
-  if type(e.selector) == 'string' and e.selector ~= '' then
-    key = qp .. 'ready-sel:' .. e.selector
-    redis.call('SADD', qp .. 'selectors', e.selector)
-  elseif type(e.group) == 'string' and e.group ~= '' then
-    key = qp .. 'ready:' .. e.group
-    redis.call('SADD', qp .. 'groups', e.group)
+  local band, key = 1, 'ready:-'
+  if ARGV[13] == 'high' then band = 0 end
+  if ARGV[15] ~= '' then
+    key = 'ready-sel:' .. ARGV[15]
+    redis.call('SADD', qp .. 'selectors', ARGV[15])
+  elseif ARGV[14] ~= '' then
+    key = 'ready:' .. ARGV[14]
+    redis.call('SADD', qp .. 'groups', ARGV[14])
   end
-  redis.call('ZADD', key, band * 4398046511104 + redis.call('INCR', qp .. 'seq'), envelope)
+  if ARGV[16] ~= '' then
+    key = key .. '|' .. ARGV[16]
+    redis.call('SADD', qp .. 'limited', key)
+  end
+  redis.call('ZADD', qp .. key, band * 4398046511104 + redis.call('INCR', qp .. 'seq'), envelope)
   redis.call('LPUSH', qp .. 'ready-wake', 1)
   redis.call('LTRIM', qp .. 'ready-wake', 0, 63)
   redis.call('PEXPIRE', qp .. 'ready-wake', 60000)

@@ -11,7 +11,8 @@
 --   delay ms (0: deliverable now), delayed zset key of the queue and the wake-up list of its
 --   movers ('' when not delayed), batched (1: its message is among the queue's shared commands
 --   below), queue key prefix ('<prefix>:{<queue>}:'), routed (1: this job needs routing),
---   priority, group, selector, fallback (wait|fail|cancel), healthy ms (a target worker counts
+--   priority, group, selector, rate-limited task ('' when its task has no rate limit: see
+--   Keys.limited), fallback (wait|fail|cancel), healthy ms (a target worker counts
 --   when it beat that recently), keep seconds (for a job ended by its fallback), dead ttl seconds
 --   (a job failed by its fallback is a dead letter: retried with `app dead retry`), tags ('k=v,...'),
 --   n = number of its own engine commands (run only if this job is accepted and not routed),
@@ -46,18 +47,23 @@ local function read_command(i)
   return {unpack(ARGV, i + 1, i + nwords)}, i + 1 + nwords
 end
 
-local function place(qp, envelope, priority, group, selector)
+local function place(qp, envelope, priority, group, selector, limited)
   local band = 1
   if priority == 'high' then band = 0 end
   local key
   if selector ~= '' then
-    key = qp .. 'ready-sel:' .. selector
+    key = 'ready-sel:' .. selector
     redis.call('SADD', qp .. 'selectors', selector)
   else
     if group == '' then group = '-' end
-    key = qp .. 'ready:' .. group
+    key = 'ready:' .. group
     redis.call('SADD', qp .. 'groups', group)
   end
+  if limited ~= '' then
+    key = key .. '|' .. limited
+    redis.call('SADD', qp .. 'limited', key)
+  end
+  key = qp .. key
   redis.call('ZADD', key, band * 4398046511104 + redis.call('INCR', qp .. 'seq'), envelope)
   redis.call('LPUSH', qp .. 'ready-wake', 1)
   redis.call('LTRIM', qp .. 'ready-wake', 0, 63)
@@ -108,11 +114,11 @@ for _ = 1, tonumber(ARGV[5]) do
   local queue, engine, delay, delayed_key = ARGV[i + 4], ARGV[i + 5], tonumber(ARGV[i + 6]), ARGV[i + 7]
   local wake_key, batched, qp = ARGV[i + 8], ARGV[i + 9] == '1', ARGV[i + 10]
   local routed, priority, group, selector = ARGV[i + 11] == '1', ARGV[i + 12], ARGV[i + 13], ARGV[i + 14]
-  local fallback, healthy_ms, keep, dead_ttl = ARGV[i + 15], tonumber(ARGV[i + 16]), tonumber(ARGV[i + 17]),
-    tonumber(ARGV[i + 18])
-  local tags, ncmds = ARGV[i + 19], tonumber(ARGV[i + 20])
+  local limited, fallback, healthy_ms = ARGV[i + 15], ARGV[i + 16], tonumber(ARGV[i + 17])
+  local keep, dead_ttl = tonumber(ARGV[i + 18]), tonumber(ARGV[i + 19])
+  local tags, ncmds = ARGV[i + 20], tonumber(ARGV[i + 21])
   local job_key, result_key = ARGV[2] .. id, ARGV[3] .. id
-  i = i + 21
+  i = i + 22
   local cmds = {}
   for c = 1, ncmds do
     cmds[c], i = read_command(i)
@@ -171,7 +177,7 @@ for _ = 1, tonumber(ARGV[5]) do
           redis.call('PEXPIRE', wake_key, 60000)
         end
       elseif routed then
-        place(qp, envelope, priority, group, selector)
+        place(qp, envelope, priority, group, selector, limited)
       else
         for _, cmd in ipairs(cmds) do
           redis.call(unpack(cmd))

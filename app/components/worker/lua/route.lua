@@ -9,16 +9,20 @@ local qp = ARGV[1]
 for i = 2, #ARGV do
   local ok, e = pcall(cjson.decode, ARGV[i])
   if not ok or type(e) ~= 'table' then e = {} end
-  local band, key = 1, qp .. 'ready:-'
+  local band, key = 1, 'ready:-'
   if e.priority == 'high' then band = 0 end
   if type(e.selector) == 'string' and e.selector ~= '' then
-    key = qp .. 'ready-sel:' .. e.selector
+    key = 'ready-sel:' .. e.selector
     redis.call('SADD', qp .. 'selectors', e.selector)
   elseif type(e.group) == 'string' and e.group ~= '' then
-    key = qp .. 'ready:' .. e.group
+    key = 'ready:' .. e.group
     redis.call('SADD', qp .. 'groups', e.group)
   end
-  redis.call('ZADD', key, band * 4398046511104 + redis.call('INCR', qp .. 'seq'), ARGV[i])
+  if e.limited == true and type(e.task) == 'string' then
+    key = key .. '|' .. e.task
+    redis.call('SADD', qp .. 'limited', key)
+  end
+  redis.call('ZADD', qp .. key, band * 4398046511104 + redis.call('INCR', qp .. 'seq'), ARGV[i])
 end
 if #ARGV > 1 then
   redis.call('LPUSH', qp .. 'ready-wake', 1)

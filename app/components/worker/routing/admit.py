@@ -54,6 +54,7 @@ class Admitter:
         self.queue = config.name
         self.labels = json.dumps(labels, separators=(",", ":"), sort_keys=True)
         self.limits = rate_limits(runtime.queue)
+        self.base_poll = poll
         self.poll = poll if config.routed else max(poll, IDLE_CHECK_S)
         self.admitted = 0
         self.state = ""  # the queue's state at the last pass: '' | 'paused' | 'full'
@@ -76,25 +77,54 @@ class Admitter:
         return self.config.threads - len(self.runtime.inflight | self._running.keys())
 
     async def admit_once(self) -> int:
-        """One pass: take and start up to this process's idle slots; how many started."""
+        """One pass: take and start up to this process's idle slots; how many started.
+
+        The call is shielded: once sent, admit.lua may have claimed jobs for this instance,
+        so a cancellation (a stop) waits for the reply and starts what came back (a stopping
+        runtime hands them back at once, without counting an attempt) before it goes on."""
         free = self.free_slots()
         if free <= 0 or self.runtime.stopping:
             return 0
         worker = self.runtime.worker
-        raws, wait_ms, self.state = await self.store.admit(
+        call = asyncio.ensure_future(self.store.admit(
             self.queue, worker.instance, worker.worker_id, self.config.engine, self.config.group, self.labels,
             free, self.config.max_concurrency, self.limits, f"{worker.instance}:a{next(self._passes)}:",
-        )
-        self._rate_wait = None if wait_ms is None else wait_ms / 1000
-        for raw, attempt in raws:
-            text = raw.decode() if isinstance(raw, bytes) else raw
-            self._start(Envelope.decode(text), attempt)  # admit.lua takes only what decodes
-        self.admitted += len(raws)
-        return len(raws)
+        ))
+        cancelled = False
+        while True:
+            try:
+                reply = await asyncio.shield(call)
+                break
+            except asyncio.CancelledError:
+                if call.cancelled():
+                    raise
+                cancelled = True
+        self.state = reply.state
+        if reply.taken or reply.state == "paused":
+            self.poll = self.base_poll  # the queue is in use: check it as often as a routed one
+        self._rate_wait = None if reply.wait_ms is None else reply.wait_ms / 1000
+        for raw, attempt, job_id, task in reply.taken:
+            self._start_raw(raw, attempt, job_id, task)
+        self.admitted += len(reply.taken)
+        if cancelled:
+            raise asyncio.CancelledError
+        if reply.held > len(self.runtime.inflight | self._running.keys()):
+            await self.adopt_orphans()  # an earlier pass's reply was lost (maybe resent by the client)
+        return len(reply.taken)
+
+    def _start_raw(self, raw: bytes, attempt: int, job_id: str, task: str) -> None:
+        try:
+            env = Envelope.decode(raw.decode() if isinstance(raw, bytes) else raw)
+        except Exception as exc:  # noqa: BLE001 - admit.lua checks what it can; this ends what slips through
+            self._track(asyncio.create_task(self.runtime.fail_admitted(job_id, task, attempt, raw, exc)), job_id)
+            return
+        self._start(env, attempt)
 
     def _start(self, env: Envelope, attempt: int) -> None:
-        task = asyncio.create_task(self.runtime.execute_admitted(env, attempt), name=f"job-{env.id}")
-        self._running[task] = env.id
+        self._track(asyncio.create_task(self.runtime.execute_admitted(env, attempt), name=f"job-{env.id}"), env.id)
+
+    def _track(self, task: asyncio.Task[None], job_id: str) -> None:
+        self._running[task] = job_id
 
         def done(finished: asyncio.Task[None]) -> None:
             self._running.pop(finished, None)
@@ -118,9 +148,9 @@ class Admitter:
             if (not record or record.get("status") != "running" or record.get("owner") != worker.instance
                     or not record.get("delivery", "").startswith(mine)):
                 continue
-            env = Envelope.decode(record["envelope"])
             logger.warning("job %s: admitted here but its admission reply was lost: running it now", job_id)
-            self._start(env, int(record.get("attempt") or env.try_))
+            self._start_raw(record.get("envelope", "").encode(), int(record.get("attempt") or 1), job_id,
+                            record.get("task", ""))
             adopted += 1
         return adopted
 

@@ -18,13 +18,14 @@ async def ready_sets(redis: Any, keys: Keys, queue: str) -> list[str]:
     """Every ready set of the queue: the default group's, each group's, each selector's."""
     groups = sorted({_text(g) for g in await redis.smembers(keys.groups(queue))} - {"-"})
     selectors = sorted(_text(s) for s in await redis.smembers(keys.selectors(queue)))
+    limited = sorted(_text(name) for name in await redis.smembers(keys.limited(queue)))
     return [keys.ready(queue), *(keys.ready(queue, g) for g in groups),
-            *(keys.ready_selector(queue, s) for s in selectors)]
+            *(keys.ready_selector(queue, s) for s in selectors), *(keys.of_queue(queue, name) for name in limited)]
 
 
 def target_name(keys: Keys, queue: str, key: str) -> str:
     """'default', the group's name, or 'labels k=v,...' for a ready set's key."""
-    rest = key[len(keys.of_queue(queue, "")):]
+    rest = key[len(keys.of_queue(queue, "")):].partition("|")[0]  # a rate-limited task's set counts for its base
     if rest.startswith("ready-sel:"):
         return "labels " + rest[len("ready-sel:"):]
     group = rest[len("ready:"):]
@@ -52,10 +53,12 @@ async def routing_state(redis: Any, keys: Keys, queue: str) -> dict[str, Any]:
             pipe.zcount(key, "-inf", f"({LOW_FROM}")
             pipe.zcount(key, LOW_FROM, "+inf")
         (paused, routed), leases, *counts = await pipe.execute()
-    waiting = {}
+    waiting: dict[str, dict[str, int]] = {}
     for index, key in enumerate(sets):
         high, low = counts[2 * index], counts[2 * index + 1]
         if high or low:
-            waiting[target_name(keys, queue, key)] = {"high": int(high), "low": int(low)}
+            counted = waiting.setdefault(target_name(keys, queue, key), {"high": 0, "low": 0})
+            counted["high"] += int(high)
+            counted["low"] += int(low)
     return {"paused": paused in (b"1", "1"), "routed": routed in (b"1", "1"), "leases": int(leases),
             "waiting": waiting}

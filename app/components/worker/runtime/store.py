@@ -19,7 +19,7 @@ the script adds it to Redis's now.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 
@@ -56,7 +56,8 @@ class JobStore:
             "claim",
             [self.keys.job(env.id), self.keys.held(instance), self.keys.events],
             [env.id, env.try_, worker_id, env.run, env.queue, env.task, instance, engine,
-             self.events_maxlen, delivery, self.keys.of_queue(env.queue, ""), env.tags_text],
+             self.events_maxlen, delivery, self.keys.of_queue(env.queue, ""), env.tags_text, env.priority,
+             env.group, env.selector, env.task if env.limited else ""],
         )
         if int(ok) == 1:
             return True, int(value)
@@ -116,7 +117,7 @@ class JobStore:
         raw = await self.redis.hgetall(self.keys.job(job_id))
         if not raw:
             return None
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        return {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in raw.items()}
 
     async def take_due(self, queue: str, limit: int, lease_ms: int) -> tuple[list[bytes], int | None]:
         """Due entries, leased, as raw bytes (one that is not UTF-8 must not fail the batch),
@@ -144,18 +145,17 @@ class JobStore:
     async def admit(
         self, queue: str, instance: str, worker_id: str, engine: str, group: str, labels: str, free: int,
         max_concurrency: int, rate_limits: str, delivery: str,
-    ) -> tuple[list[tuple[bytes, int]], int | None, str]:
-        """Take and claim up to ``free`` routed jobs this worker may start now (admit.lua):
-        (envelope, attempt) pairs, the ms until a rate-limited task may start again (None: no such wait),
-        and the queue's state ('' | 'paused' | 'full')."""
-        items, wait, state = await self._admit(
+    ) -> Admitted:
+        """Take and claim up to ``free`` routed jobs this worker may start now (admit.lua)."""
+        items, wait, state, held = await self._admit(
             keys=[self.keys.held(instance), self.keys.events],
             args=[self.keys.of_queue(queue, ""), self.keys.job(""), queue, instance, worker_id, engine,
-                  self.events_maxlen, group, labels, free, max_concurrency, rate_limits, delivery],
+                  self.events_maxlen, group, labels, free, max_concurrency, rate_limits, delivery,
+                  self.keys.result("")],
         )
-        state = state.decode() if isinstance(state, bytes) else str(state)
-        taken = [(items[i], int(items[i + 1])) for i in range(0, len(items), 2)]
-        return taken, (None if int(wait) < 0 else int(wait)), state
+        taken = [(items[i], int(items[i + 1]), _text(items[i + 2]), _text(items[i + 3]))
+                 for i in range(0, len(items), 4)]
+        return Admitted(taken, None if int(wait) < 0 else int(wait), _text(state), int(held))
 
     async def drop_due(self, queue: str, raws: list[bytes]) -> None:
         if raws:
@@ -170,6 +170,21 @@ class JobStore:
         done = await self._poison(keys=keys, args=[raw, self.events_maxlen, queue, job_id, error, keep, engine,
                                                    worker_id])
         return bool(int(done))
+
+
+class Admitted(NamedTuple):
+    """What one admission pass gave: (envelope, attempt, job id, task) per job taken, the ms
+    until a rate-limited task may start again (None: no such wait), the queue's state
+    ('' | 'paused' | 'full') and the size of this instance's held set."""
+
+    taken: list[tuple[bytes, int, str, str]]
+    wait_ms: int | None
+    state: str
+    held: int
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def read_result(redis: aioredis.Redis, keys: Keys, job_id: str) -> dict[str, Any] | None:

@@ -160,6 +160,21 @@ class JobRuntime:
             if task is not None:
                 self.inflight.discard(task)
 
+    async def fail_admitted(self, job_id: str, task: str, attempt: int, raw: str | bytes, exc: Exception) -> None:
+        """An admitted job whose envelope does not decode: it was claimed for this instance, so
+        it ends here, failed (MalformedMessage), freeing its lease, with its events."""
+        current = asyncio.current_task()
+        if current is not None:
+            self.inflight.add(current)
+        try:
+            text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+            error = MalformedMessage(f"undecodable routed entry ({type(exc).__name__}: {exc}): {text[:200]!r}")
+            await self._finish(Envelope(job_id, task or "?", self.queue.name, try_=attempt),
+                               self._job_context(job_id, task, attempt), "failed", error=error)
+        finally:
+            if current is not None:
+                self.inflight.discard(current)
+
     async def _execute(self, env: Envelope, raw: str) -> None:
         claimed, value = await self._claim(env)
         if not claimed:
@@ -383,7 +398,16 @@ class JobRuntime:
         if not record or record.get("status") != "running" or record.get("owner") != dead_instance:
             await self.store.redis.srem(self.store.keys.held(dead_instance), job_id)
             return
-        env = Envelope.decode(record["envelope"])
+        try:
+            env = Envelope.decode(record.get("envelope", ""))
+        except Exception as exc:  # noqa: BLE001 - a record no worker can run ends as failed, not stuck
+            attempt = int(record.get("attempt") or 1)
+            text = record.get("envelope", "")
+            error = MalformedMessage(f"undecodable envelope of a lost job ({type(exc).__name__}: {exc}): {text[:200]!r}")
+            job = self._job_context(job_id, record.get("task", ""), attempt)
+            await self._finish(Envelope(job_id, record.get("task") or "?", self.queue.name, try_=attempt), job,
+                               "failed", error=error, instance=dead_instance)
+            return
         attempt = int(record.get("attempt") or env.try_)
         spec = self.queue.tasks.get(env.task)
         policy = self._policy(spec)
