@@ -1,7 +1,8 @@
 """The dashboard as a person uses it: real headless Chromium (Debian's `chromium`, driven by
 Playwright for Python pointed at that binary), a real Redis, real workers.
 
-Saves the README's screenshots under docs/screenshots/ (overwritten on every run).
+Saves screenshots of each page: under docs/screenshots/ (the README's) when
+UPDATE_SCREENSHOTS=1, else under the system temp dir, so a test run leaves the tree clean.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,8 @@ from tests.conftest import ROOT, wait_until
 from tests.overseer_support import AUTH, TOKEN, Dashboard, dashboard, enqueue, finished
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-SHOTS = ROOT / "docs" / "screenshots"
+SHOTS = (ROOT / "docs" / "screenshots" if os.environ.get("UPDATE_SCREENSHOTS") == "1"
+         else Path(tempfile.gettempdir()) / "app-screenshots")
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(CHROMIUM),
