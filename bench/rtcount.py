@@ -50,6 +50,11 @@ def install() -> None:
     import redis.asyncio.connection as aconn
     import redis.connection as sconn
 
+    try:  # the layer replaces the asyncio send (app/core/redis_cancel.py): count around its version
+        import app.core.redis_cancel  # noqa: F401
+    except ImportError:
+        pass
+
     sync_send = sconn.AbstractConnection.send_packed_command
     async_send = aconn.AbstractConnection.send_packed_command
 
