@@ -88,6 +88,49 @@ async def keep_running(
             delay = min(delay * 2, 60.0)
 
 
+class Coalescer:
+    """Engine writes of many jobs issued in the same event-loop turn go to Redis in one
+    pipeline (an ack, arq's clean-up of a finished job): with N slots, jobs end in bursts,
+    and one round trip per burst replaces one per job. Each caller waits for the pipeline
+    and gets its error, as it would from its own call."""
+
+    def __init__(self, client: Callable[[], Any], *, transaction: bool = False) -> None:
+        self.client = client
+        self.transaction = transaction
+        self._pending: list[tuple[Callable[[Any], None], asyncio.Future[None]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, stage: Callable[[Any], None]) -> None:
+        """Queue ``stage(pipe)`` (it adds commands to the pipeline) and wait until it was sent."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._spawn)
+        self._pending.append((stage, future))
+        await future
+
+    def _spawn(self) -> None:
+        task = asyncio.ensure_future(self._flush())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        try:
+            async with self.client().pipeline(transaction=self.transaction) as pipe:
+                for stage, _ in batch:
+                    stage(pipe)
+                await pipe.execute()
+        except Exception as exc:  # noqa: BLE001 - every caller gets the error
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for _, future in batch:
+            if not future.done():
+                future.set_result(None)
+
+
 def stand_in(reason: str, data: Any) -> str:
     """The argument handed to the runtime for a message the layer did not write (or cannot
     read): ``<reason: data>``. The runtime fails it with MalformedMessage and a job.failed
