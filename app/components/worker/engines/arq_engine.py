@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import types
+from collections.abc import Callable
 from typing import Any
 
 import arq.worker as arq_worker
@@ -141,7 +142,8 @@ class _PrefixedWorker(Worker):
         self.in_progress_timeout_s = lease
         self._take = self.pool.register_script(scripts.source("arq_start"))
         self.keyed = keyed
-        self.finishes = Coalescer(lambda: self.pool, transaction=True)
+        self.finishes: Coalescer[Callable[[Any], None]] = Coalescer(
+            lambda: self.pool, lambda tr, stages: [stage(tr) for stage in stages], transaction=True)
 
     async def renew_leases(self) -> None:
         """Keep the in-progress keys of this worker's running jobs alive. arq sets them for the

@@ -17,13 +17,14 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from app.components.worker.config import QueueConfig
 from app.components.worker.keys import Keys
 from app.core.settings import Settings
 
 Handle = Callable[[str], Awaitable[None]]
+T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 WAKE_TOKENS = 64  # at most this many idle workers woken per batch, and tokens kept while all are busy
@@ -88,25 +89,30 @@ async def keep_running(
             delay = min(delay * 2, 60.0)
 
 
-class Coalescer:
+class Coalescer(Generic[T]):
     """Engine writes of many jobs issued in the same event-loop turn go to Redis in one
-    pipeline (an ack, arq's clean-up of a finished job): with N slots, jobs end in bursts,
-    and one round trip per burst replaces one per job. Each caller waits for the pipeline
-    and gets its error, as it would from its own call."""
+    pipeline (acks, arq's clean-up of a finished job): with N slots, jobs end in bursts, and
+    one round trip per burst replaces one per job. ``stage(pipe, items)`` adds the commands
+    for the items of one burst; each caller waits for that pipeline and gets its error, as it
+    would from its own call."""
 
-    def __init__(self, client: Callable[[], Any], *, transaction: bool = False) -> None:
+    def __init__(self, client: Callable[[], Any], stage: Callable[[Any, list[T]], None], *,
+                 transaction: bool = False) -> None:
         self.client = client
+        self.stage = stage
         self.transaction = transaction
-        self._pending: list[tuple[Callable[[Any], None], asyncio.Future[None]]] = []
+        self._items: list[T] = []
+        self._waiters: list[asyncio.Future[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def run(self, stage: Callable[[Any], None]) -> None:
-        """Queue ``stage(pipe)`` (it adds commands to the pipeline) and wait until it was sent."""
+    async def run(self, item: T) -> None:
+        """Send ``item`` with the others of this loop turn; return once the pipeline succeeded."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        if not self._pending:
+        if not self._items:
             loop.call_soon(self._spawn)
-        self._pending.append((stage, future))
+        self._items.append(item)
+        self._waiters.append(future)
         await future
 
     def _spawn(self) -> None:
@@ -115,18 +121,18 @@ class Coalescer:
         task.add_done_callback(self._tasks.discard)
 
     async def _flush(self) -> None:
-        batch, self._pending = self._pending, []
+        items, waiters = self._items, self._waiters
+        self._items, self._waiters = [], []
         try:
             async with self.client().pipeline(transaction=self.transaction) as pipe:
-                for stage, _ in batch:
-                    stage(pipe)
+                self.stage(pipe, items)
                 await pipe.execute()
         except Exception as exc:  # noqa: BLE001 - every caller gets the error
-            for _, future in batch:
+            for future in waiters:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for _, future in batch:
+        for future in waiters:
             if not future.done():
                 future.set_result(None)
 

@@ -91,25 +91,24 @@ class _StreamBroker(RedisStreamBroker):
                     data = fields.get(b"data") if fields else None
                     yield AckableMessage(data=_checked(data, fields), ack=self._ack_generator(entry_id))
 
-    _acker: Redis | None = None
-    _acks: Coalescer | None = None
+    _acks: Coalescer[str] | None = None
 
     def _ack_generator(self, id: str) -> Callable[[], Awaitable[None]]:  # noqa: A002 - taskiq's name
         # One client for every ack (taskiq builds a new Redis object per ack, which costs more
         # CPU than the ack's round trip itself), and the acks of jobs that end in the same
-        # loop turn share one pipeline.
+        # loop turn share one XACK and one XDEL.
         if self._acks is None:
-            self._acker = Redis(connection_pool=self.connection_pool)
-            acker = self._acker
-            self._acks = Coalescer(lambda: acker)
+            acker = Redis(connection_pool=self.connection_pool)
+
+            def stage(pipe: Any, ids: list[str]) -> None:
+                pipe.xack(self.queue_name, self.consumer_group_name, *ids)
+                pipe.xdel(self.queue_name, *ids)
+
+            self._acks = Coalescer(lambda: acker, stage)
         acks = self._acks
 
-        def stage(pipe: Any) -> None:
-            pipe.xack(self.queue_name, self.consumer_group_name, id)
-            pipe.xdel(self.queue_name, id)
-
         async def _ack() -> None:
-            await acks.run(stage)
+            await acks.run(id)
 
         return _ack
 
