@@ -13,19 +13,60 @@ per-round ratios after/before and layer/raw.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import HOME, ROOT, machine, pick_redis_server, start_redis
+import redis
+
+from bench.common import EVENTS, HOME, ROOT, TERMINAL, machine, pick_redis_server, start_redis, wait_events_done
 from bench.run import Bench
 from bench.systems import all_systems
 from bench.systems.layer import Layer
 
 RAW = {"arq": "arq-raw-poll", "dramatiq": "dramatiq-raw", "taskiq": "taskiq-raw"}
+
+
+def cpu_s(pid: int) -> float:
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        times = p.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def redis_cpu_s(r: redis.Redis) -> float:
+    info = r.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def drain_cpu(bench: Bench, system: Layer, n: int, tag: str) -> dict[str, float]:
+    """``Bench.drain`` for the layer, plus the worker's and Redis's CPU per job, counted from
+    the first job's start (the worker's start-up is not in it) to the last job's end."""
+    bench.prefill(system, "noop", n)
+    worker = bench.start_worker(system, 10, "noop", tag, target=n)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(f.get(b"type") in (b"job.started", *TERMINAL) for _, f in bench.r.xrevrange(EVENTS, count=1)):
+            worker.check()
+            if time.monotonic() > deadline:
+                raise TimeoutError("no job started within 60s")
+            time.sleep(0.005)
+        cpu0, redis0 = cpu_s(worker.pid), redis_cpu_s(bench.r)
+        done = wait_events_done(bench.r, worker, n, 60 + n / 20)
+        cpu1, redis1 = cpu_s(worker.pid), redis_cpu_s(bench.r)
+    finally:
+        worker.stop()
+    span = max(done["last"] - done["first"], 1e-6)
+    return {"jobs_s": n / span, "worker_us": (cpu1 - cpu0) / n * 1e6, "redis_us": (redis1 - redis0) / n * 1e6}
 
 
 class CodeLayer(Layer):
@@ -53,6 +94,7 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     binary = pick_redis_server(None)
     server = start_redis(binary)
+    os.environ["BENCH_REDIS_URL"] = server.url  # what the raw systems' producers connect to
     raw_systems = {s.key: s for s in all_systems()}
     figures: dict[tuple[str, str], list[float]] = {}
     try:
@@ -67,9 +109,15 @@ def main() -> None:
                     systems.insert(r % 3 if r % 3 < 2 else 2, raw_systems[RAW[engine]])
                 for system in systems:
                     tag = system.key.rsplit("-", 1)[-1] if isinstance(system, CodeLayer) else "raw"
-                    jobs_s = bench.drain(system, "noop", args.jobs, 10, f"ab{r}")["jobs_s"]
-                    figures.setdefault((engine, tag), []).append(jobs_s)
-                    print(f"round {r + 1} {engine:9} {tag:7} {jobs_s:8,.0f} jobs/s", flush=True)
+                    if isinstance(system, CodeLayer):
+                        got = drain_cpu(bench, system, args.jobs, f"ab{r}")
+                        for what in ("worker_us", "redis_us"):
+                            figures.setdefault((engine, f"{tag}:{what}"), []).append(got[what])
+                        cpu = f"  worker {got['worker_us']:6.0f} us/job  redis {got['redis_us']:5.0f} us/job"
+                    else:
+                        got, cpu = bench.drain(system, "noop", args.jobs, 10, f"ab{r}"), ""
+                    figures.setdefault((engine, tag), []).append(got["jobs_s"])
+                    print(f"round {r + 1} {engine:9} {tag:7} {got['jobs_s']:8,.0f} jobs/s{cpu}", flush=True)
     finally:
         server.stop()
     m = machine(binary)
@@ -87,6 +135,12 @@ def main() -> None:
             row += (f" {statistics.median(raw):,.0f} | {statistics.median(x / y for x, y in zip(b, raw, strict=False)):.2f} | "
                     f"{statistics.median(x / y for x, y in zip(a, raw, strict=False)):.2f} |")
         print(row)
+    print("\n| engine | worker CPU us/job before -> after | Redis CPU us/job before -> after |")
+    print("|---|---:|---:|")
+    for engine in args.engines.split(","):
+        cells = [f"{statistics.median(figures[(engine, 'before:' + w)]):,.0f} -> "
+                 f"{statistics.median(figures[(engine, 'after:' + w)]):,.0f}" for w in ("worker_us", "redis_us")]
+        print(f"| {engine} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
