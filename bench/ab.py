@@ -77,6 +77,11 @@ class CodeLayer(Layer):
         self.key = f"layer-{engine}-{tag}"
         self.code = code
 
+    def worker_argv(self, url: str, concurrency: int, task: str) -> list[str]:
+        # -P: the worker's working directory (this checkout) must not come before PYTHONPATH
+        argv = super().worker_argv(url, concurrency, task)
+        return [argv[0], "-P", *argv[1:]]
+
     def worker_env(self, url: str, concurrency: int, task: str) -> dict[str, str]:
         return {**super().worker_env(url, concurrency, task), "PYTHONPATH": str(self.code)}
 
