@@ -31,6 +31,7 @@ from arq.worker import func
 from app.components.worker.engines.base import Coalescer, EngineAdapter, EngineStats, Handle, keep_running, stand_in
 from app.components.worker.envelope import DISPATCH_NAME, now_ms
 from app.components.worker.runtime import scripts
+from app.components.worker.runtime.ack import DELIVERY_ACK, EngineAck
 from app.core.redis import connection_kwargs, redis_url
 
 BUSY_POLL = 0.005  # between checks while this worker starts jobs: arq's default 0.5 s caps it at ~200 jobs/s
@@ -142,6 +143,7 @@ class _PrefixedWorker(Worker):
         self.in_progress_timeout_s = lease
         self._take = self.pool.register_script(scripts.source("arq_start"))
         self.keyed = keyed
+        self.folded: set[str] = set()  # jobs whose arq keys finish.lua already cleaned
         self.finishes: Coalescer[Callable[[Any], None]] = Coalescer(
             lambda: self.pool, lambda tr, stages: [stage(tr) for stage in stages], transaction=True)
 
@@ -198,6 +200,9 @@ class _PrefixedWorker(Worker):
                          keep_result_forever: bool, incr_score: int | None, keep_in_progress: float | None) -> None:
         """arq's finish_job (the same commands, in one MULTI), with the finishes of jobs that end
         in the same loop turn sharing one transaction: one round trip per burst, not per job."""
+        if finish and job_id in self.folded:
+            self.folded.discard(job_id)
+            return
         keyed = self.keyed
 
         def stage(tr: Any) -> None:
@@ -282,7 +287,18 @@ class Adapter(EngineAdapter):
 
     async def start(self, handle: Handle, instance: str) -> None:
         async def run(ctx: dict[str, Any], raw: str) -> None:
+            worker, job_id = self._worker, ctx.get("job_id")
+            if worker is None or not isinstance(job_id, str):
+                await handle(raw)
+                return
+            keyed = worker.keyed
+            ack = EngineAck("arq", [worker.in_progress_prefix + job_id, keyed["retry_key_prefix"] + job_id,
+                                    keyed["job_key_prefix"] + job_id, self.queue_key, keyed["abort_jobs_ss"]],
+                            [job_id])
+            DELIVERY_ACK.set(ack)  # this job's own task (arq runs each function in a task of its own)
             await handle(raw)
+            if ack.done:  # finish.lua cleaned arq's keys with the job's end: arq's finish_job skips it
+                worker.folded.add(job_id)
 
         self._worker = _PrefixedWorker(
             functions=[func(run, name=DISPATCH_NAME, max_tries=NATIVE_TRIES)],

@@ -33,6 +33,7 @@ import redis
 from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.errors import ConnectionClosed
+from dramatiq.middleware import CurrentMessage
 from redis.exceptions import NoScriptError
 
 from app.components.worker.engines.base import (
@@ -46,6 +47,7 @@ from app.components.worker.engines.base import (
 )
 from app.components.worker.envelope import DISPATCH_NAME
 from app.components.worker.runtime import scripts
+from app.components.worker.runtime.ack import DELIVERY_ACK, EngineAck
 from app.core.redis import sync_client
 
 logger = logging.getLogger(__name__)
@@ -96,8 +98,13 @@ class _Consumer(_RedisConsumer):
     def ack(self, message: MessageProxy) -> None:
         """Dramatiq's ack, on the process's event loop: the acks of jobs that end together
         share one round trip (``Adapter.ack``) instead of one blocking script call each."""
+        redis_id = message.options["redis_message_id"]
+        if redis_id in self.adapter.folded:  # finish.lua acked it with the job's end
+            self.adapter.folded.discard(redis_id)
+            self.queued_message_ids.discard(message.message_id)
+            return
         try:
-            self.adapter.ack(message.options["redis_message_id"])
+            self.adapter.ack(redis_id)
         except redis.ConnectionError as e:
             raise ConnectionClosed(e) from None
         finally:
@@ -139,7 +146,8 @@ class Adapter(EngineAdapter):
         # acks fail with "Too many connections" under load (Dramatiq retries them 5 s later).
         pool = max(self.settings.redis_max_connections, self.config.threads + 8)
         self.broker = _Broker(client=sync_client(self.settings, max_connections=pool), namespace=self.namespace,
-                              middleware=[], maintenance_chance=0)
+                              middleware=[CurrentMessage()], maintenance_chance=0)
+        self.folded: set[str] = set()  # messages finish.lua acked with their job's end
         self.broker.adapter = self
         self.broker.declare_queue(self.queue_name)
         self._fetch = self.broker.client.register_script(scripts.source("dramatiq_fetch"))
@@ -159,13 +167,26 @@ class Adapter(EngineAdapter):
     def _run(self, raw: str) -> None:
         """The dispatcher actor, on a Dramatiq worker thread."""
         assert self._loop is not None and self._handle is not None
-        future = asyncio.run_coroutine_threadsafe(self._handle(raw), self._loop)
+        message = CurrentMessage.get_current_message()
+        redis_id = message.options.get("redis_message_id") if message is not None else None
+        ack = None
+        if isinstance(redis_id, str):
+            ack = EngineAck("dramatiq", [self.acks_key(self.instance), f"{self.base}.msgs"], [redis_id])
+        future = asyncio.run_coroutine_threadsafe(self._handle_acked(raw, ack), self._loop)
         try:
             future.result()
         except (asyncio.CancelledError, concurrent.futures.CancelledError):
             # Cancelled by the shutdown: the job's record says what happens to it (handed
             # back, or recovered); acked here, not failed into Dramatiq's dead-letter queue.
             return
+        if ack is not None and ack.done:
+            self.folded.add(ack.args[0])
+
+    async def _handle_acked(self, raw: str, ack: EngineAck | None) -> None:
+        """The runtime, with this delivery's ack for finish.lua to do (runtime/ack.py)."""
+        assert self._handle is not None
+        DELIVERY_ACK.set(ack)  # this task's own context
+        await self._handle(raw)
 
     def acks_key(self, instance: str) -> str:
         """Dramatiq's set of the messages one broker (here: one layer instance) fetched."""

@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from app.components.worker.envelope import Envelope
 from app.components.worker.keys import Keys
 from app.components.worker.runtime import scripts
+from app.components.worker.runtime.ack import EngineAck
 from app.components.worker.runtime.batch import ScriptBatcher
 
 Events = list[dict[str, str]]
@@ -81,18 +82,24 @@ class JobStore:
 
     async def finish(
         self, env: Envelope, owner: str, attempt: int, status: str, record: dict[str, Any], keep: int,
-        events: Events,
+        events: Events, ack: EngineAck | None = None,
     ) -> bool:
         """Write the result, the terminal status and the job's events together, once. The
         script adds ``finished_at`` to ``record`` (Redis's clock). A ``failed`` job joins its
-        queue's dead set in the same script."""
+        queue's dead set in the same script. ``ack``: the engine's ack of this delivery, done
+        in the same script when it writes (runtime/ack.py)."""
         body = {k: v for k, v in record.items() if k != "finished_at"}
+        keys = [self.keys.job(env.id), self.keys.result(env.id), self.keys.held(owner), self.keys.events,
+                self.keys.dead(env.queue), self.keys.leases(env.queue), self.keys.ready_wake(env.queue)]
+        if ack is not None:
+            keys += ack.keys
+            extra = [ack.kind, *ack.args, "", ""][:3]
+        else:
+            extra = ["", "", ""]
         done = await self._batch.call(
-            "finish",
-            [self.keys.job(env.id), self.keys.result(env.id), self.keys.held(owner), self.keys.events,
-             self.keys.dead(env.queue), self.keys.leases(env.queue), self.keys.ready_wake(env.queue)],
+            "finish", keys,
             [env.id, owner, attempt, status, json.dumps(body, default=str), keep,
-             self.events_maxlen, self.dead_ttl, *(json.dumps(e) for e in events)],
+             self.events_maxlen, self.dead_ttl, *extra, *(json.dumps(e) for e in events)],
         )
         return bool(int(done))
 
