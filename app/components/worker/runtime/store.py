@@ -46,6 +46,10 @@ class JobStore:
         self._poison = redis.register_script(scripts.source("poison"))
         self._batch = ScriptBatcher(redis, {name: scripts.source(name) for name in ("claim", "finish", "requeue", "reject")})
 
+    def set_flush_defer(self, iterations: int) -> None:
+        """How many loop iterations a batch of claims and finishes may wait for others (batch.py)."""
+        self._batch.max_defer = iterations
+
     async def claim(
         self, env: Envelope, worker_id: str, instance: str, engine: str, delivery: str
     ) -> tuple[bool, int | str]:

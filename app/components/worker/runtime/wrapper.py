@@ -76,6 +76,11 @@ class JobRuntime:
         self.queue = queue
         self.config = config
         self.store = store
+        if config.engine == "dramatiq":
+            # Its jobs run on threads that each block on the loop for every reply: a flush
+            # deferred for other ready callbacks (runtime/batch.py) costs them latency that
+            # the loop cannot fill with other work (measured: 5-18% less drain, no CPU saved).
+            store.set_flush_defer(0)
         self.middleware = middleware
         self.worker = worker
         self.executor = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix=f"job-{queue.name}")
