@@ -301,3 +301,23 @@ async def test_foreign_messages_in_engine_keys_fail_with_an_event(
         await asyncio.sleep(0.02)
     job = await client.enqueue("add", 2, 2)  # and the worker goes on
     assert await job.result(RESULT_TIMEOUT) == 4
+
+
+async def test_a_jobs_own_timeout_and_max_tries_win_over_the_tasks(
+    engine: str, client: WorkerClient, start_worker: Any
+) -> None:
+    from app.core.errors import InvalidOption
+
+    start_worker("contract", engine)
+    once = await client.enqueue("always_fails", "x", _max_tries=1)
+    with pytest.raises(JobFailed):
+        await once.result(RESULT_TIMEOUT)
+    assert (await once.info())["attempts"] == 1
+    quick = await client.enqueue("slow_async", 5, _timeout=0.1, _max_tries=1)
+    with pytest.raises(JobFailed) as error:
+        await quick.result(RESULT_TIMEOUT)
+    assert error.value.error_type == "JobTimeout" and "0.1s" in error.value.message
+    with pytest.raises(InvalidOption, match="longest task timeout"):
+        await client.enqueue("add", 1, 2, _timeout=10**6)
+    with pytest.raises(InvalidOption, match="_max_tries"):
+        await client.enqueue("add", 1, 2, _max_tries=0)

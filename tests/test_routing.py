@@ -56,7 +56,7 @@ async def test_high_jobs_enqueued_last_start_first_fifo_within_a_level(
 async def test_max_concurrency_holds_across_processes_and_a_killed_workers_slot_frees(
     engine: str, client: WorkerClient, start_worker: Any
 ) -> None:
-    start_worker("routed", engine, "--processes", "3", "--threads", "4", WORKER_MAX_CONCURRENCY_ROUTED="2")
+    start_worker("routed", engine, "--processes", "4", "--threads", "2", WORKER_MAX_CONCURRENCY_ROUTED="2")
     jobs = [await client.enqueue("hold", 0.2, _queue="routed") for _ in range(8)]
     for job in jobs:
         await job.result(TIMEOUT)
@@ -221,3 +221,39 @@ async def test_an_admitted_entry_the_worker_cannot_decode_ends_failed_and_frees_
         assert failed.value.error_type == "MalformedMessage"
     assert await (await client.enqueue("step", "after", _queue="routed")).result(TIMEOUT) == "after"
     assert await client.redis.hlen(client.keys.leases("routed")) == 0
+
+
+async def test_sigterm_then_sigkill_mid_burst_loses_no_routed_job_and_leaks_no_slot(
+    engine: str, client: WorkerClient, start_worker: Any
+) -> None:
+    settings = {"WORKER_MAX_CONCURRENCY_ROUTED": "3", "WORKER_OFFLINE_AFTER": "2", "WORKER_WARNING_AFTER": "0.5",
+                "WORKER_UNHEALTHY_AFTER": "1", "WORKER_SHUTDOWN_TIMEOUT": "0.1"}
+    jobs = [await client.enqueue("hold", 0.3, _queue="routed", _priority="high" if i % 3 else "low")
+            for i in range(24)]
+
+    async def started() -> int:
+        return len(await events_of(client, "routed", "job.started"))
+
+    first = start_worker("routed", engine, "--processes", "2", "--threads", "4", **settings)
+    await until(lambda: started_at_least(started, 4), what="a few starts")
+    first.stop(signal.SIGTERM)  # graceful: running jobs handed back (grace 0.1 s)
+    second = start_worker("routed", engine, **settings)
+    before = await started()
+    await until(lambda: started_at_least(started, before + 3), what="more starts")
+    second.stop(signal.SIGKILL)  # its jobs come back once it is offline
+    start_worker("routed", engine, **settings)
+    for job in jobs:
+        await job.result(TIMEOUT)
+    events = await events_of(client, "routed")
+    for job in jobs:
+        ends = [e["type"] for e in events if e["job_id"] == job.job_id and e["type"] in ("job.completed", "job.failed")]
+        assert ends == ["job.completed"], (job.job_id, ends)
+    await until(lambda: _no_leases(client), what="every lease released")
+
+
+async def started_at_least(count: Any, n: int) -> bool:
+    return await count() >= n
+
+
+async def _no_leases(client: WorkerClient) -> bool:
+    return await client.redis.hlen(client.keys.leases("routed")) == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from app.cli import dead, dev, jobs, loadtest, monitor, schedules, worker
+from app.cli import dashboard, dead, dev, jobs, loadtest, monitor, schedules, worker
 from app.cli.common import fail
 from app.cli.queues import queues
 from app.cli.workflow import workflow_cli
@@ -43,6 +43,7 @@ cli.add_typer(schedules.app, name="schedules")
 cli.command()(schedules.scheduler)
 cli.add_typer(dead.app, name="dead")
 cli.add_typer(workflow_cli)
+cli.command()(dashboard.dashboard)
 
 
 def main() -> None:

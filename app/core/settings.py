@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import Literal
 
 from dotenv import dotenv_values
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.core.errors import ConfigError
@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     workflow_keep_seconds: int = Field(default=7 * 24 * 3600, ge=1)
     workflow_sweep_seconds: float = Field(default=2.0, gt=0)
     workflow_reconciler: bool = True
+
+    # Dashboard (`app dashboard`): actions need `Authorization: Bearer <token>`; unset, it is read-only.
+    dashboard_token: SecretStr | None = None
 
     environment: str = "development"
     app_env: str | None = None

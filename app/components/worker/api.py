@@ -65,7 +65,7 @@ from app.core.redis import async_client, describe, explain
 from app.core.settings import Settings, get_settings
 
 T = TypeVar("T")
-RouteOptions = tuple[Any, Any, Any, Any, Any] | None  # priority, group, selector, fallback, tags
+RouteOptions = tuple[Any, ...] | None  # priority, group, selector, fallback, tags[, timeout, max_tries]
 ENGINE_CHECK_TTL_S = 2.0
 ENQUEUE_CHUNK = 1000  # jobs per enqueue script call: one atomic step, a few ms of Redis time
 
@@ -196,11 +196,22 @@ class WorkerClient:
             validate_job_id(job_id)
         spec = self.registry.task(task, queue)
         pq = self.queue(spec.queue)
-        priority, group, selector, fallback, tags = options or (None, None, None, None, None)
+        priority, group, selector, fallback, tags, timeout, max_tries = (*(options or ()), None, None, None, None,
+                                                                          None, None, None)[:7]
         route = pq.route(spec, priority, group, selector, fallback)
+        if timeout is not None:
+            timeout = validate_timeout(timeout)
+            if timeout > pq.config.longest_timeout:
+                raise InvalidOption(f"_timeout={timeout:g} is over queue {spec.queue!r}'s longest task timeout "
+                                    f"({pq.config.longest_timeout:g}s), which workers enforce as a backstop: raise "
+                                    "the task's timeout (@task(timeout=...)) or WORKER_TIMEOUT_SECONDS")
+        if max_tries is not None and (isinstance(max_tries, bool) or not isinstance(max_tries, int)
+                                      or not 1 <= max_tries <= 1000):
+            raise InvalidOption(f"_max_tries={max_tries!r} is invalid: use an integer from 1 to 1000")
         env = Envelope(job_id or new_job_id(), spec.name, spec.queue, list(args), kwargs, 1, now_ms(), new_run(),
                        route.priority, route.group, route.selector, route.needed or pq.config.routed,
-                       check_tags(tags, "_tags") if tags is not None else {}, spec.rate_limit is not None)
+                       check_tags(tags, "_tags") if tags is not None else {}, spec.rate_limit is not None,
+                       timeout, max_tries)
         raw = env.encode()
         if "\\ud" in raw:  # a lone surrogate ("\ud800") passes json.dumps, but no Lua script can read it
             try:
@@ -222,15 +233,18 @@ class WorkerClient:
         self, task: str | Callable[..., Any], *args: Any, _queue: str | None = None,
         _job_id: str | None = None, _delay: float | None = None, _priority: str | None = None,
         _worker_group: str | None = None, _worker_selector: Mapping[str, str] | None = None,
-        _fallback: str | None = None, _tags: Mapping[str, str] | None = None, **kwargs: Any,
+        _fallback: str | None = None, _tags: Mapping[str, str] | None = None, _timeout: float | None = None,
+        _max_tries: int | None = None, **kwargs: Any,
     ) -> Job:
         """Enqueue one job. Routing options (see ``app.components.worker.routing``): ``_priority``
         ("high"/"low"), ``_worker_group`` or ``_worker_selector`` (a target), ``_fallback``
         ("wait"/"fail"/"cancel" when no healthy target worker exists), ``_tags`` (str -> str,
-        shown in the job's events and result)."""
+        shown in the job's events and result). ``_timeout`` / ``_max_tries``: this job's own timeout
+        per attempt and attempts, over the task's (a timeout at most the queue's longest)."""
         delay = validate_delay(_delay) if _delay is not None else 0.0
         env, raw, fallback = self._envelope(task, args, kwargs, _queue, _job_id,
-                                            (_priority, _worker_group, _worker_selector, _fallback, _tags))
+                                            (_priority, _worker_group, _worker_selector, _fallback, _tags,
+                                             _timeout, _max_tries))
         await self._check_engine(env.queue)
         engine = self.engine_of(env.queue)
         chain = self._chain(env.queue)
@@ -263,7 +277,8 @@ class WorkerClient:
             delay = validate_delay(req.delay) if req.delay is not None else 0.0
             env, raw, fallback = self._envelope(
                 req.task, tuple(req.args), dict(req.kwargs), req.queue, req.job_id,
-                (req.priority, req.worker_group, req.worker_selector, req.fallback, req.tags))
+                (req.priority, req.worker_group, req.worker_selector, req.fallback, req.tags, req.timeout,
+                 req.max_tries))
             await self._check_engine(env.queue)
             prepared.append(Accepting(env, raw, _delay_ms(delay), self.engine_of(env.queue), req.job_id is not None,
                                       fallback))
@@ -376,6 +391,8 @@ class JobRequest:
     worker_selector: Mapping[str, str] | None = None
     fallback: str | None = None
     tags: Mapping[str, str] | None = None
+    timeout: float | None = None
+    max_tries: int | None = None
 
 
 class Job:

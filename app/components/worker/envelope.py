@@ -88,6 +88,8 @@ class Envelope:
     routed: bool = False
     tags: dict[str, str] = field(default_factory=dict)
     limited: bool = False  # its task has a rate limit: it waits in the task's own ready set
+    timeout: float | None = None  # this job's own timeout per attempt (``_timeout``), over the task's
+    max_tries: int | None = None  # this job's own attempts (``_max_tries``), over the task's
 
     def encode(self) -> str:
         data: dict[str, Any] = {"id": self.id, "task": self.task, "queue": self.queue}
@@ -101,6 +103,10 @@ class Envelope:
             data["routed"] = True
         if self.limited:
             data["limited"] = True
+        if self.timeout is not None:
+            data["timeout"] = self.timeout
+        if self.max_tries is not None:
+            data["max_tries"] = self.max_tries
         if self.tags:
             data["tags"] = self.tags
         data.update(args=self.args, kwargs=self.kwargs)
@@ -160,4 +166,16 @@ class Envelope:
         if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
             raise ValueError("message tags must be an object of strings")
         return cls(job_id, task, queue, args, kwargs, try_, int(enqueued_at), run, priority, group, selector,
-                   data.get("routed") is True, tags, data.get("limited") is True)
+                   data.get("routed") is True, tags, data.get("limited") is True, *_overrides(data))
+
+
+def _overrides(data: dict[str, Any]) -> tuple[float | None, int | None]:
+    """A job's own timeout and max_tries, checked like the rest of the message."""
+    timeout, max_tries = data.get("timeout"), data.get("max_tries")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not 0 < timeout < 1e9):
+        raise ValueError("message timeout must be a positive number of seconds")
+    if max_tries is not None and (isinstance(max_tries, bool) or not isinstance(max_tries, int)
+                                  or not 1 <= max_tries <= 1_000_000):
+        raise ValueError("message max_tries must be a positive integer")
+    return (float(timeout) if timeout is not None else None), max_tries

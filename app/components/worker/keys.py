@@ -119,6 +119,12 @@ class Keys:
         finish time (ms, Redis's clock); kept ``WORKER_DEAD_TTL_SECONDS``."""
         return self.of_queue(queue, "dead")
 
+    def overseer(self, what: str) -> str:
+        """Keys of the dashboard (app/components/overseer): ``counters`` (job counts and run-time
+        histograms folded from the event stream, with the id folded up to), ``minutes``
+        (completed/failed per queue and minute, for the charts)."""
+        return f"{self.prefix}:overseer:{what}"
+
     def engine_namespace(self, engine: str) -> str:
         """Where an engine keeps its own keys, so one prefix isolates a whole deployment."""
         return f"{self.prefix}:{engine}"

@@ -48,6 +48,7 @@ class Launch:
     kwargs: dict[str, Any] = field(default_factory=dict)
     workflow: str | None = None  # a child run of this workflow
     delay: float = 0.0
+    timeout: float | None = None  # the step's timeout, which the job enforces on each attempt too
 
 
 class Commands:
@@ -293,7 +294,8 @@ class Pass:
                 # This process's code does not know the task (the run was validated where it
                 # started): leave the run to a process that does, rather than fail the step.
                 raise NotHere(f"step {step.name}: {exc}") from None
-            return Launch(unit, task=step.task, queue=step.queue, kwargs=kwargs)  # type: ignore[arg-type]
+            return Launch(unit, task=step.task, queue=step.queue, kwargs=kwargs,  # type: ignore[arg-type]
+                          timeout=step.timeout)
         except (RefError, AppError) as exc:
             await self.unit_failed(step, unit, f"{type(exc).__name__}: {exc}", retry=False)
             return None

@@ -142,9 +142,20 @@ class Advancer:
             self.forget(run_id)
         return wake
 
+    def job_timeout(self, launch: Launch) -> float | None:
+        """The step's timeout as its job's own (a running job is stopped, not only the step
+        failed), when the queue's workers can enforce it (not above its longest timeout)."""
+        if launch.timeout is None or launch.task is None:
+            return None
+        try:
+            longest = self.client.queue(launch.queue or self.client.registry.task(launch.task).queue).config.longest_timeout
+        except Exception:  # noqa: BLE001 - an unknown task is reported by the pass itself
+            return None
+        return launch.timeout if launch.timeout <= longest else None
+
     async def launch(self, run_id: str, launches: list[Launch]) -> None:
         jobs = [JobRequest(la.task, kwargs=la.kwargs, queue=la.queue, job_id=la.unit.id(run_id),  # type: ignore[arg-type]
-                           delay=la.delay or None, tags=self.tags(run_id, la.unit))
+                           delay=la.delay or None, tags=self.tags(run_id, la.unit), timeout=self.job_timeout(la))
                 for la in launches if la.workflow is None]
         if jobs:
             await self.client.enqueue_many(jobs)  # a refused id is already queued or running: fine

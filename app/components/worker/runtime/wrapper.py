@@ -202,7 +202,7 @@ class JobRuntime:
             await self._hand_back(env, attempt)
             return
         spec = self.queue.tasks.get(env.task)
-        policy = self._policy(spec)
+        policy = self._policy(spec, env)
         job = JobContext(
             job_id=env.id, task=env.task, queue=env.queue, engine=self.config.engine, attempt=attempt,
             max_tries=policy.max_tries, enqueued_at=env.enqueued_at, worker_id=self.worker.worker_id,
@@ -278,12 +278,14 @@ class JobRuntime:
             if task is not None:
                 self._running_job.discard(task)
 
-    def _policy(self, spec: TaskSpec | None) -> RetryPolicy:
+    def _policy(self, spec: TaskSpec | None, env: Envelope | None = None) -> RetryPolicy:
+        """Attempts and backoff: the job's own ``_max_tries`` > the task's > the queue's."""
         cfg = self.config
+        own = env.max_tries if env is not None else None
         if spec is None:
-            return RetryPolicy(cfg.max_tries, cfg.backoff, cfg.backoff_max)
+            return RetryPolicy(own or cfg.max_tries, cfg.backoff, cfg.backoff_max)
         return RetryPolicy(
-            spec.max_tries or cfg.max_tries,
+            own or spec.max_tries or cfg.max_tries,
             spec.retry_backoff if spec.retry_backoff is not None else cfg.backoff,
             cfg.backoff_max,
         )
@@ -296,7 +298,7 @@ class JobRuntime:
             spec.signature.bind(*env.args, **kwargs)
         except TypeError as exc:
             raise BadArguments(f"arguments do not match {spec.name}(): {exc}") from None
-        timeout = spec.timeout or self.config.timeout
+        timeout = env.timeout or spec.timeout or self.config.timeout  # the job's own > the task's > the queue's
         token = set_current(job)
         try:
             if spec.is_async:
@@ -420,7 +422,7 @@ class JobRuntime:
             return
         attempt = int(record.get("attempt") or env.try_)
         spec = self.queue.tasks.get(env.task)
-        policy = self._policy(spec)
+        policy = self._policy(spec, env)
         job = JobContext(
             job_id=env.id, task=env.task, queue=env.queue, engine=self.config.engine, attempt=attempt,
             max_tries=policy.max_tries, enqueued_at=env.enqueued_at, worker_id=record.get("worker", ""),
