@@ -97,10 +97,14 @@ class Keys:
         """Counter giving routed entries their FIFO order."""
         return self.of_queue(queue, "seq")
 
-    def ready_wake(self, queue: str) -> str:
-        """List of wake-up tokens for the queue's admitters (a routed job became ready, a lease
-        was freed, the queue was resumed)."""
-        return self.of_queue(queue, "ready-wake")
+    def ready_wake(self, queue: str, group: str | None = None) -> str:
+        """List of wake-up tokens for the queue's admitters: ``group`` None is the list every
+        admitter of the queue listens to (a selector's job is ready, a lease was freed, the queue
+        was resumed); a group's own list ('' = the default group) wakes only that group's
+        admitters, so a token is not spent by a worker that cannot take the job."""
+        if group is None:
+            return self.of_queue(queue, "ready-wake")
+        return self.of_queue(queue, f"ready-wake:{group or '-'}")
 
     def leases(self, queue: str) -> str:
         """Hash job id -> instance: the jobs of the queue running now under ``max_concurrency``."""

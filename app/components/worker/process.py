@@ -94,7 +94,8 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
     )
     mover = DelayedMover(store, spec.name, adapter.send, settings.worker_delay_poll_seconds, engine=config.engine,
                          worker_id=worker_id, waiter=async_client(settings),
-                         listen=min(LISTEN_S, settings.redis_socket_timeout / 2), on_ready=admitter.wake)
+                         listen=min(LISTEN_S, settings.redis_socket_timeout / 2), on_ready=admitter.wake,
+                         group=config.group)
     reaper = Reaper(redis, keys, runtime, adapter, settings.worker_offline_after)
 
     if spec.on_startup is not None:

@@ -55,9 +55,13 @@ if flags[1] == '1' or flags[2] == '1' then
     redis.call('SADD', qp .. 'limited', key)
   end
   redis.call('ZADD', qp .. key, band * 4398046511104 + redis.call('INCR', qp .. 'seq'), envelope)
-  redis.call('LPUSH', qp .. 'ready-wake', 1)
-  redis.call('LTRIM', qp .. 'ready-wake', 0, 63)
-  redis.call('PEXPIRE', qp .. 'ready-wake', 60000)
+  local wake = qp .. 'ready-wake'
+  if ARGV[15] == '' then
+    if ARGV[14] ~= '' then wake = wake .. ':' .. ARGV[14] else wake = wake .. ':-' end
+  end
+  redis.call('LPUSH', wake, 1)
+  redis.call('LTRIM', wake, 0, 63)
+  redis.call('PEXPIRE', wake, 60000)
   return {0, 'parked'}
 end
 local t = redis.call('TIME')

@@ -65,9 +65,11 @@ local function place(qp, envelope, priority, group, selector, limited)
   end
   key = qp .. key
   redis.call('ZADD', key, band * 4398046511104 + redis.call('INCR', qp .. 'seq'), envelope)
-  redis.call('LPUSH', qp .. 'ready-wake', 1)
-  redis.call('LTRIM', qp .. 'ready-wake', 0, 63)
-  redis.call('PEXPIRE', qp .. 'ready-wake', 60000)
+  local wake = qp .. 'ready-wake'  -- a selector's job: any admitter may match
+  if selector == '' then wake = wake .. ':' .. group end  -- a group's job: only its admitters
+  redis.call('LPUSH', wake, 1)
+  redis.call('LTRIM', wake, 0, 63)
+  redis.call('PEXPIRE', wake, 60000)
 end
 
 local function matches(labels, selector)

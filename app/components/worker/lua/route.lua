@@ -6,27 +6,32 @@
 -- band then sequence, so a retried job waits behind the jobs of its level already ready.
 -- Returns how many were placed.
 local qp = ARGV[1]
+local wakes = {}
 for i = 2, #ARGV do
   local ok, e = pcall(cjson.decode, ARGV[i])
   if not ok or type(e) ~= 'table' then e = {} end
   local band, key = 1, 'ready:-'
+  local wake = qp .. 'ready-wake:-'
   if e.priority == 'high' then band = 0 end
   if type(e.selector) == 'string' and e.selector ~= '' then
     key = 'ready-sel:' .. e.selector
+    wake = qp .. 'ready-wake'
     redis.call('SADD', qp .. 'selectors', e.selector)
   elseif type(e.group) == 'string' and e.group ~= '' then
     key = 'ready:' .. e.group
+    wake = qp .. 'ready-wake:' .. e.group
     redis.call('SADD', qp .. 'groups', e.group)
   end
+  wakes[wake] = true
   if e.limited == true and type(e.task) == 'string' then
     key = key .. '|' .. e.task
     redis.call('SADD', qp .. 'limited', key)
   end
   redis.call('ZADD', qp .. key, band * 4398046511104 + redis.call('INCR', qp .. 'seq'), ARGV[i])
 end
-if #ARGV > 1 then
-  redis.call('LPUSH', qp .. 'ready-wake', 1)
-  redis.call('LTRIM', qp .. 'ready-wake', 0, 63)
-  redis.call('PEXPIRE', qp .. 'ready-wake', 60000)
+for wake, _ in pairs(wakes) do
+  redis.call('LPUSH', wake, 1)
+  redis.call('LTRIM', wake, 0, 63)
+  redis.call('PEXPIRE', wake, 60000)
 end
 return #ARGV - 1

@@ -55,7 +55,7 @@ class Admitter:
         self.labels = json.dumps(labels, separators=(",", ":"), sort_keys=True)
         self.limits = rate_limits(runtime.queue)
         self.base_poll = poll
-        self.poll = poll if config.routed else max(poll, IDLE_CHECK_S)
+        self.poll = poll if config.routed or config.group else max(poll, IDLE_CHECK_S)
         self.admitted = 0
         self.state = ""  # the queue's state at the last pass: '' | 'paused' | 'full'
         self._rate_wait: float | None = None

@@ -63,7 +63,7 @@ class DelayedMover:
     def __init__(
         self, store: JobStore, queue: str, send: Send, poll: float, *, engine: str = "", worker_id: str = "",
         keep: int = POISON_KEEP_S, waiter: Any = None, listen: float = LISTEN_S,
-        on_ready: Callable[[], None] | None = None,
+        on_ready: Callable[[], None] | None = None, group: str = "",
     ) -> None:
         self.store = store
         self.queue = queue
@@ -75,6 +75,7 @@ class DelayedMover:
         self.waiter = waiter
         self.listen = listen
         self.on_ready = on_ready  # the admitter's wake-up: its tokens come through the same BLPOP
+        self.group = group  # this worker's group: its own wake-up list is read too
         self.moved = 0
         self.poisoned = 0
         self.passes = 0
@@ -157,7 +158,7 @@ class DelayedMover:
         backoff = 1.0
         while True:
             try:
-                woken = await self.store.wait_due(self.waiter, self.queue, self.listen)
+                woken = await self.store.wait_due(self.waiter, self.queue, self.listen, self.group)
                 if woken == "delayed":
                     self._woken.set()
                 elif woken == "ready" and self.on_ready is not None:

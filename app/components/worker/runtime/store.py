@@ -136,16 +136,17 @@ class JobStore:
         items, wait = await self._due(keys=[self.keys.delayed(queue)], args=[limit, lease_ms])
         return list(items), (None if int(wait) < 0 else int(wait))
 
-    async def wait_due(self, redis: aioredis.Redis, queue: str, timeout: float) -> str | None:
+    async def wait_due(self, redis: aioredis.Redis, queue: str, timeout: float, group: str = "") -> str | None:
         """Block (on ``redis``, a connection of the caller's own) up to ``timeout`` seconds for a
         wake-up token of the queue's movers or admitters: ``"delayed"`` (an entry became the
         earliest of the delayed set), ``"ready"`` (a routed job is ready, a lease was freed, the
         queue was resumed), None when none came. One blocking read serves both."""
-        found = await redis.blpop([self.keys.delayed_wake(queue), self.keys.ready_wake(queue)], timeout=timeout)
+        found = await redis.blpop([self.keys.delayed_wake(queue), self.keys.ready_wake(queue, group),
+                                   self.keys.ready_wake(queue)], timeout=timeout)
         if not found:
             return None
         key = found[0].decode() if isinstance(found[0], bytes) else found[0]
-        return "ready" if key == self.keys.ready_wake(queue) else "delayed"
+        return "delayed" if key == self.keys.delayed_wake(queue) else "ready"
 
     async def route(self, queue: str, raws: list[str]) -> int:
         """Put routed envelopes in their ready sets (route.lua) and wake the admitters."""
