@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 ACK_SHA = hashlib.sha1(scripts.source("dramatiq_ack").encode()).hexdigest()
 STOP_TIMEOUT_MS = 10_000
+ACK_WAIT_S = 5.0  # longest a worker thread waits for the loop's batched ack before acking by itself
 THREAD_WAIT_MS = 100  # worker threads' wait on the in-process work queue (no Redis calls)
 BUSY_WAIT_S = 0.005  # a consumer whose prefetch is full checks again after this (no Redis calls)
 
@@ -205,8 +206,17 @@ class Adapter(EngineAdapter):
     def ack(self, redis_id: str) -> None:
         """Ack one message (from a worker thread): its id joins the next pipeline of acks on the
         event loop (dramatiq_ack.lua, one call per loop turn); returns once it was sent."""
-        assert self._loop is not None
-        asyncio.run_coroutine_threadsafe(self._ack(redis_id), self._loop).result()
+        loop = self._loop
+        if loop is None or loop.is_closed() or not loop.is_running():
+            self.broker.do_ack(self.queue_name, redis_id)  # no loop to batch on (stopping): Dramatiq's own ack
+            return
+        future = asyncio.run_coroutine_threadsafe(self._ack(redis_id), loop)
+        try:
+            future.result(timeout=ACK_WAIT_S)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            # The loop is stuck or went away meanwhile: never leave a worker thread waiting on it.
+            future.cancel()
+            self.broker.do_ack(self.queue_name, redis_id)
 
     async def _ack(self, redis_id: str) -> None:
         if self._acks is None:
