@@ -40,6 +40,7 @@ from bench.common import (
 IDLE_S = 3.0
 BENCH_COMMANDS = {"info", "xread", "blpop", "flushall", "keys", "config|resetstat", "client|setinfo", "hello"}
 WORKER_PHASES = [
+    ("runtime/batch.py", "layer: claim/finish scripts (one pipeline per loop turn)"),
     ("runtime/store.py:claim", "start: claim (Lua)"),
     ("runtime/store.py:finish", "finish: result + status (MULTI)"),
     ("worker/events.py", "events: batched XADD pipeline"),

@@ -22,7 +22,7 @@ from types import FrameType
 from typing import Any
 
 SKIP = ("/redis/", "/asyncio/", "contextlib.py", "threading.py", "concurrent/futures", "functools.py",
-        "rtcount.py", "/anyio/")
+        "rtcount.py", "/anyio/", "app/core/redis.py", "app/core/redis_cancel.py")
 
 counts: collections.Counter[str] = collections.Counter()
 lock = threading.Lock()
@@ -34,7 +34,7 @@ def tag_of(frame: FrameType | None) -> str:
         name = frame.f_code.co_filename
         if not any(part in name for part in SKIP):
             path = Path(name)
-            where = name.split("site-packages/")[-1] if "site-packages" in name else str(path).split("/work/main/")[-1]
+            where = name.split("site-packages/")[-1] if "site-packages" in name else str(path).split("/app/components/", 1)[-1] if "/app/components/" in name else str(path)
             return f"{where}:{frame.f_code.co_name}"
         frame = frame.f_back
     return "?"
@@ -49,6 +49,11 @@ def count(frame: FrameType | None) -> None:
 def install() -> None:
     import redis.asyncio.connection as aconn
     import redis.connection as sconn
+
+    try:  # the layer replaces the asyncio send (app/core/redis_cancel.py): count around its version
+        import app.core.redis_cancel  # noqa: F401
+    except ImportError:
+        pass
 
     sync_send = sconn.AbstractConnection.send_packed_command
     async_send = aconn.AbstractConnection.send_packed_command

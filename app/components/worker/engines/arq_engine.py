@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import types
+from collections.abc import Callable
 from typing import Any
 
 import arq.worker as arq_worker
@@ -27,8 +28,10 @@ from arq.connections import ArqRedis
 from arq.jobs import serialize_job
 from arq.worker import func
 
-from app.components.worker.engines.base import EngineAdapter, EngineStats, Handle, keep_running, stand_in
+from app.components.worker.engines.base import Coalescer, EngineAdapter, EngineStats, Handle, keep_running, stand_in
 from app.components.worker.envelope import DISPATCH_NAME, now_ms
+from app.components.worker.runtime import scripts
+from app.components.worker.runtime.ack import DELIVERY_ACK, EngineAck
 from app.core.redis import connection_kwargs, redis_url
 
 BUSY_POLL = 0.005  # between checks while this worker starts jobs: arq's default 0.5 s caps it at ~200 jobs/s
@@ -130,7 +133,6 @@ class _PrefixedWorker(Worker):
         self.arq = arq_methods
         self.main = arq_methods["main"]  # type: ignore[method-assign]
         self.run_job = arq_methods["run_job"]  # type: ignore[method-assign]
-        self.finish_job = arq_methods["finish_job"]  # type: ignore[method-assign]
         self._cancel_aborted_jobs = arq_methods["_cancel_aborted_jobs"]  # type: ignore[method-assign]
         self.wake_keys = wake_keys
         self.idle_wait = idle_wait
@@ -139,6 +141,11 @@ class _PrefixedWorker(Worker):
         self.waiting = False  # in the idle wait: arq's loop may be cancelled there safely
         self.in_progress_prefix = keyed["in_progress_key_prefix"]
         self.in_progress_timeout_s = lease
+        self._take = self.pool.register_script(scripts.source("arq_start"))
+        self.keyed = keyed
+        self.folded: set[str] = set()  # jobs whose arq keys finish.lua already cleaned
+        self.finishes: Coalescer[Callable[[Any], None]] = Coalescer(
+            lambda: self.pool, lambda tr, stages: [stage(tr) for stage in stages], transaction=True)
 
     async def renew_leases(self) -> None:
         """Keep the in-progress keys of this worker's running jobs alive. arq sets them for the
@@ -167,8 +174,57 @@ class _PrefixedWorker(Worker):
                 await self.pool.zrem(self.queue_name, job_id)
                 await self.lost(stand_in("arq queue entry whose id is not UTF-8", job_id))
                 continue
-            await self.arq["start_jobs"]([job_id])
+            await self._start_one(job_id.decode())
         self._started = len(self.tasks.keys() - before)
+
+    async def _start_one(self, job_id: str) -> None:
+        """arq's start_jobs for one id (same slots and counters), its check-and-take done by
+        arq_start.lua in one round trip instead of four (WATCH, EXISTS, ZSCORE, MULTI/EXEC)."""
+        await self.sem.acquire()
+        if self.job_counter >= self.max_jobs:
+            self.sem.release()
+            return
+        self.job_counter = self.job_counter + 1
+        score = await self._take(keys=[self.in_progress_prefix + job_id, self.queue_name],
+                                 args=[job_id, int(self.in_progress_timeout_s * 1000)], client=self.pool)
+        if score is None:  # running elsewhere, or already finished and removed from the queue
+            self.job_counter = self.job_counter - 1
+            self.sem.release()
+            logger.debug("job %s already running elsewhere", job_id)
+            return
+        task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+        task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+        self.tasks[job_id] = task
+
+    async def finish_job(self, job_id: str, finish: bool, result_data: bytes | None, result_timeout_s: float | None,
+                         keep_result_forever: bool, incr_score: int | None, keep_in_progress: float | None) -> None:
+        """arq's finish_job (the same commands, in one MULTI), with the finishes of jobs that end
+        in the same loop turn sharing one transaction: one round trip per burst, not per job."""
+        if finish and job_id in self.folded:
+            self.folded.discard(job_id)
+            return
+        keyed = self.keyed
+
+        def stage(tr: Any) -> None:
+            delete_keys = []
+            in_progress_key = self.in_progress_prefix + job_id
+            if keep_in_progress is None:
+                delete_keys.append(in_progress_key)
+            else:
+                tr.pexpire(in_progress_key, arq_worker.to_ms(keep_in_progress))
+            if finish:
+                if result_data:
+                    expire = None if keep_result_forever else result_timeout_s
+                    tr.set(keyed["result_key_prefix"] + job_id, result_data, px=arq_worker.to_ms(expire))
+                delete_keys += [keyed["retry_key_prefix"] + job_id, keyed["job_key_prefix"] + job_id]
+                tr.zrem(keyed["abort_jobs_ss"], job_id)
+                tr.zrem(self.queue_name, job_id)
+            elif incr_score:
+                tr.zincrby(self.queue_name, incr_score, job_id)
+            if delete_keys:
+                tr.delete(*delete_keys)
+
+        await self.finishes.run(stage)
 
     async def finish_failed_job(self, job_id: str, result_data: Any) -> None:
         """With the layer's settings arq fails a job itself only when its job key is missing
@@ -231,7 +287,18 @@ class Adapter(EngineAdapter):
 
     async def start(self, handle: Handle, instance: str) -> None:
         async def run(ctx: dict[str, Any], raw: str) -> None:
+            worker, job_id = self._worker, ctx.get("job_id")
+            if worker is None or not isinstance(job_id, str):
+                await handle(raw)
+                return
+            keyed = worker.keyed
+            ack = EngineAck("arq", [worker.in_progress_prefix + job_id, keyed["retry_key_prefix"] + job_id,
+                                    keyed["job_key_prefix"] + job_id, self.queue_key, keyed["abort_jobs_ss"]],
+                            [job_id])
+            DELIVERY_ACK.set(ack)  # this job's own task (arq runs each function in a task of its own)
             await handle(raw)
+            if ack.done:  # finish.lua cleaned arq's keys with the job's end: arq's finish_job skips it
+                worker.folded.add(job_id)
 
         self._worker = _PrefixedWorker(
             functions=[func(run, name=DISPATCH_NAME, max_tries=NATIVE_TRIES)],

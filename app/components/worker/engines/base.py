@@ -17,13 +17,14 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from app.components.worker.config import QueueConfig
 from app.components.worker.keys import Keys
 from app.core.settings import Settings
 
 Handle = Callable[[str], Awaitable[None]]
+T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 WAKE_TOKENS = 64  # at most this many idle workers woken per batch, and tokens kept while all are busy
@@ -86,6 +87,54 @@ async def keep_running(
             logger.warning("%s consumer stopped (%s: %s); restarting in %.0fs", name, type(exc).__name__, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 60.0)
+
+
+class Coalescer(Generic[T]):
+    """Engine writes of many jobs issued in the same event-loop turn go to Redis in one
+    pipeline (acks, arq's clean-up of a finished job): with N slots, jobs end in bursts, and
+    one round trip per burst replaces one per job. ``stage(pipe, items)`` adds the commands
+    for the items of one burst; each caller waits for that pipeline and gets its error, as it
+    would from its own call."""
+
+    def __init__(self, client: Callable[[], Any], stage: Callable[[Any, list[T]], None], *,
+                 transaction: bool = False) -> None:
+        self.client = client
+        self.stage = stage
+        self.transaction = transaction
+        self._items: list[T] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, item: T) -> None:
+        """Send ``item`` with the others of this loop turn; return once the pipeline succeeded."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        if not self._items:
+            loop.call_soon(self._spawn)
+        self._items.append(item)
+        self._waiters.append(future)
+        await future
+
+    def _spawn(self) -> None:
+        task = asyncio.ensure_future(self._flush())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flush(self) -> None:
+        items, waiters = self._items, self._waiters
+        self._items, self._waiters = [], []
+        try:
+            async with self.client().pipeline(transaction=self.transaction) as pipe:
+                self.stage(pipe, items)
+                await pipe.execute()
+        except Exception as exc:  # noqa: BLE001 - every caller gets the error
+            for future in waiters:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)
 
 
 def stand_in(reason: str, data: Any) -> str:

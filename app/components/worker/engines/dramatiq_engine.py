@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import json
 import logging
 import time
@@ -32,15 +33,28 @@ import redis
 from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.errors import ConnectionClosed
+from dramatiq.middleware import CurrentMessage
+from redis.exceptions import NoScriptError
 
-from app.components.worker.engines.base import WAKE_TOKENS, WAKE_TTL_MS, EngineAdapter, EngineStats, Handle, stand_in
+from app.components.worker.engines.base import (
+    WAKE_TOKENS,
+    WAKE_TTL_MS,
+    Coalescer,
+    EngineAdapter,
+    EngineStats,
+    Handle,
+    stand_in,
+)
 from app.components.worker.envelope import DISPATCH_NAME
 from app.components.worker.runtime import scripts
+from app.components.worker.runtime.ack import DELIVERY_ACK, EngineAck
 from app.core.redis import sync_client
 
 logger = logging.getLogger(__name__)
 
+ACK_SHA = hashlib.sha1(scripts.source("dramatiq_ack").encode()).hexdigest()
 STOP_TIMEOUT_MS = 10_000
+ACK_WAIT_S = 5.0  # longest a worker thread waits for the loop's batched ack before acking by itself
 THREAD_WAIT_MS = 100  # worker threads' wait on the in-process work queue (no Redis calls)
 BUSY_WAIT_S = 0.005  # a consumer whose prefetch is full checks again after this (no Redis calls)
 
@@ -82,6 +96,21 @@ class _Consumer(_RedisConsumer):
                 raise ConnectionClosed(exc) from None
             raise
 
+    def ack(self, message: MessageProxy) -> None:
+        """Dramatiq's ack, on the process's event loop: the acks of jobs that end together
+        share one round trip (``Adapter.ack``) instead of one blocking script call each."""
+        redis_id = message.options["redis_message_id"]
+        if redis_id in self.adapter.folded:  # finish.lua acked it with the job's end
+            self.adapter.folded.discard(redis_id)
+            self.queued_message_ids.discard(message.message_id)
+            return
+        try:
+            self.adapter.ack(redis_id)
+        except redis.ConnectionError as e:
+            raise ConnectionClosed(e) from None
+        finally:
+            self.queued_message_ids.discard(message.message_id)
+
     def close(self) -> None:
         """Give back what was fetched but not yet handed to a worker thread (Dramatiq's own
         consumer leaves these in its acks set until maintenance finds the process dead)."""
@@ -118,11 +147,14 @@ class Adapter(EngineAdapter):
         # acks fail with "Too many connections" under load (Dramatiq retries them 5 s later).
         pool = max(self.settings.redis_max_connections, self.config.threads + 8)
         self.broker = _Broker(client=sync_client(self.settings, max_connections=pool), namespace=self.namespace,
-                              middleware=[], maintenance_chance=0)
+                              middleware=[CurrentMessage()], maintenance_chance=0)
+        self.folded: set[str] = set()  # messages finish.lua acked with their job's end
         self.broker.adapter = self
         self.broker.declare_queue(self.queue_name)
         self._fetch = self.broker.client.register_script(scripts.source("dramatiq_fetch"))
         self._recover = self.broker.client.register_script(scripts.source("dramatiq_recover"))
+        self._ack_loaded = False
+        self._acks: Coalescer[str] | None = None
         self.fetching = True
         self.instance = self.broker.broker_id
         self._worker: dramatiq.Worker | None = None
@@ -136,13 +168,26 @@ class Adapter(EngineAdapter):
     def _run(self, raw: str) -> None:
         """The dispatcher actor, on a Dramatiq worker thread."""
         assert self._loop is not None and self._handle is not None
-        future = asyncio.run_coroutine_threadsafe(self._handle(raw), self._loop)
+        message = CurrentMessage.get_current_message()
+        redis_id = message.options.get("redis_message_id") if message is not None else None
+        ack = None
+        if isinstance(redis_id, str):
+            ack = EngineAck("dramatiq", [self.acks_key(self.instance), f"{self.base}.msgs"], [redis_id])
+        future = asyncio.run_coroutine_threadsafe(self._handle_acked(raw, ack), self._loop)
         try:
             future.result()
         except (asyncio.CancelledError, concurrent.futures.CancelledError):
             # Cancelled by the shutdown: the job's record says what happens to it (handed
             # back, or recovered); acked here, not failed into Dramatiq's dead-letter queue.
             return
+        if ack is not None and ack.done:
+            self.folded.add(ack.args[0])
+
+    async def _handle_acked(self, raw: str, ack: EngineAck | None) -> None:
+        """The runtime, with this delivery's ack for finish.lua to do (runtime/ack.py)."""
+        assert self._handle is not None
+        DELIVERY_ACK.set(ack)  # this task's own context
+        await self._handle(raw)
 
     def acks_key(self, instance: str) -> str:
         """Dramatiq's set of the messages one broker (here: one layer instance) fetched."""
@@ -157,6 +202,38 @@ class Adapter(EngineAdapter):
         """Take up to ``count`` messages (their ids into this instance's acks set)."""
         flat = self._fetch(keys=[self.base, f"{self.base}.msgs", self.acks_key(self.instance)], args=[count])
         return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
+
+    def ack(self, redis_id: str) -> None:
+        """Ack one message (from a worker thread): its id joins the next pipeline of acks on the
+        event loop (dramatiq_ack.lua, one call per loop turn); returns once it was sent."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or not loop.is_running():
+            self.broker.do_ack(self.queue_name, redis_id)  # no loop to batch on (stopping): Dramatiq's own ack
+            return
+        future = asyncio.run_coroutine_threadsafe(self._ack(redis_id), loop)
+        try:
+            future.result(timeout=ACK_WAIT_S)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            # The loop is stuck or went away meanwhile: never leave a worker thread waiting on it.
+            future.cancel()
+            self.broker.do_ack(self.queue_name, redis_id)
+
+    async def _ack(self, redis_id: str) -> None:
+        if self._acks is None:
+            self._acks = Coalescer(lambda: self.redis, self._stage_acks)
+        for _ in range(2):
+            if not self._ack_loaded:
+                await self.redis.script_load(scripts.source("dramatiq_ack"))
+                self._ack_loaded = True
+            try:
+                await self._acks.run(redis_id)
+                return
+            except NoScriptError:  # Redis restarted without its script cache: load it again
+                self._ack_loaded = False
+        await self._acks.run(redis_id)
+
+    def _stage_acks(self, pipe: Any, ids: list[str]) -> None:
+        pipe.evalsha(ACK_SHA, 2, self.acks_key(self.instance), f"{self.base}.msgs", *ids)
 
     def wait_for_wake(self) -> None:
         self.broker.client.blpop([self.wake_key, self.own_wake_key], timeout=self.idle_wait)

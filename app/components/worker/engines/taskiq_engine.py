@@ -29,8 +29,9 @@ from taskiq.message import TaskiqMessage
 from taskiq.receiver import Receiver
 from taskiq_redis import RedisStreamBroker
 
-from app.components.worker.engines.base import EngineAdapter, EngineStats, Handle, keep_running, stand_in
+from app.components.worker.engines.base import Coalescer, EngineAdapter, EngineStats, Handle, keep_running, stand_in
 from app.components.worker.envelope import DISPATCH_NAME
+from app.components.worker.runtime.ack import DELIVERY_ACK, EngineAck
 from app.core.redis import connection_kwargs, redis_url
 
 logger = logging.getLogger(__name__)
@@ -44,27 +45,38 @@ def _message(arg: str, task_id: str | None = None) -> bytes:
                        "labels_types": None, "args": [arg], "kwargs": {}}).encode()
 
 
-def _checked(data: bytes | None, fields: Any) -> bytes:
-    """The entry's message if the layer wrote it; otherwise a stand-in for the runtime, which
-    fails it with a job.failed event, after which the entry is acked and deleted like any
-    other. taskiq's receiver would log and skip a message it cannot parse without acking it
-    (pending forever), or call the dispatcher with the wrong arguments (acked, no event)."""
+def _checked(data: bytes | None, fields: Any) -> tuple[bytes, str]:
+    """The entry's message if the layer wrote it, and its envelope; otherwise a stand-in for
+    the runtime, which fails it with a job.failed event, after which the entry is acked and
+    deleted like any other. taskiq's receiver would log and skip a message it cannot parse
+    without acking it (pending forever), or call the dispatcher with the wrong arguments
+    (acked, no event)."""
     if data is None:
-        return _message(stand_in("stream entry without a data field", repr(fields)))
+        return _standing_in("stream entry without a data field", repr(fields))
     try:
         message = json.loads(data)
     except ValueError:
-        return _message(stand_in("undecodable taskiq message", data))
+        return _standing_in("undecodable taskiq message", data)
     if not isinstance(message, dict) or message.get("task_name") != DISPATCH_NAME:
         what = repr(message.get("task_name")) if isinstance(message, dict) else "that is not an object"
-        return _message(stand_in(f"foreign taskiq message {what}", data))
+        return _standing_in(f"foreign taskiq message {what}", data)
     args, task_id = message.get("args"), message.get("task_id")
     if not (isinstance(args, list) and len(args) == 1 and isinstance(args[0], str)) or message.get("kwargs") not in (None, {}):
-        return _message(stand_in("taskiq message whose arguments are not one envelope string", data))
+        return _standing_in("taskiq message whose arguments are not one envelope string", data)
     if isinstance(task_id, str) and message.get("labels") == {} and message.get("labels_types") in (None, {}) and \
             message.get("kwargs") == {} and len(message) <= 6:
-        return data
-    return _message(args[0], task_id if isinstance(task_id, str) else None)  # labels could steer taskiq: dropped
+        return data, args[0]
+    # labels could steer taskiq: dropped
+    return _message(args[0], task_id if isinstance(task_id, str) else None), args[0]
+
+
+def _standing_in(reason: str, data: Any) -> tuple[bytes, str]:
+    arg = stand_in(reason, data)
+    return _message(arg), arg
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class _StreamBroker(RedisStreamBroker):
@@ -88,23 +100,43 @@ class _StreamBroker(RedisStreamBroker):
                 for entry_id, fields in entries:
                     if start == "0":
                         start = entry_id  # keep paging through the pending list
-                    data = fields.get(b"data") if fields else None
-                    yield AckableMessage(data=_checked(data, fields), ack=self._ack_generator(entry_id))
+                    data, arg = _checked(fields.get(b"data") if fields else None, fields)
+                    self.entries.setdefault(arg, []).append(_text(entry_id))
+                    yield AckableMessage(data=data, ack=self._ack_generator(entry_id))
 
-    _acker: Redis | None = None
+    _acks: Coalescer[str] | None = None
+    entries: dict[str, list[str]]  # envelope -> ids of the entries read with it, not yet handled
+    folded: set[str]  # entries finish.lua acked with their job's end: their own ack is skipped
+
+    def take_entry(self, arg: str) -> str | None:
+        """The stream entry a delivery of ``arg`` was read from (the oldest one not handled)."""
+        ids = self.entries.get(arg)
+        if not ids:
+            return None
+        entry = ids.pop(0)
+        if not ids:
+            del self.entries[arg]
+        return entry
 
     def _ack_generator(self, id: str) -> Callable[[], Awaitable[None]]:  # noqa: A002 - taskiq's name
-        # One client for every ack: taskiq builds a new Redis object per ack, which costs
-        # more CPU than the ack's round trip itself.
-        if self._acker is None:
-            self._acker = Redis(connection_pool=self.connection_pool)
-        acker = self._acker
+        # One client for every ack (taskiq builds a new Redis object per ack, which costs more
+        # CPU than the ack's round trip itself), and the acks of jobs that end in the same
+        # loop turn share one XACK and one XDEL.
+        if self._acks is None:
+            acker = Redis(connection_pool=self.connection_pool)
+
+            def stage(pipe: Any, ids: list[str]) -> None:
+                pipe.xack(self.queue_name, self.consumer_group_name, *ids)
+                pipe.xdel(self.queue_name, *ids)
+
+            self._acks = Coalescer(lambda: acker, stage)
+        acks = self._acks
 
         async def _ack() -> None:
-            async with acker.pipeline(transaction=False) as pipe:
-                pipe.xack(self.queue_name, self.consumer_group_name, id)
-                pipe.xdel(self.queue_name, id)
-                await pipe.execute()
+            if _text(id) in self.folded:
+                self.folded.discard(_text(id))
+                return
+            await acks.run(id)
 
         return _ack
 
@@ -122,10 +154,23 @@ class Adapter(EngineAdapter):
             max_connection_pool_size=pool_size, xread_count=self.config.threads, xread_block=int(self.idle_wait * 1000),
             idle_timeout=IDLE_TIMEOUT_MS, consumer_id="0", **kwargs_,
         )
+        self.broker.entries, self.broker.folded = {}, set()
         self._handle: Handle | None = None
+
         async def run(raw: str) -> None:
             assert self._handle is not None
-            await self._handle(raw)
+            entry = self.broker.take_entry(raw)
+            if entry is None:
+                await self._handle(raw)
+                return
+            ack = EngineAck("taskiq", [self.stream], [entry, GROUP])
+            token = DELIVERY_ACK.set(ack)
+            try:
+                await self._handle(raw)
+            finally:
+                DELIVERY_ACK.reset(token)
+            if ack.done:  # finish.lua acked and deleted the entry with the job's end
+                self.broker.folded.add(entry)
 
         self.task = self.broker.register_task(run, task_name=DISPATCH_NAME)
         self._finish = asyncio.Event()

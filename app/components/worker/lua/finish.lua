@@ -4,7 +4,12 @@
 -- KEYS[6] leases hash of the queue   KEYS[7] wake-up list of its admitters
 -- ARGV[1] job id   ARGV[2] owner instance   ARGV[3] attempt   ARGV[4] status
 -- ARGV[5] result record: a JSON object, without finished_at (added here)   ARGV[6] keep seconds
--- ARGV[7] events maxlen   ARGV[8] dead ttl seconds   ARGV[9..] events (JSON objects of string fields)
+-- ARGV[7] events maxlen   ARGV[8] dead ttl seconds
+-- ARGV[9] the engine's ack of this delivery, done here with the terminal state (runtime/ack.py):
+-- '' (none: the adapter acks), 'taskiq' (KEYS[8] stream, ARGV[10] entry id, ARGV[11] group),
+-- 'dramatiq' (KEYS[8] acks set, KEYS[9] .msgs hash, ARGV[10] message id), 'arq' (KEYS[8..10]
+-- in-progress, retry and job keys, KEYS[11] queue, KEYS[12] abort set, ARGV[10] arq job id)
+-- ARGV[10], ARGV[11] the ack's arguments ('' when unused)   ARGV[12..] events (JSON objects of string fields)
 -- finished_at and each event's ts are Redis's clock (TIME), comparable across hosts.
 -- Returns 1 when written, 0 when that attempt is no longer running there: a retry of a write
 -- whose reply was lost (a Redis restart), or a worker cut off while another one recovered the
@@ -24,6 +29,19 @@ if redis.call('HDEL', KEYS[6], ARGV[1]) == 1 then
   redis.call('LTRIM', KEYS[7], 0, 63)
   redis.call('PEXPIRE', KEYS[7], 60000)
 end
+local ack = ARGV[9]
+if ack == 'taskiq' then
+  redis.call('XACK', KEYS[8], ARGV[11], ARGV[10])
+  redis.call('XDEL', KEYS[8], ARGV[10])
+elseif ack == 'dramatiq' then
+  if redis.call('SREM', KEYS[8], ARGV[10]) > 0 then
+    redis.call('HDEL', KEYS[9], ARGV[10])
+  end
+elseif ack == 'arq' then
+  redis.call('DEL', KEYS[8], KEYS[9], KEYS[10])
+  redis.call('ZREM', KEYS[11], ARGV[10])
+  redis.call('ZREM', KEYS[12], ARGV[10])
+end
 local t = redis.call('TIME')
 local now = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 local keep = tonumber(ARGV[6])
@@ -37,7 +55,7 @@ local record = string.sub(ARGV[5], 1, -2) .. ',"finished_at":' .. now .. '}'
 redis.call('SET', KEYS[2], record, 'EX', keep)
 redis.call('HSET', KEYS[1], 'status', ARGV[4], 'finished_at', now)
 redis.call('EXPIRE', KEYS[1], keep)
-for i = 9, #ARGV do
+for i = 12, #ARGV do
   local fields = {}
   for name, value in pairs(cjson.decode(ARGV[i])) do
     if name == 'ts' then value = now end

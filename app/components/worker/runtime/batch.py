@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 Call = tuple[str, list[str], list[Any], "asyncio.Future[Any]"]
+MAX_DEFER = 4  # loop iterations a flush waits at most for other ready callbacks (asyncio's ready queue)
 
 
 class ScriptBatcher:
@@ -25,6 +26,8 @@ class ScriptBatcher:
         self.shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in sources.items()}
         self._pending: list[Call] = []
         self._scheduled = False
+        self._deferred = 0
+        self.max_defer = MAX_DEFER
         self._loaded = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -38,6 +41,17 @@ class ScriptBatcher:
         return await future
 
     def _spawn_flush(self) -> None:
+        # While other callbacks are ready to run (replies just read, jobs just resumed), wait
+        # for them: they often end in a claim or a finish of their own, which then joins this
+        # pipeline. One send costs the worker about as much CPU as a job's own Python (a
+        # loopback TCP send runs Redis's side of the socket too), so fewer, larger pipelines
+        # are the cheapest gain; an idle loop flushes at once, so a lone job waits for nothing.
+        loop = asyncio.get_running_loop()
+        if getattr(loop, "_ready", None) and self._deferred < self.max_defer:
+            self._deferred += 1
+            loop.call_soon(self._spawn_flush)
+            return
+        self._deferred = 0
         task = asyncio.ensure_future(self._flush())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from app.components.worker.envelope import Envelope
 from app.components.worker.keys import Keys
 from app.components.worker.runtime import scripts
+from app.components.worker.runtime.ack import EngineAck
 from app.components.worker.runtime.batch import ScriptBatcher
 
 Events = list[dict[str, str]]
@@ -44,6 +45,10 @@ class JobStore:
         self._admit = redis.register_script(scripts.source("admit"))
         self._poison = redis.register_script(scripts.source("poison"))
         self._batch = ScriptBatcher(redis, {name: scripts.source(name) for name in ("claim", "finish", "requeue", "reject")})
+
+    def set_flush_defer(self, iterations: int) -> None:
+        """How many loop iterations a batch of claims and finishes may wait for others (batch.py)."""
+        self._batch.max_defer = iterations
 
     async def claim(
         self, env: Envelope, worker_id: str, instance: str, engine: str, delivery: str
@@ -81,18 +86,24 @@ class JobStore:
 
     async def finish(
         self, env: Envelope, owner: str, attempt: int, status: str, record: dict[str, Any], keep: int,
-        events: Events,
+        events: Events, ack: EngineAck | None = None,
     ) -> bool:
         """Write the result, the terminal status and the job's events together, once. The
         script adds ``finished_at`` to ``record`` (Redis's clock). A ``failed`` job joins its
-        queue's dead set in the same script."""
+        queue's dead set in the same script. ``ack``: the engine's ack of this delivery, done
+        in the same script when it writes (runtime/ack.py)."""
         body = {k: v for k, v in record.items() if k != "finished_at"}
+        keys = [self.keys.job(env.id), self.keys.result(env.id), self.keys.held(owner), self.keys.events,
+                self.keys.dead(env.queue), self.keys.leases(env.queue), self.keys.ready_wake(env.queue)]
+        if ack is not None:
+            keys += ack.keys
+            extra = [ack.kind, *ack.args, "", ""][:3]
+        else:
+            extra = ["", "", ""]
         done = await self._batch.call(
-            "finish",
-            [self.keys.job(env.id), self.keys.result(env.id), self.keys.held(owner), self.keys.events,
-             self.keys.dead(env.queue), self.keys.leases(env.queue), self.keys.ready_wake(env.queue)],
+            "finish", keys,
             [env.id, owner, attempt, status, json.dumps(body, default=str), keep,
-             self.events_maxlen, self.dead_ttl, *(json.dumps(e) for e in events)],
+             self.events_maxlen, self.dead_ttl, *extra, *(json.dumps(e) for e in events)],
         )
         return bool(int(done))
 

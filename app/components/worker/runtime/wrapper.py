@@ -25,6 +25,7 @@ from app.components.worker.envelope import Envelope, now_ms, recover_id
 from app.components.worker.events import EventPublisher
 from app.components.worker.middleware import MiddlewareChain, SkipJob
 from app.components.worker.registry import QueueSpec, TaskSpec
+from app.components.worker.runtime.ack import DELIVERY_ACK
 from app.components.worker.runtime.context import JobContext, WorkerContext, set_current
 from app.components.worker.runtime.policy import JobTimeout, NonRetryable, RetryPolicy, WorkerLost, describe_error
 from app.components.worker.runtime.store import JobStore
@@ -75,6 +76,11 @@ class JobRuntime:
         self.queue = queue
         self.config = config
         self.store = store
+        if config.engine == "dramatiq":
+            # Its jobs run on threads that each block on the loop for every reply: a flush
+            # deferred for other ready callbacks (runtime/batch.py) costs them latency that
+            # the loop cannot fill with other work (measured: 5-18% less drain, no CPU saved).
+            store.set_flush_defer(0)
         self.middleware = middleware
         self.worker = worker
         self.executor = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix=f"job-{queue.name}")
@@ -346,8 +352,12 @@ class JobRuntime:
             logger.warning("job %s: %s failed after %d attempt(s): %s: %s",
                            env.id, env.task, job.attempt, record["error_type"], record["error"])
             await self.middleware.call("on_failure", job, error, job_id=env.id)
-        await self._write(env.id, "result", lambda events: self.store.finish(
-            env, instance or self.worker.instance, job.attempt, status, record, self.config.keep_result, events))
+        ack = DELIVERY_ACK.get() if instance is None else None  # the delivery this task handles
+        written = await self._write(env.id, "result", lambda events: self.store.finish(
+            env, instance or self.worker.instance, job.attempt, status, record, self.config.keep_result, events,
+            ack))
+        if ack is not None and written:
+            ack.done = True
         if status == "completed":
             self.done += 1
         else:
