@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--engines", default=",".join(ENGINES))
     args = parser.parse_args()
-    logs = HOME / "results" / "routing-logs"
+    logs = HOME / "bench" / "results" / "routing-logs"
     logs.mkdir(parents=True, exist_ok=True)
     binary = pick_redis_server(None)
     server = start_redis(binary)
