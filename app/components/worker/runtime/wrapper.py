@@ -9,12 +9,13 @@ writes the result, decides the retry and calls the middleware (which publishes e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import itertools
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -104,11 +105,17 @@ class JobRuntime:
         except Exception as exc:  # noqa: BLE001 - ValueError, RecursionError, UnicodeDecodeError...
             await self._malformed(raw, exc)
             return
+        with self._in_flight():
+            await self._execute(env, text)
+
+    @contextlib.contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        """Count the current task as a delivery of this process (slots, drain) while it lasts."""
         task = asyncio.current_task()
         if task is not None:
             self.inflight.add(task)
         try:
-            await self._execute(env, text)
+            yield
         finally:
             if task is not None:
                 self.inflight.discard(task)
@@ -157,29 +164,17 @@ class JobRuntime:
     async def execute_admitted(self, env: Envelope, attempt: int) -> None:
         """Run a job its admitter has already claimed for this instance (routing/admit.py):
         the same path as an engine delivery, past the claim."""
-        task = asyncio.current_task()
-        if task is not None:
-            self.inflight.add(task)
-        try:
+        with self._in_flight():
             await self._run_claimed(env, attempt)
-        finally:
-            if task is not None:
-                self.inflight.discard(task)
 
     async def fail_admitted(self, job_id: str, task: str, attempt: int, raw: str | bytes, exc: Exception) -> None:
         """An admitted job whose envelope does not decode: it was claimed for this instance, so
         it ends here, failed (MalformedMessage), freeing its lease, with its events."""
-        current = asyncio.current_task()
-        if current is not None:
-            self.inflight.add(current)
-        try:
+        with self._in_flight():
             text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
             error = MalformedMessage(f"undecodable routed entry ({type(exc).__name__}: {exc}): {text[:200]!r}")
             await self._finish(Envelope(job_id, task or "?", self.queue.name, try_=attempt),
                                self._job_context(job_id, task, attempt), "failed", error=error)
-        finally:
-            if current is not None:
-                self.inflight.discard(current)
 
     async def _execute(self, env: Envelope, raw: str) -> None:
         claimed, value = await self._claim(env)
