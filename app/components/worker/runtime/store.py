@@ -18,6 +18,7 @@ the script adds it to Redis's now.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, NamedTuple
 
@@ -57,13 +58,21 @@ class JobStore:
         attempt. ``delivery`` is unique per message handled: a retried call of this claim (its
         reply lost) is recognised by it; a second delivery of the same message is not.
         Returns (True, attempt) or (False, reason), reason ``norecord`` when no record exists."""
-        ok, value = await self._batch.call(
+        return self.claimed(await self.claim_call(env, worker_id, instance, engine, delivery))
+
+    def claim_call(self, env: Envelope, worker_id: str, instance: str, engine: str, delivery: str) -> asyncio.Future[Any]:
+        """``claim`` as a future of the script's raw reply (read it with ``claimed``)."""
+        return self._batch.submit(
             "claim",
             [self.keys.job(env.id), self.keys.held(instance), self.keys.events],
             [env.id, env.try_, worker_id, env.run, env.queue, env.task, instance, engine,
              self.events_maxlen, delivery, self.keys.of_queue(env.queue, ""), env.tags_text, env.priority,
              env.group, env.selector, env.task if env.limited else ""],
         )
+
+    @staticmethod
+    def claimed(reply: Any) -> tuple[bool, int | str]:
+        ok, value = reply
         if int(ok) == 1:
             return True, int(value)
         return False, value.decode() if isinstance(value, bytes) else str(value)

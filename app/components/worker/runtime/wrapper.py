@@ -231,19 +231,27 @@ class JobRuntime:
         by this instance), so a cancellation meanwhile (an engine's, or a process exit) waits
         for the reply, gives a claimed job back, and only then goes on."""
         delivery = f"{self.worker.instance}:{next(self._deliveries)}"
-        claim = asyncio.ensure_future(self._persist(
-            env.id, "claim",
-            lambda: self.store.claim(env, self.worker.worker_id, self.worker.instance, self.config.engine, delivery),
-        ))
+        args = (env, self.worker.worker_id, self.worker.instance, self.config.engine, delivery)
+        # The first try is the script's own future (no task of its own: one per job costs);
+        # only when Redis fails it does a task retry it (``_persist``).
+        claim: asyncio.Future[Any] = self.store.claim_call(*args)
+        retrying = False
         cancelled = False
         while True:
             try:
-                claimed, value = await asyncio.shield(claim)
+                reply = await asyncio.shield(claim)
+                claimed, value = reply if retrying else self.store.claimed(reply)
                 break
             except asyncio.CancelledError:
                 if claim.cancelled():
                     raise
                 cancelled = True  # wait for the claim's outcome, then cancel
+            except (RedisError, OSError) as exc:
+                if retrying:
+                    raise
+                logger.warning("job %s: cannot write claim (%s); retrying", env.id, exc)
+                retrying = True
+                claim = asyncio.ensure_future(self._persist(env.id, "claim", lambda: self.store.claim(*args)))
         if cancelled:
             if claimed:
                 await self._hand_back(env, int(value), "cancelled while claiming it")
