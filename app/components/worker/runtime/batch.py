@@ -31,6 +31,7 @@ class ScriptBatcher:
         self.max_defer = MAX_DEFER
         self._loaded = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._idle: list[Any] = []  # connections of the batcher's own, between flushes
 
     async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
         return await self.submit(name, keys, args)
@@ -97,12 +98,14 @@ class ScriptBatcher:
                 future.set_result(reply)
 
     async def _send(self, pool: aioredis.ConnectionPool, batch: list[Call]) -> list[Any]:
-        """The batch as one write on one pooled connection, packed by hiredis (C) instead of
-        redis-py's pipeline, whose Python packing and per-command bookkeeping cost more worker
-        CPU than the scripts' own work. Same retry on a dropped connection as the pipeline;
-        an error reply is that caller's alone."""
+        """The batch as one write on a connection of the batcher's own, packed by hiredis (C)
+        instead of redis-py's pipeline, whose Python packing, per-command bookkeeping and pool
+        check-out (a readability probe of the socket each time) cost more worker CPU than the
+        scripts' own work. Same retry on a dropped connection as the pipeline; an error reply
+        is that caller's alone. A connection goes back to the batcher only after every reply
+        of its batch was read, so no reply can be left on it for the next batch."""
         packed = [pack_command(("EVALSHA", self.shas[name], len(keys), *keys, *args)) for name, keys, args, _ in batch]
-        conn = await pool.get_connection("EVALSHA")
+        conn = self._idle.pop() if self._idle else await pool.get_connection()
 
         async def once() -> list[Any]:
             await conn.send_packed_command(packed)
@@ -118,6 +121,10 @@ class ScriptBatcher:
             await conn.disconnect()
 
         try:
-            return await conn.retry.call_with_retry(once, dropped)
-        finally:
+            replies = await conn.retry.call_with_retry(once, dropped)
+        except BaseException:
+            await conn.disconnect()
             await pool.release(conn)
+            raise
+        self._idle.append(conn)
+        return replies
