@@ -48,6 +48,7 @@ from app.components.worker.routing.options import (
     first,
 )
 from app.components.worker.runtime import scripts
+from app.components.worker.runtime.batch import call_script
 from app.components.worker.runtime.store import read_result, read_status
 from app.components.worker.validation import MAX_DEPTH, check_depth, validate_delay, validate_job_id, validate_timeout
 from app.core.errors import (
@@ -315,10 +316,11 @@ class WorkerClient:
             recorder.command_stack.clear()
             return commands
 
-        args: list[Any] = [self.settings.worker_events_maxlen, self.keys.job(""), self.keys.result(""),
-                           self.keys.instances, len(jobs)]
         healthy_ms = int(self.settings.worker_warning_after * 1000)
+        dead_ttl = self.settings.worker_dead_ttl_seconds
         batched: dict[str, list[tuple[str, str]]] = {}
+        shapes: dict[tuple[Any, ...], int] = {}  # what jobs share, sent once per call (enqueue.lua)
+        per_job: list[Any] = []
         for job in jobs:
             env, raw, delay_ms = job.env, job.raw, job.delay_ms
             pq = self.queue(env.queue)
@@ -328,24 +330,33 @@ class WorkerClient:
                 commands = await staged(env.queue, [(env.message_id, raw)])
             elif engine_path:
                 batched.setdefault(env.queue, []).append((env.message_id, raw))
-            args += [env.id, env.run, raw, env.task, env.queue, job.engine, delay_ms,
-                     self.keys.delayed(env.queue) if delay_ms else "",
+            shape = (env.task, env.queue, job.engine, self.keys.delayed(env.queue) if delay_ms else "",
                      self.keys.delayed_wake(env.queue) if delay_ms else "", int(engine_path and not job.chosen),
                      pq.prefix, int(env.routed), env.priority, env.group, env.selector,
                      env.task if env.limited else "", job.fallback, healthy_ms,
-                     max(pq.config.keep_result, 1), self.settings.worker_dead_ttl_seconds, env.tags_text,
-                     len(commands)]
+                     max(pq.config.keep_result, 1), dead_ttl, env.tags_text if env.tags else "", int(job.chosen))
+            number = shapes.get(shape)
+            if number is None:
+                number = shapes[shape] = len(shapes) + 1
+            per_job += [env.id, env.run, raw, number, delay_ms, len(commands)]
             for words in commands:
-                args += [len(words), *words]
+                per_job += [len(words), *words]
+        args: list[Any] = [self.settings.worker_events_maxlen, self.keys.job(""), self.keys.result(""),
+                           self.keys.instances, len(shapes)]
+        for shape in shapes:
+            args += shape
+        args.append(len(jobs))
+        args += per_job
         args.append(len(batched))
         for queue, messages in batched.items():
             block = await staged(queue, messages)
             args += [self.queue(queue).prefix, len(block)]
             for words in block:
                 args += [len(words), *words]
-        # The registered Script sends EVALSHA and loads the script once on NOSCRIPT (a Redis
-        # restart); a call resent after a lost reply is recognised by its run tokens.
-        reply = await self._enqueue_script(keys=[self.keys.events], args=args)
+        # EVALSHA packed by hiredis (redis-py's packing of a 1000-job call costs more than its
+        # Redis time); the script is loaded once on NOSCRIPT (a Redis restart); a call resent
+        # after a lost reply is recognised by its run tokens.
+        reply = await call_script(self._enqueue_script, [self.keys.events], args)
         return [1 if int(flag) else 0 for flag in reply]  # 3 (ended by its fallback) was accepted too
 
     def _refused(self, exc: RedisError, accepted: int = 0, total: int = 1) -> AppError:

@@ -38,6 +38,7 @@ _sends = itertools.count(1)
 _ID_PATTERN = re.compile(r'"id"\s*:\s*"([^"\\\x00-\x1f]{1,256})"')
 _RUN_PATTERN = re.compile(r'"run"\s*:\s*"([0-9a-f]{1,64})"')
 _TRY_PATTERN = re.compile(r'"try"\s*:\s*([0-9]{1,9})\b')
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # json.dumps builds one per call
 _TASK_PATTERN = re.compile(r'"task"\s*:\s*"([^"\\\x00-\x1f]{1,256})"')
 
 
@@ -112,7 +113,7 @@ class Envelope:
         data.update(args=self.args, kwargs=self.kwargs)
         data.update({"try": self.try_, "enqueued_at": self.enqueued_at, "run": self.run})
         try:
-            return json.dumps(data, separators=(",", ":"), allow_nan=False)
+            return _ENCODER.encode(data)
         except (TypeError, ValueError) as exc:
             raise PayloadError(
                 f"arguments of {self.task!r} cannot be sent as JSON ({exc}): pass str, int, float, "

@@ -6,15 +6,17 @@
 -- One call takes a whole batch (enqueue_many) or a single job: one round trip either way.
 -- KEYS[1] events stream
 -- ARGV[1] events maxlen   ARGV[2] job key prefix (job key = prefix .. id)   ARGV[3] result key prefix
--- ARGV[4] instances zset (who beats: for a target's fallback)   ARGV[5] number of jobs, then per job:
---   job id, run token, envelope JSON, task, queue, engine,
---   delay ms (0: deliverable now), delayed zset key of the queue and the wake-up list of its
---   movers ('' when not delayed), batched (1: its message is among the queue's shared commands
---   below), queue key prefix ('<prefix>:{<queue>}:'), routed (1: this job needs routing),
---   priority, group, selector, rate-limited task ('' when its task has no rate limit: see
---   Keys.limited), fallback (wait|fail|cancel), healthy ms (a target worker counts
---   when it beat that recently), keep seconds (for a job ended by its fallback), dead ttl seconds
---   (a job failed by its fallback is a dead letter: retried with `app dead retry`), tags ('k=v,...'),
+-- ARGV[4] instances zset (who beats: for a target's fallback)
+-- ARGV[5] number of shapes: what jobs of one call usually share, sent once, then per shape:
+--   task, queue, engine, delayed zset key of the queue and the wake-up list of its movers ('' when
+--   not delayed), batched (1: its message is among the queue's shared commands below), queue key
+--   prefix ('<prefix>:{<queue>}:'), routed (1: the job needs routing), priority, group, selector,
+--   rate-limited task ('' when its task has no rate limit: see Keys.limited), fallback
+--   (wait|fail|cancel), healthy ms (a target worker counts when it beat that recently), keep
+--   seconds (for a job ended by its fallback), dead ttl seconds (a job failed by its fallback is a
+--   dead letter: retried with `app dead retry`), tags ('k=v,...'), chosen (1: a caller-chosen id)
+-- then the number of jobs, and per job: job id, run token, envelope JSON, shape number (from 1),
+--   delay ms (0: deliverable now),
 --   n = number of its own engine commands (run only if this job is accepted and not routed),
 --   then n times: k = word count and the k words of one Redis command (what the engine adapter's
 --   stage() queues for the message).
@@ -110,17 +112,25 @@ local function event(kind, queue, engine, id, task, error, tags)
 end
 
 local engine_queues = {}  -- queue prefix -> true when its batched jobs go to the engine
+local route_flags = {}  -- queue prefix -> {paused, routed}: read once per call
+local shapes = {}
 local i = 6
-for _ = 1, tonumber(ARGV[5]) do
-  local id, run, envelope, task = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local queue, engine, delay, delayed_key = ARGV[i + 4], ARGV[i + 5], tonumber(ARGV[i + 6]), ARGV[i + 7]
-  local wake_key, batched, qp = ARGV[i + 8], ARGV[i + 9] == '1', ARGV[i + 10]
-  local routed, priority, group, selector = ARGV[i + 11] == '1', ARGV[i + 12], ARGV[i + 13], ARGV[i + 14]
-  local limited, fallback, healthy_ms = ARGV[i + 15], ARGV[i + 16], tonumber(ARGV[i + 17])
-  local keep, dead_ttl = tonumber(ARGV[i + 18]), tonumber(ARGV[i + 19])
-  local tags, ncmds = ARGV[i + 20], tonumber(ARGV[i + 21])
+for s = 1, tonumber(ARGV[5]) do
+  shapes[s] = {unpack(ARGV, i, i + 17)}
+  i = i + 18
+end
+local njobs = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, njobs do
+  local id, run, envelope, shape = ARGV[i], ARGV[i + 1], ARGV[i + 2], shapes[tonumber(ARGV[i + 3])]
+  local delay, ncmds = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
+  i = i + 6
+  local task, queue, engine, delayed_key, wake_key = shape[1], shape[2], shape[3], shape[4], shape[5]
+  local batched, qp, routed = shape[6] == '1', shape[7], shape[8] == '1'
+  local priority, group, selector, limited, fallback = shape[9], shape[10], shape[11], shape[12], shape[13]
+  local healthy_ms, keep, dead_ttl = tonumber(shape[14]), tonumber(shape[15]), tonumber(shape[16])
+  local tags, chosen = shape[17], shape[18] == '1'
   local job_key, result_key = ARGV[2] .. id, ARGV[3] .. id
-  i = i + 22
   local cmds = {}
   for c = 1, ncmds do
     cmds[c], i = read_command(i)
@@ -133,10 +143,19 @@ for _ = 1, tonumber(ARGV[5]) do
     table.insert(out, 0)
   else
     event('job.enqueued', queue, engine, id, task, '', tags)
-    redis.call('DEL', job_key, result_key)
-    local flags = redis.call('HMGET', qp .. 'route', 'paused', 'routed')
+    if status or chosen then  -- a fresh id has no old record or result to replace
+      redis.call('DEL', job_key, result_key)
+    end
+    local flags = route_flags[qp]
+    if not flags then
+      flags = redis.call('HMGET', qp .. 'route', 'paused', 'routed')
+      route_flags[qp] = flags
+    end
     if routed then
-      if flags[2] ~= '1' then redis.call('HSET', qp .. 'route', 'routed', 1) end
+      if flags[2] ~= '1' then
+        redis.call('HSET', qp .. 'route', 'routed', 1)
+        flags[2] = '1'
+      end
     elseif flags[1] == '1' or flags[2] == '1' then
       routed = true
     end

@@ -128,3 +128,33 @@ class ScriptBatcher:
             raise
         self._idle.append(conn)
         return replies
+
+
+async def call_script(script: Any, keys: list[Any], args: list[Any]) -> Any:
+    """One call of a script registered on an asyncio client (``register_script``), packed by
+    hiredis: for a call of many arguments (a bulk enqueue) redis-py's packing costs more than
+    the script's own run in Redis. Loads the script on NOSCRIPT (a Redis restart) and retries
+    on a dropped connection like redis-py's own call; any other client (a cluster's) calls the
+    script itself."""
+    client = script.registered_client
+    pool = getattr(client, "connection_pool", None)
+    if not isinstance(pool, aioredis.ConnectionPool):
+        return await script(keys=keys, args=args)
+    packed = pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
+    conn = await pool.get_connection()
+
+    async def once() -> Any:
+        await conn.send_packed_command(packed)
+        return await conn.read_response()
+
+    async def dropped(_: BaseException) -> None:
+        await conn.disconnect()
+
+    try:
+        try:
+            return await conn.retry.call_with_retry(once, dropped)
+        except NoScriptError:
+            await client.script_load(script.script)
+            return await conn.retry.call_with_retry(once, dropped)
+    finally:
+        await pool.release(conn)
