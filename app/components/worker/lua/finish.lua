@@ -9,7 +9,9 @@
 -- '' (none: the adapter acks), 'taskiq' (KEYS[8] stream, ARGV[10] entry id, ARGV[11] group),
 -- 'dramatiq' (KEYS[8] acks set, KEYS[9] .msgs hash, ARGV[10] message id), 'arq' (KEYS[8..10]
 -- in-progress, retry and job keys, KEYS[11] queue, KEYS[12] abort set, ARGV[10] arq job id)
--- ARGV[10], ARGV[11] the ack's arguments ('' when unused)   ARGV[12..] events (JSON objects of string fields)
+-- ARGV[10], ARGV[11] the ack's arguments ('' when unused)   ARGV[12..] events, each as its number of
+-- fields then that many name/value pairs (flat, no JSON to decode: this script runs once per job);
+-- a 'ts' field gets Redis's time
 -- finished_at and each event's ts are Redis's clock (TIME), comparable across hosts.
 -- Returns 1 when written, 0 when that attempt is no longer running there: a retry of a write
 -- whose reply was lost (a Redis restart), or a worker cut off while another one recovered the
@@ -55,13 +57,14 @@ local record = string.sub(ARGV[5], 1, -2) .. ',"finished_at":' .. now .. '}'
 redis.call('SET', KEYS[2], record, 'EX', keep)
 redis.call('HSET', KEYS[1], 'status', ARGV[4], 'finished_at', now)
 redis.call('EXPIRE', KEYS[1], keep)
-for i = 12, #ARGV do
-  local fields = {}
-  for name, value in pairs(cjson.decode(ARGV[i])) do
-    if name == 'ts' then value = now end
-    table.insert(fields, name)
-    table.insert(fields, value)
+local i = 12
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  local fields = {unpack(ARGV, i + 1, i + 2 * n)}
+  for f = 1, 2 * n, 2 do
+    if fields[f] == 'ts' then fields[f + 1] = now end
   end
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', unpack(fields))
+  i = i + 1 + 2 * n
 end
 return 1

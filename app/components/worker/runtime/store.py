@@ -112,7 +112,7 @@ class JobStore:
         done = await self._batch.call(
             "finish", keys,
             [env.id, owner, attempt, status, json.dumps(body, default=str), keep,
-             self.events_maxlen, self.dead_ttl, *extra, *(json.dumps(e) for e in events)],
+             self.events_maxlen, self.dead_ttl, *extra, *_flat(events)],
         )
         return bool(int(done))
 
@@ -202,6 +202,16 @@ class Admitted(NamedTuple):
     wait_ms: int | None
     state: str
     held: int
+
+
+def _flat(events: Events) -> list[str | int]:
+    """Events as finish.lua reads them: per event its field count, then names and values."""
+    out: list[str | int] = []
+    for event in events:
+        out.append(len(event))
+        for item in event.items():
+            out += item
+    return out
 
 
 def _text(value: Any) -> str:
