@@ -29,3 +29,15 @@ def test_envelope_encoding_is_compact_json() -> None:
     assert Envelope.decode(env.encode()) == env
     with pytest.raises(Exception, match="cannot be sent as JSON"):
         Envelope("j", "t", "q", [float("nan")]).encode()
+
+
+def test_job_ids_are_uuid4_hex() -> None:
+    import uuid
+
+    from app.components.worker.envelope import new_job_id
+
+    ids = {new_job_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    for job_id in list(ids)[:200]:
+        parsed = uuid.UUID(job_id)
+        assert parsed.hex == job_id and parsed.version == 4 and parsed.variant == uuid.RFC_4122

@@ -274,18 +274,23 @@ class WorkerClient:
         jobs were accepted (they will run).
         """
         prepared = []
+        engines: dict[str, str] = {}  # queue -> its engine, checked once per call
         for req in requests:
             delay = validate_delay(req.delay) if req.delay is not None else 0.0
             env, raw, fallback = self._envelope(
                 req.task, tuple(req.args), dict(req.kwargs), req.queue, req.job_id,
                 (req.priority, req.worker_group, req.worker_selector, req.fallback, req.tags, req.timeout,
                  req.max_tries))
-            await self._check_engine(env.queue)
-            prepared.append(Accepting(env, raw, _delay_ms(delay), self.engine_of(env.queue), req.job_id is not None,
-                                      fallback))
-        for env, *_ in prepared:
-            chain = self._chain(env.queue)
-            if chain.has("before_enqueue"):
+            engine = engines.get(env.queue)
+            if engine is None:
+                await self._check_engine(env.queue)
+                engine = engines[env.queue] = self.engine_of(env.queue)
+            prepared.append(Accepting(env, raw, _delay_ms(delay), engine, req.job_id is not None, fallback))
+        hooked = {queue: self._chain(queue) for queue in engines}
+        hooked = {queue: chain for queue, chain in hooked.items() if chain.has("before_enqueue")}
+        for env, *_ in prepared if hooked else ():
+            chain = hooked.get(env.queue)
+            if chain is not None:
                 await chain.call("before_enqueue", self._hook_view(env, None), job_id=env.id)
         flags: list[int] = []
         try:
@@ -293,9 +298,10 @@ class WorkerClient:
                 flags += await self._accept(prepared[start:start + ENQUEUE_CHUNK])
         except RedisError as exc:
             raise self._refused(exc, accepted=sum(1 for f in flags if f), total=len(prepared)) from None
-        for (env, *_), ok in zip(prepared, flags, strict=True):
-            chain = self._chain(env.queue)
-            if ok and chain.has("after_enqueue"):
+        hooked = {queue: chain for queue in engines if (chain := self._chain(queue)).has("after_enqueue")}
+        for (env, *_), ok in zip(prepared, flags, strict=True) if hooked else ():
+            chain = hooked.get(env.queue)
+            if ok and chain is not None:
                 await chain.call("after_enqueue", self._hook_view(env, None), job_id=env.id)
         return [Job(self, env.id, env.queue, env.task) if ok else None
                 for (env, *_), ok in zip(prepared, flags, strict=True)]

@@ -34,6 +34,7 @@ from app.components.worker.runtime.store import JobStore
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+MAX_BIND_SHAPES = 1024  # shapes of task calls remembered as binding (task, positional count, names)
 HAND_BACK_WAIT_S = 5.0  # after the grace: how long a stop waits for interrupted jobs to be handed back
 
 
@@ -92,6 +93,7 @@ class JobRuntime:
         self._interrupted: set[asyncio.Task[Any]] = set()  # the tasks drain() cancelled
         self._running_job: set[asyncio.Task[Any]] = set()  # past claim and stop check: drain() may cancel these
         self._deliveries = itertools.count()  # with the instance id: unique per delivery
+        self._binds: set[tuple[Any, ...]] = set()  # shapes of calls known to bind (see _invoke)
 
     @property
     def running(self) -> int:
@@ -297,10 +299,16 @@ class JobRuntime:
         kwargs = env.kwargs
         if spec.context_param:
             kwargs = {**kwargs, spec.context_param: job}
-        try:
-            spec.signature.bind(*env.args, **kwargs)
-        except TypeError as exc:
-            raise BadArguments(f"arguments do not match {spec.name}(): {exc}") from None
+        # Whether arguments bind depends only on how many are positional and which names are
+        # passed, not on their values: checked once per shape of call (inspect's bind is slow).
+        shape = (spec.name, len(env.args), *kwargs)
+        if shape not in self._binds:
+            try:
+                spec.signature.bind(*env.args, **kwargs)
+            except TypeError as exc:
+                raise BadArguments(f"arguments do not match {spec.name}(): {exc}") from None
+            if len(self._binds) < MAX_BIND_SHAPES:
+                self._binds.add(shape)
         timeout = env.timeout or spec.timeout or self.config.timeout  # the job's own > the task's > the queue's
         token = set_current(job)
         try:
