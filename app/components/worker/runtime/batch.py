@@ -17,7 +17,7 @@ from hiredis import pack_command
 from redis.exceptions import NoScriptError, ResponseError
 
 Call = tuple[str, list[str], list[Any], "asyncio.Future[Any]"]
-MAX_DEFER = 16  # loop iterations a flush waits at most for other ready callbacks (asyncio's ready queue)
+MAX_DEFER = 4  # loop iterations a flush waits at most for other ready callbacks (asyncio's ready queue)
 
 
 class ScriptBatcher:

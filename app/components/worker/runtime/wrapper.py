@@ -34,6 +34,7 @@ from app.components.worker.runtime.store import JobStore
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+TASKIQ_FLUSH_DEFER = 16  # loop iterations a batch of claims/finishes may wait on taskiq (batch.py)
 MAX_BIND_SHAPES = 1024  # shapes of task calls remembered as binding (task, positional count, names)
 HAND_BACK_WAIT_S = 5.0  # after the grace: how long a stop waits for interrupted jobs to be handed back
 
@@ -83,6 +84,12 @@ class JobRuntime:
             # deferred for other ready callbacks (runtime/batch.py) costs them latency that
             # the loop cannot fill with other work (measured: 5-18% less drain, no CPU saved).
             store.set_flush_defer(0)
+        elif config.engine == "taskiq":
+            # taskiq's receiver hands one message per few loop turns: a longer wait lets the
+            # claims and finishes of several jobs share a send (measured with bench/ab.py:
+            # drain 1.29x, Redis CPU per job -35% against 4; on arq, whose poll loop starts
+            # jobs in bursts, 16 drained less than 4).
+            store.set_flush_defer(TASKIQ_FLUSH_DEFER)
         self.middleware = middleware
         self.worker = worker
         self.executor = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix=f"job-{queue.name}")
