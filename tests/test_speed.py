@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from taskiq.message import TaskiqMessage
@@ -41,3 +42,30 @@ def test_job_ids_are_uuid4_hex() -> None:
     for job_id in list(ids)[:200]:
         parsed = uuid.UUID(job_id)
         assert parsed.hex == job_id and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+
+
+@pytest.mark.parametrize("engine", ["arq", "dramatiq", "taskiq"])
+async def test_one_bulk_call_of_mixed_jobs(engine: str, client: Any) -> None:
+    """enqueue.lua sends what jobs share once per call: jobs of different shapes in one call
+    (tags, a delay, a chosen id, a duplicate of it) each keep their own fields, and a call made
+    after Redis lost its scripts (SCRIPT FLUSH) still goes through."""
+    from app.components.worker.api import JobRequest
+
+    await client.redis.script_flush()
+    jobs = await client.enqueue_many([
+        JobRequest("add", (1, 2)),
+        JobRequest("add", (3, 4), tags={"team": "a"}),
+        JobRequest("add", (5, 6), delay=30),
+        JobRequest("add", (7, 8), job_id="mixed-1"),
+        JobRequest("add", (9, 9), job_id="mixed-1"),
+        JobRequest("add", (1, 1), tags={"team": "b"}),
+    ])
+    assert [job is not None for job in jobs] == [True, True, True, True, False, True]
+    records = [await client.redis.hgetall(client.keys.job(job.job_id)) for job in jobs if job is not None]
+    assert [r[b"status"] for r in records] == [b"queued", b"queued", b"delayed", b"queued", b"queued"]
+    assert [json.loads(r[b"envelope"])["args"] for r in records] == [[1, 2], [3, 4], [5, 6], [7, 8], [1, 1]]
+    assert [json.loads(r[b"envelope"]).get("tags") for r in records] == [None, {"team": "a"}, None, None,
+                                                                          {"team": "b"}]
+    events = await client.redis.xrange(client.keys.events)
+    assert [(f[b"job_id"].decode(), f.get(b"tags")) for _, f in events if f[b"type"] == b"job.enqueued"] == [
+        (job.job_id, {1: b"team=a", 4: b"team=b"}.get(i)) for i, job in enumerate(j for j in jobs if j is not None)]
