@@ -69,3 +69,27 @@ async def test_one_bulk_call_of_mixed_jobs(engine: str, client: Any) -> None:
     events = await client.redis.xrange(client.keys.events)
     assert [(f[b"job_id"].decode(), f.get(b"tags")) for _, f in events if f[b"type"] == b"job.enqueued"] == [
         (job.job_id, {1: b"team=a", 4: b"team=b"}.get(i)) for i, job in enumerate(j for j in jobs if j is not None)]
+
+
+@pytest.mark.parametrize("raw", RAWS)
+def test_dramatiq_message_is_dramatiqs_own(raw: str) -> None:
+    import uuid
+
+    import dramatiq
+
+    from app.components.worker.engines.dramatiq_engine import _encoded, _uuid_text
+
+    message = dramatiq.Message(queue_name="worker:dramatiq:q", actor_name=DISPATCH_NAME, args=(raw,), kwargs={},
+                               options={"redis_message_id": "r-1"}, message_id="job.1.ab", message_timestamp=1234)
+    assert _encoded("worker:dramatiq:q", raw, "r-1", "job.1.ab", 1234) == message.encode()
+    text = _uuid_text()
+    assert str(uuid.UUID(text)) == text and uuid.UUID(text).version == 4
+
+
+@pytest.mark.parametrize("raw", RAWS)
+def test_arq_job_is_arqs_own(raw: str) -> None:
+    from arq.jobs import serialize_job
+
+    from app.components.worker.engines.arq_engine import _dumps, _serialized
+
+    assert _serialized(raw, 1234) == serialize_job(DISPATCH_NAME, (raw,), {}, None, 1234, serializer=_dumps)
