@@ -102,13 +102,15 @@ local function target_alive(qp, queue, group, selector, healthy_ms)
 end
 
 local function event(kind, queue, engine, id, task, error, tags)
-  local fields = {'type', kind, 'ts', now, 'queue', queue, 'backend', engine, 'job_id', id, 'task', task,
-    'attempt', '0', 'worker_id', '', 'duration_ms', '', 'error', error}
-  if tags ~= '' then
-    table.insert(fields, 'tags')
-    table.insert(fields, tags)
+  if tags == '' then  -- no table to build and unpack: this runs once per job
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'type', kind, 'ts', now, 'queue', queue,
+      'backend', engine, 'job_id', id, 'task', task, 'attempt', '0', 'worker_id', '', 'duration_ms', '',
+      'error', error)
+  else
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'type', kind, 'ts', now, 'queue', queue,
+      'backend', engine, 'job_id', id, 'task', task, 'attempt', '0', 'worker_id', '', 'duration_ms', '',
+      'error', error, 'tags', tags)
   end
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(fields))
 end
 
 local engine_queues = {}  -- queue prefix -> true when its batched jobs go to the engine
@@ -131,9 +133,12 @@ for _ = 1, njobs do
   local healthy_ms, keep, dead_ttl = tonumber(shape[14]), tonumber(shape[15]), tonumber(shape[16])
   local tags, chosen = shape[17], shape[18] == '1'
   local job_key, result_key = ARGV[2] .. id, ARGV[3] .. id
-  local cmds = {}
-  for c = 1, ncmds do
-    cmds[c], i = read_command(i)
+  local cmds = nil  -- a job's own engine commands (a caller-chosen id): read only when there are some
+  if ncmds > 0 then
+    cmds = {}
+    for c = 1, ncmds do
+      cmds[c], i = read_command(i)
+    end
   end
   local job = redis.call('HMGET', job_key, 'status', 'run')
   local status = job[1]
@@ -200,8 +205,10 @@ for _ = 1, njobs do
       elseif routed then
         place(qp, envelope, priority, group, selector, limited)
       else
-        for _, cmd in ipairs(cmds) do
-          redis.call(unpack(cmd))
+        if cmds then
+          for _, cmd in ipairs(cmds) do
+            redis.call(unpack(cmd))
+          end
         end
         if batched then engine_queues[qp] = true end
       end
@@ -214,10 +221,11 @@ i = i + 1
 for _ = 1, nblocks do
   local qp, ncmds = ARGV[i], tonumber(ARGV[i + 1])
   i = i + 2
+  local run = engine_queues[qp]
   for _ = 1, ncmds do
-    local cmd
-    cmd, i = read_command(i)
-    if engine_queues[qp] then redis.call(unpack(cmd)) end
+    local nwords = tonumber(ARGV[i])
+    if run then redis.call(unpack(ARGV, i + 1, i + nwords)) end
+    i = i + 1 + nwords
   end
 end
 return out
