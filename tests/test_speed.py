@@ -93,3 +93,18 @@ def test_arq_job_is_arqs_own(raw: str) -> None:
     from app.components.worker.engines.arq_engine import _dumps, _serialized
 
     assert _serialized(raw, 1234) == serialize_job(DISPATCH_NAME, (raw,), {}, None, 1234, serializer=_dumps)
+
+
+def test_envelope_fast_encoding_equals_the_reference() -> None:
+    import itertools
+
+    variants = itertools.product(
+        ([], [1, "\u00e9", None, 2.5, True, {"x": [1]}]), ({}, {"k": "v", "n": {"m": 1}}), ("low", "high"),
+        ("", "gpu"), ("", "zone=a"), (False, True), ({}, {"team": "\u2603"}), (None, 2.5, 10), (None, 3))
+    for args, kwargs, priority, group, selector, routed, tags, timeout, max_tries in variants:
+        env = Envelope("job-\u00e9", "task", "queue", args, kwargs, 2, 1_700_000_000_000, "ab12", priority, group,
+                       selector, routed, tags, routed, timeout, max_tries)
+        assert env._encode_fast() == env._encode_dict()
+        assert Envelope.decode(env.encode()) == env
+    odd = Envelope("j", "t", "q", priority=None)  # type: ignore[arg-type]  # not the usual types: the reference
+    assert odd.encode() == odd._encode_dict()
