@@ -1,6 +1,6 @@
 """Scaling across worker processes, and what one job costs Redis, per engine, layer and raw.
 
-    python bench/scale.py                      # 1, 2, 4, 8 processes x 3 engines x (raw, layer), ~8 min on 2 cores
+    python bench/scale.py                      # 1, 2, 4, 8 processes x 3 engines x (raw, layer), ~5 min on 2 cores
     python bench/scale.py --procs 1,2 --engines taskiq --jobs 3000
 
 For each engine, raw and through the layer, with 1, 2, 4 and 8 worker processes (concurrency 10
@@ -226,6 +226,12 @@ def systems_for(engines: list[str], raw: bool) -> list[Any]:
     return out
 
 
+def bound(row: dict[str, Any], cpus: int) -> float | None:
+    """Jobs/s if all CPUs did only the drain's work (worker + Redis), at the measured cost per job."""
+    us = row["worker_us"] + row["drain_us"]
+    return cpus * 1e6 / us if us > 0 else None
+
+
 def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     m = meta["machine"]
     v = m["versions"]
@@ -242,11 +248,13 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "",
         "Per job: Redis commands and Redis CPU are enqueue + drain (the enqueue's share in brackets); "
         "the ceiling is what one Redis core carries at that cost, `1e6 / Redis µs per job`; Redis cores and "
-        "worker cores are the CPU each used during the drain (2 = both of this machine's CPUs).",
+        "worker cores are the CPU each used during the drain (2 = both of this machine's CPUs). The CPU bound is "
+        "what this machine's CPUs would drain if they did nothing but this: `CPUs x 1e6 / (worker µs + Redis drain µs)`.",
         "",
         "| system | processes | drain jobs/s | vs 1 process | Redis commands per job (enqueue) | Redis CPU µs per job (enqueue) "
-        "| one Redis core's ceiling, jobs/s | Redis cores | worker CPU µs per job | worker cores | load 1 min |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| one Redis core's ceiling, jobs/s | Redis cores | worker CPU µs per job | worker cores "
+        "| CPU bound of this machine, jobs/s | load 1 min |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = {r["system"]: r["jobs_s"] for r in rows if r["procs"] == 1}
     for r in rows:
@@ -255,7 +263,8 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"| {r['label']} | {r['procs']} | {fmt(r['jobs_s'])} | {fmt(r['jobs_s'] / first, 2) if first else '—'} | "
             f"{fmt(r['cmds'], 1)} ({fmt(r['enqueue_cmds'], 1)}) | {fmt(r['redis_us'])} ({fmt(r['enqueue_us'])}) | "
             f"{fmt(1e6 / r['redis_us']) if r['redis_us'] > 0 else '—'} | {fmt(r['redis_cores'], 2)} | "
-            f"{fmt(r['worker_us'])} | {fmt(r['worker_cores'], 2)} | {r['load_before']:.1f} |")
+            f"{fmt(r['worker_us'])} | {fmt(r['worker_cores'], 2)} | {fmt(bound(r, meta['machine']['nproc']))} | "
+            f"{r['load_before']:.1f} |")
     lines += ["", "## Layer / raw, side by side", "",
               "| engine | processes | drain layer / raw | Redis commands per job, raw / layer | Redis CPU µs per job, raw / layer "
               "| one Redis core's ceiling jobs/s, raw / layer |", "|---|---:|---:|---|---|---|"]
