@@ -61,6 +61,17 @@ IDLE_S = 2.0
 SETTLE_CPU = 0.2  # a process using less than this share of a core is idle (done starting)
 
 
+def machine_busy_s() -> float:
+    """CPU seconds every process on the machine has used (all CPUs), from /proc/stat."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + getattr(t, "steal", 0)
+
+
+def own_cpu_s() -> float:
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
 def server(r: redis.Redis) -> tuple[float, dict[str, int], float]:
     """(monotonic time, commands by name, Redis CPU seconds)."""
     stats = r.info("commandstats")
@@ -183,11 +194,11 @@ def measure(system: Any, url: str, procs: int, n: int, concurrency: int, logs: P
         finally:
             producer.close()
         t1, c1, cpu1 = server(r)
-        w1 = workers.cpu_s()
+        w1, m1, b1 = workers.cpu_s(), machine_busy_s(), own_cpu_s()
         workers.signal(signal.SIGCONT)
         done = wait_done(r, workers, n, 60 + n / 100)
         t2, c2, cpu2 = server(r)
-        w2 = workers.cpu_s()
+        w2, m2, b2 = workers.cpu_s(), machine_busy_s(), own_cpu_s()
         time.sleep(IDLE_S)
         t3, c3, cpu3 = server(r)
         w3 = workers.cpu_s()
@@ -208,7 +219,9 @@ def measure(system: Any, url: str, procs: int, n: int, concurrency: int, logs: P
         "enqueue_us": enq_us, "drain_us": drain_us, "redis_us": enq_us + drain_us,
         # CPU used while draining, in cores: the window also holds up to ~0.15 s of wait after the last job
         "redis_cores": (cpu2 - cpu1) / window, "worker_us": ((w2 - w1) - idle_wcpu * window) * 1e6 / n,
-        "worker_cores": (w2 - w1) / window, "window_s": window, "idle_cmds_s": idle_cmds, "by_command": by_command,
+        "worker_cores": (w2 - w1) / window, "window_s": window,
+        # what else ran meanwhile (other work on the machine): all CPU time less Redis, workers, the bench
+        "other_cores": max(0.0, (m2 - m1) - (cpu2 - cpu1) - (w2 - w1) - (b2 - b1)) / window, "idle_cmds_s": idle_cmds, "by_command": by_command,
         "settle_s": settle_s, "load_before": load, "load_after": os.getloadavg()[0],
     }
 
@@ -243,18 +256,21 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"- layer code: commit {m['code']}",
         f"- Python {m['python']}, redis-server {m['redis_server']} (private, free port, no persistence); "
         + ", ".join(f"{k} {v[k]}" for k in ("arq", "dramatiq", "taskiq", "taskiq-redis", "redis", "hiredis")),
-        f"- {meta['jobs']} no-op jobs per run, concurrency {meta['concurrency']} per process, one run per row; "
+        f"- {meta['jobs']} no-op jobs per run, concurrency {meta['concurrency']} per process, "
+        f"{'one run per row' if meta.get('runs', 1) == 1 else str(meta['runs']) + ' runs per row, the median (of two: the faster)'}; "
         f"load average (1 min) {meta['loadavg']['before'][0]:.2f} before, {meta['loadavg']['after'][0]:.2f} after",
         "",
         "Per job: Redis commands and Redis CPU are enqueue + drain (the enqueue's share in brackets); "
         "the ceiling is what one Redis core carries at that cost, `1e6 / Redis µs per job`; Redis cores and "
         "worker cores are the CPU each used during the drain (2 = both of this machine's CPUs). The CPU bound is "
-        "what this machine's CPUs would drain if they did nothing but this: `CPUs x 1e6 / (worker µs + Redis drain µs)`.",
+        "what this machine's CPUs would drain if they did nothing but this: `CPUs x 1e6 / (worker µs + Redis drain µs)`. Other work: CPU that other processes on the "
+        "machine used during the drain (all CPU time less Redis, the workers and the bench), in cores; the load average "
+        "also counts this bench's own processes.",
         "",
         "| system | processes | drain jobs/s | vs 1 process | Redis commands per job (enqueue) | Redis CPU µs per job (enqueue) "
         "| one Redis core's ceiling, jobs/s | Redis cores | worker CPU µs per job | worker cores "
-        "| CPU bound of this machine, jobs/s | load 1 min |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU bound of this machine, jobs/s | other work, cores | load 1 min |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = {r["system"]: r["jobs_s"] for r in rows if r["procs"] == 1}
     for r in rows:
@@ -264,7 +280,7 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"{fmt(r['cmds'], 1)} ({fmt(r['enqueue_cmds'], 1)}) | {fmt(r['redis_us'])} ({fmt(r['enqueue_us'])}) | "
             f"{fmt(1e6 / r['redis_us']) if r['redis_us'] > 0 else '—'} | {fmt(r['redis_cores'], 2)} | "
             f"{fmt(r['worker_us'])} | {fmt(r['worker_cores'], 2)} | {fmt(bound(r, meta['machine']['nproc']))} | "
-            f"{r['load_before']:.1f} |")
+            f"{fmt(r.get('other_cores'), 2)} | {r['load_before']:.1f} |")
     lines += ["", "## Layer / raw, side by side", "",
               "| engine | processes | drain layer / raw | Redis commands per job, raw / layer | Redis CPU µs per job, raw / layer "
               "| one Redis core's ceiling jobs/s, raw / layer |", "|---|---:|---:|---|---|---|"]
@@ -293,6 +309,7 @@ def main() -> None:
     parser.add_argument("--engines", default="arq,dramatiq,taskiq")
     parser.add_argument("--jobs", type=int, default=10000, help="no-op jobs per run")
     parser.add_argument("--concurrency", type=int, default=10, help="slots per worker process")
+    parser.add_argument("--runs", type=int, default=1, help="runs per row; the row is the median run (of two: the faster)")
     parser.add_argument("--no-raw", action="store_true", help="the layer only")
     parser.add_argument("--redis-server", help="redis-server binary (default: the newest on PATH)")
     parser.add_argument("--worktree", action="store_true", help="measure app/ with its uncommitted changes")
@@ -324,12 +341,17 @@ def body(args: argparse.Namespace) -> None:
         log(f"redis at {srv.url}; {len(systems)} systems x {procs} processes, {args.jobs} jobs each")
         for p in procs:
             for system in systems:
-                try:
-                    row = measure(system, srv.url, p, args.jobs, args.concurrency, args.out / "logs")
-                except Exception as exc:  # noqa: BLE001 - one failing run must not stop the bench
-                    failed.append(f"{system.label}, {p} processes: {type(exc).__name__}: {exc}"[:400])
-                    log(f"{system.key} x{p} failed: {exc}")
+                runs = []
+                for _ in range(args.runs):
+                    try:
+                        runs.append(measure(system, srv.url, p, args.jobs, args.concurrency, args.out / "logs"))
+                    except Exception as exc:  # noqa: BLE001 - one failing run must not stop the bench
+                        failed.append(f"{system.label}, {p} processes: {type(exc).__name__}: {exc}"[:400])
+                        log(f"{system.key} x{p} failed: {exc}")
+                if not runs:
                     continue
+                runs.sort(key=lambda x: x["jobs_s"])
+                row = {**runs[len(runs) // 2], "runs": [x["jobs_s"] for x in runs]}  # the median (of two: the faster)
                 rows.append(row)
                 log(f"{system.key} x{p}: {row['jobs_s']:,.0f} jobs/s, {row['cmds']:.1f} cmds/job, "
                     f"Redis {row['redis_us']:.0f} µs/job ({row['redis_cores']:.2f} cores), "
@@ -338,7 +360,7 @@ def body(args: argparse.Namespace) -> None:
         srv.cleanup()
     argv = "" if sys.argv[1:] == [] else " " + " ".join(sys.argv[1:])
     meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "argv": argv, "jobs": args.jobs,
-            "concurrency": args.concurrency, "procs": procs, "engines": engines, "machine": machine(binary),
+            "concurrency": args.concurrency, "runs": args.runs, "procs": procs, "engines": engines, "machine": machine(binary),
             "wall_s": time.time() - started, "failed": failed,
             "loadavg": {"before": load_before, "after": os.getloadavg()}}
     text = render(meta, rows)
