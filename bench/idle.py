@@ -162,6 +162,39 @@ def measure(engine: str, url: str, code: Path, seconds: float, jobs: int, late: 
             "late_jobs": len(late_delay) + len(late_retry)}
 
 
+def run_all(url: str, code: Path, engines: list[str], seconds: float, jobs: int, late: int) -> list[dict[str, Any]]:
+    """Every engine in turn on the Redis at ``url`` (each under its own key prefix)."""
+    with tempfile.TemporaryDirectory() as packages:
+        (Path(packages) / "idle_queues").mkdir()
+        (Path(packages) / "idle_queues" / "__init__.py").write_text("")
+        (Path(packages) / "idle_queues" / "idle.py").write_text(QUEUE_MODULE)
+        sys.path.insert(0, packages)
+        try:
+            return [measure(e, url, code.resolve(), seconds, jobs, late, Path(packages)) for e in engines]
+        finally:
+            sys.path.remove(packages)
+
+
+def section(url: str, seconds: float = 10.0, jobs: int = 200, late: int = 20) -> list[str]:
+    """The markdown section of ``bench/run.py``: idle cost and pickup of one layer worker process."""
+    rows = run_all(url, ROOT, ["arq", "dramatiq", "taskiq"], seconds, jobs, late)
+    lines = ["## Idle worker: Redis commands per second and pickup", "",
+             f"`bench/idle.py`: one `app worker` process per engine (10 slots, default settings) on an empty queue; "
+             f"Redis commands it causes per second over a {seconds:g} s idle window (`INFO commandstats`, including "
+             f"commands inside Lua scripts), then {jobs} single jobs enqueued one at a time into the idle worker "
+             "(pickup: `job.enqueued` -> `job.started`, stream ids, Redis's clock), then how late 0.2 s delayed "
+             "jobs and 50 ms retries start.", "",
+             "| engine | idle commands/s per worker process | top commands/s | pickup p50 / p99 / max ms "
+             "| 0.2 s delay late p50 / max ms | 50 ms retry late p50 / max ms |",
+             "|---|---:|---|---|---|---|"]
+    for r in rows:
+        top = ", ".join(f"{k} {v:g}" for k, v in list(r["by_command"].items())[:5])
+        lines.append(f"| {r['engine']} | {r['idle_calls_per_s']:.1f} | {top} | {r['pickup_ms_p50']} / "
+                     f"{r['pickup_ms_p99']} / {r['pickup_ms_max']} | {r['delay_late_ms_p50']} / {r['delay_late_ms_max']} "
+                     f"| {r['retry_late_ms_p50']} / {r['retry_late_ms_max']} |")
+    return lines + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--code", type=Path, default=ROOT, help="checkout whose app/ is measured")
@@ -174,16 +207,10 @@ def main() -> None:
     from app.core.redis_server import RedisServer
 
     server = RedisServer().start()
-    with tempfile.TemporaryDirectory() as packages:
-        (Path(packages) / "idle_queues").mkdir()
-        (Path(packages) / "idle_queues" / "__init__.py").write_text("")
-        (Path(packages) / "idle_queues" / "idle.py").write_text(QUEUE_MODULE)
-        sys.path.insert(0, packages)
-        try:
-            rows = [measure(e, server.url, args.code.resolve(), args.seconds, args.jobs, args.late, Path(packages))
-                    for e in args.engines.split(",")]
-        finally:
-            server.cleanup()
+    try:
+        rows = run_all(server.url, args.code, args.engines.split(","), args.seconds, args.jobs, args.late)
+    finally:
+        server.cleanup()
     for row in rows:
         print(json.dumps(row))
 

@@ -19,6 +19,7 @@ TASKS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "noop": ("noop", "load_test", {}),
     "sleep": ("io_simulation_task", "load_test", {"duration_ms": 10}),
     "stamp": ("stamp", "bench", {}),
+    "probe_noop": ("noop", "bench", {}),  # bench/scale.py: counted by bench.probe like the raw engines
 }
 
 
