@@ -32,7 +32,7 @@ from taskiq_redis import RedisStreamBroker
 from app.components.worker.engines.base import Coalescer, EngineAdapter, EngineStats, Handle, keep_running, stand_in
 from app.components.worker.envelope import DISPATCH_NAME
 from app.components.worker.runtime.ack import DELIVERY_ACK, EngineAck
-from app.core.redis import connection_kwargs, redis_url
+from app.core.redis import async_pool, connection_kwargs, redis_url
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ class Adapter(EngineAdapter):
             max_connection_pool_size=pool_size, xread_count=self.config.threads, xread_block=int(self.idle_wait * 1000),
             idle_timeout=IDLE_TIMEOUT_MS, consumer_id="0", **kwargs_,
         )
+        self.broker.connection_pool = async_pool(self.settings, blocking=True, max_connections=pool_size)  # Sentinel too
         self.broker.entries, self.broker.folded = {}, set()
         self._handle: Handle | None = None
 

@@ -1,0 +1,158 @@
+"""A Sentinel topology on free ports: one master, one replica, three ``redis-server --sentinel``.
+
+``SentinelTopology().start()`` returns once every Sentinel names the same master, sees the two
+other Sentinels and the replica, and the replica's link to the master is up; ``stop()`` ends
+every process. ``kill_master()`` SIGKILLs the master and ``wait_failover()`` waits until every
+Sentinel names the replica as the new master and the new master accepts writes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from app.core.redis_server import RedisServer, find_redis_server, free_port
+
+MASTER_NAME = "apptest"
+DOWN_AFTER_MS = 1000  # a killed master is subjectively down after this long; then the vote starts
+
+
+def _until(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate():  # type: ignore[operator]
+                return
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class SentinelTopology:
+    def __init__(self, name: str = MASTER_NAME, sentinels: int = 3) -> None:
+        self.name = name
+        self.master = RedisServer()
+        self.replica = RedisServer()
+        self.sentinel_ports = [free_port() for _ in range(sentinels)]
+        self.sentinel_procs: list[subprocess.Popen[bytes]] = []
+        self.dir = tempfile.mkdtemp(prefix="app-sentinel-")
+
+    @property
+    def sentinels(self) -> str:
+        """The REDIS_SENTINELS value."""
+        return ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+
+    def env(self) -> dict[str, str]:
+        return {"REDIS_SENTINELS": self.sentinels, "REDIS_SENTINEL_MASTER": self.name,
+                # Never used for the address while Sentinels are set: a port nothing listens on proves it.
+                "REDIS_URL": f"redis://127.0.0.1:{free_port()}"}
+
+    def start(self) -> SentinelTopology:
+        self.master.start()
+        self.replica.extra = ["--replicaof", "127.0.0.1", str(self.master.port)]
+        self.replica.start()
+        for port in self.sentinel_ports:
+            conf = Path(self.dir) / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndaemonize no\ndir {self.dir}\n"
+                f"sentinel monitor {self.name} 127.0.0.1 {self.master.port} 2\n"
+                f"sentinel down-after-milliseconds {self.name} {DOWN_AFTER_MS}\n"
+                f"sentinel failover-timeout {self.name} 10000\n"
+                f"sentinel parallel-syncs {self.name} 1\n"
+            )
+            self.sentinel_procs.append(subprocess.Popen(
+                [find_redis_server(), str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT, start_new_session=True))
+        _until(lambda: self._agreed(self.master.port, replicas=1), 30, "the Sentinels to agree on the master")
+        _until(lambda: self.client(self.replica.port).info("replication").get("master_link_status") == "up",
+               10, "the replica's link to the master")
+        return self
+
+    def client(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=1)
+
+    def _agreed(self, master_port: int, replicas: int) -> bool:
+        for port in self.sentinel_ports:
+            with self.client(port) as sentinel:
+                state = sentinel.sentinel_master(self.name)
+                if int(state["port"]) != master_port or not state["is_master"] or state["is_sdown"]:
+                    return False
+                if state["num-other-sentinels"] < len(self.sentinel_ports) - 1 or state["num-slaves"] < replicas:
+                    return False
+        return True
+
+    def master_port(self) -> int:
+        with self.client(self.sentinel_ports[0]) as sentinel:
+            return int(sentinel.sentinel_get_master_addr_by_name(self.name)[1])
+
+    def master_client(self) -> redis.Redis:
+        """A plain client of the current master (what the Sentinels name now)."""
+        return self.client(self.master_port())
+
+    def kill_master(self) -> None:
+        """SIGKILL the master: no goodbye to anyone, what a crashed host looks like."""
+        assert self.master.process is not None
+        self.master.process.send_signal(signal.SIGKILL)
+        self.master.process.wait()
+
+    def wait_failover(self, timeout: float = 30) -> None:
+        def promoted() -> bool:
+            if not self._agreed_on(self.replica.port):
+                return False
+            with self.client(self.replica.port) as new:
+                return new.info("replication")["role"] == "master"
+
+        _until(promoted, timeout, "the Sentinels to promote the replica")
+
+    def _agreed_on(self, port: int) -> bool:
+        for sentinel_port in self.sentinel_ports:
+            with self.client(sentinel_port) as sentinel:
+                if int(sentinel.sentinel_get_master_addr_by_name(self.name)[1]) != port:
+                    return False
+        return True
+
+    def stop(self) -> None:
+        for proc in self.sentinel_procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.sentinel_procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.master.cleanup()
+        self.replica.cleanup()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def sentinel_topology() -> Iterator[SentinelTopology]:
+    """A fresh topology for one test (a failover changes it)."""
+    topology = SentinelTopology().start()
+    yield topology
+    topology.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_sentinel_topology() -> Iterator[SentinelTopology]:
+    """One topology for the tests of a module that do not fail it over."""
+    topology = SentinelTopology().start()
+    yield topology
+    topology.stop()
+
+
+def redis_server_version() -> tuple[int, ...]:
+    out = subprocess.run([find_redis_server(), "--version"], capture_output=True, text=True, check=True).stdout
+    version = out.split("v=", 1)[1].split()[0]
+    return tuple(int(part) for part in version.split("."))
