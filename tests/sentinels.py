@@ -1,5 +1,11 @@
 """A Sentinel topology on free ports: one master, one replica, three ``redis-server --sentinel``.
 
+Everyone reaches the master through a small TCP proxy (``LinkProxy``): the Sentinels monitor
+the proxy's port, the replica replicates through it, clients connect to it. The proxy can
+drop what the master sends to the replica (``freeze_replication``) while the link stays up:
+a replica that lags behind, as across a slow or partitioned network, so the writes of that
+moment live on the master only; then ``kill_master`` loses them, as a real failover would.
+
 ``SentinelTopology().start()`` returns once every Sentinel names the same master, sees the two
 other Sentinels and the replica, and the replica's link to the master is up; ``stop()`` ends
 every process. ``kill_master()`` SIGKILLs the master and ``wait_failover()`` waits until every
@@ -10,8 +16,10 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +46,67 @@ def _until(predicate: object, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+class LinkProxy:
+    """Forwards a port to the master; can drop the master-to-replica stream (replication
+    connections are the ones whose client sends SYNC or PSYNC)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.frozen = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.sockets: list[socket.socket] = []
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True, name="link-proxy").start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=1)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()  # the master is down: so is its address
+                continue
+            self.sockets += [client, upstream]
+            link = {"replication": False}
+            threading.Thread(target=self._pump, args=(client, upstream, link, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, link, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, link: dict[str, bool], from_client: bool) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if from_client and not link["replication"] and (b"PSYNC" in data.upper() or b"\r\nSYNC" in data.upper()):
+                    link["replication"] = True
+                if not from_client and link["replication"] and self.frozen.is_set():
+                    continue  # never reaches the replica
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+        for sock in self.sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
 class SentinelTopology:
     def __init__(self, name: str = MASTER_NAME, sentinels: int = 3) -> None:
         self.name = name
@@ -45,6 +114,7 @@ class SentinelTopology:
         self.replica = RedisServer()
         self.sentinel_ports = [free_port() for _ in range(sentinels)]
         self.sentinel_procs: list[subprocess.Popen[bytes]] = []
+        self.proxy: LinkProxy | None = None
         self.dir = tempfile.mkdtemp(prefix="app-sentinel-")
 
     @property
@@ -59,13 +129,14 @@ class SentinelTopology:
 
     def start(self) -> SentinelTopology:
         self.master.start()
-        self.replica.extra = ["--replicaof", "127.0.0.1", str(self.master.port)]
+        self.proxy = LinkProxy(self.master.port)
+        self.replica.extra = ["--replicaof", "127.0.0.1", str(self.proxy.port)]
         self.replica.start()
         for port in self.sentinel_ports:
             conf = Path(self.dir) / f"sentinel-{port}.conf"
             conf.write_text(
                 f"port {port}\nbind 127.0.0.1\ndaemonize no\ndir {self.dir}\n"
-                f"sentinel monitor {self.name} 127.0.0.1 {self.master.port} 2\n"
+                f"sentinel monitor {self.name} 127.0.0.1 {self.proxy.port} 2\n"
                 f"sentinel down-after-milliseconds {self.name} {DOWN_AFTER_MS}\n"
                 f"sentinel failover-timeout {self.name} 10000\n"
                 f"sentinel parallel-syncs {self.name} 1\n"
@@ -73,7 +144,7 @@ class SentinelTopology:
             self.sentinel_procs.append(subprocess.Popen(
                 [find_redis_server(), str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
                 stderr=subprocess.STDOUT, start_new_session=True))
-        _until(lambda: self._agreed(self.master.port, replicas=1), 30, "the Sentinels to agree on the master")
+        _until(lambda: self._agreed(self.proxy.port, replicas=1), 30, "the Sentinels to agree on the master")
         _until(lambda: self.client(self.replica.port).info("replication").get("master_link_status") == "up",
                10, "the replica's link to the master")
         return self
@@ -98,6 +169,11 @@ class SentinelTopology:
     def master_client(self) -> redis.Redis:
         """A plain client of the current master (what the Sentinels name now)."""
         return self.client(self.master_port())
+
+    def freeze_replication(self) -> None:
+        """From now on the replica gets nothing more from the master (its link stays up)."""
+        assert self.proxy is not None
+        self.proxy.frozen.set()
 
     def kill_master(self) -> None:
         """SIGKILL the master: no goodbye to anyone, what a crashed host looks like."""
@@ -131,6 +207,8 @@ class SentinelTopology:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self.proxy is not None:
+            self.proxy.close()
         self.master.cleanup()
         self.replica.cleanup()
         shutil.rmtree(self.dir, ignore_errors=True)

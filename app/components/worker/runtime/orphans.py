@@ -1,0 +1,73 @@
+"""Jobs this live worker instance holds in Redis but no longer runs: writes lost in a failover.
+
+Redis replication is asynchronous, so a failover (Sentinel promoting a replica) can lose the
+last writes of the old master: a job's finish (its terminal state, events and the engine's
+ack, one script) or a requeue. The new master then says the job is ``running``, held by this
+instance, which has long finished it. The reaper never touches a live instance's jobs, so
+such a job would wait for this worker's restart. This sweep finds them: every ``interval``
+it compares this instance's held set with the jobs its runtime has in flight (registered
+before their claim is sent), and a job held but not in flight on two passes in a row (so a
+claim whose reply is still on its way is never taken for one) is recovered like a dead
+worker's job: retried, the lost attempt counting, or failed with WorkerLost. Recovery is a
+compare-and-set on the job's state and owner, so a job that ended meanwhile is left alone.
+The job may run twice (at-least-once); it still ends with exactly one terminal event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import redis.asyncio as aioredis
+
+from app.components.worker.keys import Keys
+from app.components.worker.runtime.wrapper import JobRuntime
+
+logger = logging.getLogger(__name__)
+
+
+class OrphanSweep:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, runtime: JobRuntime, offline_after: float) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.runtime = runtime
+        self.me = runtime.worker.instance
+        self.interval = max(0.2, min(2.0, offline_after / 4))
+        self.recovered = 0
+        self._suspects: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"orphans-{self.runtime.queue.name}")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.sweep_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - try again next round
+                logger.debug("queue %s: orphan sweep failed (%s)", self.runtime.queue.name, exc)
+
+    async def sweep_once(self) -> int:
+        held = {m.decode() if isinstance(m, bytes) else m for m in await self.redis.smembers(self.keys.held(self.me))}
+        suspects = {job_id for job_id in held if job_id not in self.runtime.holding}  # read after the reply
+        confirmed, self._suspects = suspects & self._suspects, suspects - self._suspects
+        count = 0
+        for job_id in sorted(confirmed):
+            if job_id in self.runtime.holding or self.runtime.stopping:
+                continue
+            logger.warning("job %s: held by this worker in Redis but not running here (a write lost in a "
+                           "failover?): recovering it", job_id)
+            await self.runtime.recover_lost(job_id, self.me, 0.0, why=(
+                f"worker {self.runtime.worker.worker_id} no longer runs it, but Redis says it does "
+                "(its last write was lost, e.g. in a failover)"))
+            count += 1
+        self.recovered += count
+        return count
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
