@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from app.components.worker.api import JobRequest, WorkerClient
-from app.core.errors import AppError, NotReplicated
+from app.core.errors import AppError, ConfigError, NotReplicated
 from app.core.settings import load_settings
 from tests.conftest import ROOT, WorkerProcess, wait_until
 from tests.sentinels import MASTER_NAME, SentinelTopology, sentinel_topology, shared_sentinel_topology
@@ -233,3 +233,34 @@ def test_unreachable_sentinels_is_one_line(env: dict[str, str]) -> None:
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and f"cannot reach any Sentinel at {dead}" in lines[0], out.stderr
+
+
+@pytest.mark.parametrize(("values", "says"), [
+    ({"redis_sentinels": "127.0.0.1:26379"}, "REDIS_SENTINELS and REDIS_SENTINEL_MASTER go together"),
+    ({"redis_sentinels": "127.0.0.1:99999", "redis_sentinel_master": "m"}, "REDIS_SENTINELS='127.0.0.1:99999' is invalid"),
+    ({"redis_sentinel_master": "a b", "redis_sentinels": "h:1"}, "REDIS_SENTINEL_MASTER='a b' is invalid"),
+    ({"redis_wait_replicas": "1", "redis_wait_timeout_ms": "20000"}, "must stay under REDIS_SOCKET_TIMEOUT"),
+    ({"redis_wait_replicas": "-1"}, "REDIS_WAIT_REPLICAS='-1' is invalid"),
+])
+def test_invalid_sentinel_and_wait_settings_name_the_variable(values: dict[str, str], says: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(_env_file=None, **values)
+    assert says in str(refused.value) and "\n" not in str(refused.value)
+
+
+async def test_wait_without_enough_replicas_is_one_clear_error(make_settings: Any) -> None:
+    """The session's Redis has no replica: WAIT 1 times out; the job is on the master (it runs)
+    and the error says it was accepted but not confirmed."""
+    client = WorkerClient(make_settings(redis_wait_replicas=1, redis_wait_timeout_ms=50))
+    try:
+        with pytest.raises(NotReplicated) as short:
+            await client.enqueue("add", 1, 2)
+        line = str(short.value)
+        assert "accepted by the master but not confirmed on its replicas" in line and "only 0 of 1" in line
+        assert "\n" not in line
+        assert await client.job(short.value.job_ids[0]).status() == "queued"
+        with pytest.raises(NotReplicated, match="2 jobs"):
+            await client.enqueue_many([JobRequest("add", (1, 2)), JobRequest("add", (3, 4))])
+    finally:
+        await client.close()
+

@@ -84,11 +84,13 @@ def url_options(settings: Settings) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k not in URL_OPTIONS_DROPPED}
 
 
-def sentinel_kwargs(settings: Settings, tls_options: dict[str, Any]) -> dict[str, Any]:
-    """Connection options for the Sentinels themselves."""
+def sentinel_kwargs(settings: Settings, tls_options: dict[str, Any], deadline: float | None = None) -> dict[str, Any]:
+    """Connection options for the Sentinels themselves: the connect timeout, or the client's
+    own deadline when shorter (the heartbeat's), so asking a hung Sentinel costs no more."""
+    timeout = min(settings.redis_connection_timeout, deadline or settings.redis_connection_timeout)
     out: dict[str, Any] = {
-        "socket_timeout": settings.redis_connection_timeout,
-        "socket_connect_timeout": settings.redis_connection_timeout,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
         "socket_keepalive": settings.redis_socket_keepalive,
     }
     if settings.redis_sentinel_username:
@@ -110,7 +112,7 @@ def _master_kwargs(settings: Settings, kwargs: dict[str, Any], sync: bool) -> di
         merged["connection_class"] = _SyncMasterSSLConnection if tls(settings) else _SyncMasterConnection
     else:
         merged["connection_class"] = _MasterSSLConnection if tls(settings) else _MasterConnection
-    merged["sentinel_kwargs"] = sentinel_kwargs(settings, tls_options)
+    merged["sentinel_kwargs"] = sentinel_kwargs(settings, tls_options, merged.get("socket_timeout"))
     return merged
 
 
