@@ -264,3 +264,46 @@ async def test_wait_without_enough_replicas_is_one_clear_error(make_settings: An
     finally:
         await client.close()
 
+
+
+async def test_sentinel_and_master_credentials_are_separate(tmp_path: Any) -> None:
+    """REDIS_SENTINEL_PASSWORD opens the Sentinels, REDIS_PASSWORD the master; each missing
+    or wrong one is named in one line, and a refused password is not retried."""
+    from app.core.redis import async_client, explain
+    from app.core.redis_server import RedisServer, find_redis_server, free_port
+
+    port = free_port()
+    with RedisServer(password="master-pw") as master:
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\nrequirepass sentinel-pw\n"
+                        f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master.port} 1\n"
+                        f"sentinel auth-pass {MASTER_NAME} master-pw\n")
+        proc = subprocess.Popen([find_redis_server(), str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            sentinel = redis.Redis(port=port, password="sentinel-pw", socket_connect_timeout=1)
+            wait_until(lambda: _answers(sentinel), 10, what="the Sentinel to know the master")
+            base = {"redis_sentinels": f"127.0.0.1:{port}", "redis_sentinel_master": MASTER_NAME}
+            cases = [({}, "the Sentinels at"), ({"redis_sentinel_password": "sentinel-pw"}, "requires a password"),
+                     ({"redis_sentinel_password": "sentinel-pw", "redis_password": "bad"}, "refused the credentials: check REDIS_PASSWORD")]
+            for extra, says in cases:
+                settings = load_settings(_env_file=None, **base, **extra)
+                client = async_client(settings)
+                with pytest.raises(redis.RedisError) as refused:
+                    await client.ping()
+                await client.aclose()
+                assert says in str(explain(refused.value, settings)), (extra, str(explain(refused.value, settings)))
+            settings = load_settings(_env_file=None, **base, redis_sentinel_password="sentinel-pw", redis_password="master-pw")
+            client = async_client(settings)
+            assert await client.ping()
+            await client.aclose()
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def _answers(sentinel: redis.Redis) -> bool:
+    try:
+        return bool(sentinel.sentinel_get_master_addr_by_name(MASTER_NAME))
+    except redis.RedisError:
+        return False
