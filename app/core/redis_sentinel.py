@@ -25,7 +25,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio import sentinel as async_sentinel
 from redis.asyncio.connection import parse_url as async_parse_url
-from redis.exceptions import ConnectionError, ReadOnlyError, ResponseError
+from redis.exceptions import AuthenticationError, ConnectionError, ReadOnlyError, ResponseError, TimeoutError
 
 from app.core.settings import Settings
 
@@ -150,12 +150,17 @@ def describe(settings: Settings) -> str:
 
 
 def explain(exc: BaseException, settings: Settings) -> str | None:
-    """One line for a failure to find the master; None for any other error."""
-    if not isinstance(exc, async_sentinel.MasterNotFoundError | redis.sentinel.MasterNotFoundError):
-        return None
-    text = str(exc)
+    """One line for a failure to find or reach the master; None for any other error."""
     where = ",".join(f"{host}:{port}" for host, port in settings.sentinels)
     name = settings.redis_sentinel_master
+    if not isinstance(exc, async_sentinel.MasterNotFoundError | redis.sentinel.MasterNotFoundError):
+        unanswered = isinstance(exc, TimeoutError) and "connecting" not in str(exc)  # a read: the generic line
+        if isinstance(exc, ConnectionError | TimeoutError | OSError) and not (isinstance(exc, AuthenticationError)
+                                                                             or unanswered):
+            return (f"cannot reach master {name!r}, which the Sentinels at {where} name ({exc.__class__.__name__}): "
+                    "a failover may be under way (retry in a few seconds), or no replica could take over")
+        return None
+    text = str(exc)
     if "Authentication" in text or "NOAUTH" in text or "WRONGPASS" in text:
         return (f"the Sentinels at {where} refused the credentials: check REDIS_SENTINEL_PASSWORD / "
                 "REDIS_SENTINEL_USERNAME")
