@@ -128,7 +128,10 @@ async def failover_run(topology: SentinelTopology, env: dict[str, str], engine: 
     """Enqueue while the replica stops getting the master's stream and the master dies (the
     writes of that moment are on the master only), let Sentinel promote the replica, bring the old master back as
     a replica, enqueue more, and wait until every job the new master knows has ended."""
-    env = {**env, "REDIS_WAIT_REPLICAS": str(wait_replicas), "REDIS_WAIT_TIMEOUT_MS": "500"}
+    # WORKER_OFFLINE_AFTER=3: the orphan sweep every 0.75 s, arq's in-progress lease 6 s (what a
+    # delivery whose start the new master lost waits before arq takes it again).
+    env = {**env, "REDIS_WAIT_REPLICAS": str(wait_replicas), "REDIS_WAIT_TIMEOUT_MS": "500",
+           "WORKER_OFFLINE_AFTER": "3", "WORKER_UNHEALTHY_AFTER": "2", "WORKER_WARNING_AFTER": "1"}
     workers(topology, env, engine)
     client = client_for(env, engine)
     producer = Producer(client)

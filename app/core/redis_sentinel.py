@@ -106,6 +106,8 @@ def sentinel_kwargs(settings: Settings, tls_options: dict[str, Any], deadline: f
 def _master_kwargs(settings: Settings, kwargs: dict[str, Any], sync: bool) -> dict[str, Any]:
     options = url_options(settings)
     tls_options = {k: v for k, v in options.items() if k.startswith("ssl_")}
+    if not tls(settings):  # ssl_* options of a plain connection: redis-py would refuse them
+        options = {k: v for k, v in options.items() if not k.startswith("ssl")}
     merged = {**options, **kwargs}
     merged.pop("ssl", None)
     if sync:

@@ -98,7 +98,7 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
                          listen=min(LISTEN_S, settings.redis_socket_timeout / 2), on_ready=admitter.wake,
                          group=config.group)
     reaper = Reaper(redis, keys, runtime, adapter, settings.worker_offline_after)
-    orphans = OrphanSweep(redis, keys, runtime, settings.worker_offline_after)  # writes lost in a failover
+    orphans = OrphanSweep(redis, keys, runtime, settings.worker_offline_after, adapter)  # writes lost in a failover
 
     if spec.on_startup is not None:
         await _call_hook(spec.on_startup, worker)

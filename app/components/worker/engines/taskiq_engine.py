@@ -226,6 +226,39 @@ class Adapter(EngineAdapter):
                     raise
         return returned
 
+    async def redeliver_stranded(self, instance: str, running: set[str]) -> int:
+        """After a failover (runtime/orphans.py): entries this live consumer read on the old
+        master whose claim the new master lost are pending here forever (its reads are not
+        retried from 0, and XAUTOCLAIM is off). Re-add the pending entries that it is neither
+        running nor holding unstarted; a copy of a delivery that is in fact under way is
+        refused by its claim, so this is safe, if at-least-once."""
+        waiting = {entry for ids in self.broker.entries.values() for entry in ids}
+        async with Redis(connection_pool=self.broker.connection_pool) as conn:
+            pending = await conn.xpending_range(self.stream, GROUP, "-", "+", 1000, consumername=instance)
+            ids = [p["message_id"] for p in pending if _text(p["message_id"]) not in waiting]
+            stranded = []
+            async with conn.pipeline(transaction=False) as pipe:
+                for entry_id in ids:
+                    pipe.xrange(self.stream, entry_id, entry_id)
+                found = [entry for entries in (await pipe.execute() if ids else []) for entry in entries]
+            for entry_id, fields in found:
+                if not fields:
+                    continue
+                try:
+                    job_id = json.loads(fields[b"data"])["task_id"].rsplit(".", 2)[0]
+                except (KeyError, ValueError, TypeError, AttributeError):
+                    job_id = ""
+                if job_id not in running:
+                    stranded.append((entry_id, fields))
+            if stranded:
+                async with conn.pipeline(transaction=True) as pipe:
+                    for _, fields in stranded:
+                        pipe.xadd(self.stream, fields)
+                    pipe.xack(self.stream, GROUP, *[entry_id for entry_id, _ in stranded])
+                    pipe.xdel(self.stream, *[entry_id for entry_id, _ in stranded])
+                    await pipe.execute()
+        return len(stranded)
+
     async def stop_fetching(self) -> None:
         self._finish.set()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -27,10 +28,13 @@ logger = logging.getLogger(__name__)
 
 
 class OrphanSweep:
-    def __init__(self, redis: aioredis.Redis, keys: Keys, runtime: JobRuntime, offline_after: float) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, runtime: JobRuntime, offline_after: float,
+                 adapter: Any = None) -> None:
         self.redis = redis
         self.keys = keys
         self.runtime = runtime
+        self.adapter = adapter
+        self._master: object = None  # the master's address, under Sentinel: a change is a failover
         self.me = runtime.worker.instance
         self.interval = max(0.2, min(2.0, offline_after / 4))
         self.recovered = 0
@@ -51,6 +55,7 @@ class OrphanSweep:
                 logger.debug("queue %s: orphan sweep failed (%s)", self.runtime.queue.name, exc)
 
     async def sweep_once(self) -> int:
+        await self._after_failover()
         held = {m.decode() if isinstance(m, bytes) else m for m in await self.redis.smembers(self.keys.held(self.me))}
         suspects = {job_id for job_id in held if job_id not in self.runtime.holding}  # read after the reply
         confirmed, self._suspects = suspects & self._suspects, suspects - self._suspects
@@ -66,6 +71,22 @@ class OrphanSweep:
             count += 1
         self.recovered += count
         return count
+
+    async def _after_failover(self) -> None:
+        """Under Sentinel, once this process talks to a new master: messages the engine's
+        consumer fetched on the old one whose claim was lost would wait for this worker's
+        restart (arq's in-progress lease lapses by itself); the adapter puts them back."""
+        master = getattr(self.redis.connection_pool, "master_address", None)
+        if master is None or master == self._master:
+            return
+        redeliver = getattr(self.adapter, "redeliver_stranded", None)
+        if self._master is None or redeliver is None:
+            self._master = master
+            return
+        returned = await redeliver(self.me, set(self.runtime.holding))
+        self._master = master  # only once done: a pass that failed tries again
+        logger.warning("queue %s: new master %s:%s after a failover; %d fetched message(s) whose start it lost "
+                       "put back on the queue", self.runtime.queue.name, *master, returned)
 
     async def stop(self) -> None:
         if self._task:
