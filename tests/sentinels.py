@@ -30,6 +30,7 @@ import redis
 from app.core.redis_server import RedisServer, find_redis_server, free_port
 
 MASTER_NAME = "apptest"
+FAST_SYNC = ("--repl-diskless-sync-delay", "0")
 DOWN_AFTER_MS = 1000  # a killed master is subjectively down after this long; then the vote starts
 
 
@@ -110,7 +111,9 @@ class LinkProxy:
 class SentinelTopology:
     def __init__(self, name: str = MASTER_NAME, sentinels: int = 3) -> None:
         self.name = name
-        self.master = RedisServer()
+        # No 5 s wait before a diskless full sync (Redis 7's default), for the replica and for an
+        # old master that comes back as a replica of the new one.
+        self.master = RedisServer(extra=list(FAST_SYNC))
         self.replica = RedisServer()
         self.sentinel_ports = [free_port() for _ in range(sentinels)]
         self.sentinel_procs: list[subprocess.Popen[bytes]] = []
@@ -130,16 +133,21 @@ class SentinelTopology:
     def start(self) -> SentinelTopology:
         self.master.start()
         self.proxy = LinkProxy(self.master.port)
-        self.replica.extra = ["--replicaof", "127.0.0.1", str(self.proxy.port)]
+        self.replica.extra = [*FAST_SYNC, "--replicaof", "127.0.0.1", str(self.proxy.port)]
         self.replica.start()
+        ids = {port: f"{port:040x}" for port in self.sentinel_ports}
         for port in self.sentinel_ports:
             conf = Path(self.dir) / f"sentinel-{port}.conf"
+            # Each Sentinel knows the others from the start (they would find them through the
+            # master's hello channel within about 2 s).
+            known = "".join(f"sentinel known-sentinel {self.name} 127.0.0.1 {other} {ids[other]}\n"
+                            for other in self.sentinel_ports if other != port)
             conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndaemonize no\ndir {self.dir}\n"
+                f"port {port}\nbind 127.0.0.1\ndaemonize no\ndir {self.dir}\nsentinel myid {ids[port]}\n"
                 f"sentinel monitor {self.name} 127.0.0.1 {self.proxy.port} 2\n"
                 f"sentinel down-after-milliseconds {self.name} {DOWN_AFTER_MS}\n"
                 f"sentinel failover-timeout {self.name} 10000\n"
-                f"sentinel parallel-syncs {self.name} 1\n"
+                f"sentinel parallel-syncs {self.name} 1\n{known}"
             )
             self.sentinel_procs.append(subprocess.Popen(
                 [find_redis_server(), str(conf), "--sentinel"], stdout=subprocess.DEVNULL,

@@ -22,7 +22,7 @@ from app.components.worker.api import JobRequest, WorkerClient
 from app.core.errors import AppError, ConfigError, NotReplicated
 from app.core.settings import load_settings
 from tests.conftest import ROOT, WorkerProcess, wait_until
-from tests.sentinels import MASTER_NAME, SentinelTopology, sentinel_topology, shared_sentinel_topology
+from tests.sentinels import FAST_SYNC, MASTER_NAME, SentinelTopology, sentinel_topology, shared_sentinel_topology
 
 __all__ = ["sentinel_topology", "shared_sentinel_topology"]  # fixtures, used by name
 
@@ -148,7 +148,7 @@ async def failover_run(topology: SentinelTopology, env: dict[str, str], engine: 
         killed_at = len(producer.returned)
         await asyncio.to_thread(topology.wait_failover)
         old = topology.master
-        old.extra = ["--replicaof", "127.0.0.1", str(topology.replica.port)]
+        old.extra = [*FAST_SYNC, "--replicaof", "127.0.0.1", str(topology.replica.port)]
         await asyncio.to_thread(old.start)
         await producer.wait_for(killed_at + 20)
     finally:

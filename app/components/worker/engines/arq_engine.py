@@ -179,6 +179,9 @@ class _PrefixedWorker(Worker):
     async def _start_one(self, job_id: str) -> None:
         """arq's start_jobs for one id (same slots and counters), its check-and-take done by
         arq_start.lua in one round trip instead of four (WATCH, EXISTS, ZSCORE, MULTI/EXEC)."""
+        running = self.tasks.get(job_id)
+        if running is not None and not running.done():
+            return  # running here, its in-progress key lost (a failover): arq's bookkeeping allows one run per id
         await self.sem.acquire()
         if self.job_counter >= self.max_jobs:
             self.sem.release()

@@ -64,6 +64,9 @@ class TaskCancelled(Exception):
     worker's own shutdown (``drain``) hands a job back without counting the attempt."""
 
 
+LOST_START_RERUNS = 2  # a delivery whose start Redis lost (a failover) runs again, at most this often
+
+
 class JobRuntime:
     def __init__(
         self,
@@ -184,19 +187,36 @@ class JobRuntime:
                                self._job_context(job_id, task, attempt), "failed", error=error)
 
     async def _execute(self, env: Envelope, raw: str) -> None:
-        claimed, value = await self._claim(env)
-        if not claimed:
-            if value == "norecord":
-                # Its record expired after keep_result, or the message was written behind the
-                # layer's back: running it could repeat a finished job; dropping it silently
-                # would lose one. It ends as failed, with one event.
-                await self._reject(env.id, env.run, env.try_, env.task, StaleDelivery(
-                    f"no record of job {env.id} (expired after keep_result, or written behind the layer's back): "
-                    "not run"), env.enqueued_at)
+        for _ in range(1 + LOST_START_RERUNS):
+            claimed, value = await self._claim(env)
+            if not claimed:
+                if value == "norecord":
+                    # Its record expired after keep_result, or the message was written behind the
+                    # layer's back: running it could repeat a finished job; dropping it silently
+                    # would lose one. It ends as failed, with one event.
+                    await self._reject(env.id, env.run, env.try_, env.task, StaleDelivery(
+                        f"no record of job {env.id} (expired after keep_result, or written behind the layer's back): "
+                        "not run"), env.enqueued_at)
+                    return
+                logger.debug("job %s: delivery for try %d skipped (%s)", env.id, env.try_, value)
                 return
-            logger.debug("job %s: delivery for try %d skipped (%s)", env.id, env.try_, value)
-            return
-        await self._run_claimed(env, int(value))
+            await self._run_claimed(env, int(value))
+            if not await self._start_lost(env):
+                return
+            logger.warning("job %s: Redis lost the start of this run (a failover?) and still waits for this "
+                           "delivery: running it again", env.id)
+
+    async def _start_lost(self, env: Envelope) -> bool:
+        """True when this delivery's end was refused because Redis no longer knows it started:
+        the claim was lost in a failover (the new master's copy lagged), so the job is still
+        queued for this very delivery. Acking it now would leave the job queued with no
+        message; running it again ends it. Read only when the end did not ack the delivery."""
+        ack = DELIVERY_ACK.get()
+        if ack is None or ack.done or self.stopping:
+            return False
+        record = await self.store.lost_job(env.id)
+        return bool(record and record.get("status") == "queued" and record.get("run") == env.run
+                    and int(record.get("attempt") or 0) < env.try_)
 
     async def _run_claimed(self, env: Envelope, attempt: int) -> None:
         if self.stopping:
