@@ -310,3 +310,34 @@ def _answers(sentinel: redis.Redis) -> bool:
         return bool(sentinel.sentinel_get_master_addr_by_name(MASTER_NAME))
     except redis.RedisError:
         return False
+
+
+async def test_a_run_whose_start_the_failover_lost_runs_again(sentinel_topology: SentinelTopology, sentinel_env: Any,
+                                                                workers: Any, tmp_path: Any) -> None:
+    """The worker claims a job while the replica gets nothing, then the master dies: the new
+    master says the job is still queued for that delivery. When the run ends its finish is
+    refused; the delivery is not acked (that would leave the job queued with no message) but
+    runs again, and the job ends once."""
+    topology = sentinel_topology
+    env = {**sentinel_env(topology), "WORKER_OFFLINE_AFTER": "3", "WORKER_UNHEALTHY_AFTER": "2",
+           "WORKER_WARNING_AFTER": "1"}
+    release = tmp_path / "release"
+    client = client_for(env, "arq", redis_wait_replicas=1)
+    try:
+        job = await client.enqueue("wait_for_file", str(release))  # on the replica too
+    finally:
+        await client.close()
+    topology.freeze_replication()
+    workers(topology, env, "arq")
+    prefix = env["WORKER_KEY_PREFIX"]
+    with topology.master_client() as old:
+        wait_until(lambda: old.hget(f"{prefix}:job:{job.job_id}", "status") == b"running", 20, what="the claim")
+    await asyncio.to_thread(topology.kill_master)
+    await asyncio.to_thread(topology.wait_failover)
+    with topology.master_client() as new:
+        assert new.hget(f"{prefix}:job:{job.job_id}", "status") == b"queued"  # the claim is lost
+        release.write_text("")
+        wait_until(lambda: terminal_events(new, prefix)[job.job_id], 30, what="the job to end on the new master")
+        assert terminal_events(new, prefix)[job.job_id] == 1
+        record = new.get(f"{prefix}:result:{job.job_id}")
+        assert record is not None and b'"completed"' in record
