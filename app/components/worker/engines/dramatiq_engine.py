@@ -303,8 +303,9 @@ class Adapter(EngineAdapter):
         ))
 
     async def redeliver_stranded(self, instance: str, running: set[str]) -> int:
-        """After a failover (runtime/orphans.py): messages this live instance fetched on the old
-        master whose claim the new master lost sit in its acks set until it stops. Put back on
+        """After a failover (runtime/orphans.py): messages recorded as fetched by this live
+        instance that it never got (the fetch's reply died with the old master) or never
+        started sit in its acks set until it stops. Put back on
         the queue the ones it is neither running nor holding in memory; a copy of a delivery
         that is in fact under way is refused by its claim, so this is safe, if at-least-once."""
         in_memory: set[str] = set()

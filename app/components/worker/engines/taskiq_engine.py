@@ -227,9 +227,9 @@ class Adapter(EngineAdapter):
         return returned
 
     async def redeliver_stranded(self, instance: str, running: set[str]) -> int:
-        """After a failover (runtime/orphans.py): entries this live consumer read on the old
-        master whose claim the new master lost are pending here forever (its reads are not
-        retried from 0, and XAUTOCLAIM is off). Re-add the pending entries that it is neither
+        """After a failover (runtime/orphans.py): entries recorded as read by this live consumer
+        that it never got (the read's reply died with the old master) or never started are
+        pending here forever (its reads are not retried from 0, and XAUTOCLAIM is off). Re-add the pending entries that it is neither
         running nor holding unstarted; a copy of a delivery that is in fact under way is
         refused by its claim, so this is safe, if at-least-once."""
         waiting = {entry for ids in self.broker.entries.values() for entry in ids}

@@ -11,6 +11,11 @@ claim whose reply is still on its way is never taken for one) is recovered like 
 worker's job: retried, the lost attempt counting, or failed with WorkerLost. Recovery is a
 compare-and-set on the job's state and owner, so a job that ended meanwhile is left alone.
 The job may run twice (at-least-once); it still ends with exactly one terminal event.
+
+Under Sentinel the sweep also notices a new master (the pool's master address changes) and
+has the engine put back messages recorded as fetched by this worker that it never got or
+started (``redeliver_stranded``). The third loss, a claim lost while its run went on, is the
+runtime's (``JobRuntime._start_lost``: the refused end runs the delivery again).
 """
 
 from __future__ import annotations
@@ -73,9 +78,10 @@ class OrphanSweep:
         return count
 
     async def _after_failover(self) -> None:
-        """Under Sentinel, once this process talks to a new master: messages the engine's
-        consumer fetched on the old one whose claim was lost would wait for this worker's
-        restart (arq's in-progress lease lapses by itself); the adapter puts them back."""
+        """Under Sentinel, once this process talks to a new master: messages recorded as
+        fetched by this worker that it never got (the fetch's reply died with the old master)
+        or never started would wait for its restart (arq's in-progress lease lapses by
+        itself); the adapter puts them back."""
         master = getattr(self.redis.connection_pool, "master_address", None)
         if master is None or master == self._master:
             return
@@ -85,8 +91,8 @@ class OrphanSweep:
             return
         returned = await redeliver(self.me, set(self.runtime.holding))
         self._master = master  # only once done: a pass that failed tries again
-        logger.warning("queue %s: new master %s:%s after a failover; %d fetched message(s) whose start it lost "
-                       "put back on the queue", self.runtime.queue.name, *master, returned)
+        logger.warning("queue %s: new master %s:%s after a failover; %d message(s) recorded as fetched here but "
+                       "not running put back on the queue", self.runtime.queue.name, *master, returned)
 
     async def stop(self) -> None:
         if self._task:
