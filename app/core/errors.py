@@ -67,3 +67,11 @@ class JobFailed(AppError):
 
 class InvalidOption(AppError):
     """An option's value is out of range or of the wrong kind (a delay, a timeout, a job id)."""
+
+
+class NotReplicated(RedisUnavailable):
+    """Jobs the master accepted but fewer replicas than REDIS_WAIT_REPLICAS confirmed in time."""
+
+    def __init__(self, message: str, job_ids: list[str]) -> None:
+        super().__init__(message)
+        self.job_ids = job_ids

@@ -11,7 +11,10 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError, ConnectionError, ResponseError, TimeoutError
 from redis.retry import Retry as SyncRetry
 
-from app.core import redis_cancel  # noqa: F401 - applied on import: writes never swallow a cancellation
+from app.core import (
+    redis_cancel,  # noqa: F401 - applied on import: writes never swallow a cancellation
+    redis_sentinel,
+)
 from app.core.errors import RedisUnavailable
 from app.core.settings import Settings
 
@@ -105,11 +108,27 @@ def redis_url(settings: Settings) -> str:
 
 
 def async_client(settings: Settings, **extra: Any) -> aioredis.Redis:
-    return aioredis.from_url(redis_url(settings), **{**connection_kwargs(settings), **extra})
+    kwargs = {**connection_kwargs(settings), **extra}
+    if settings.sentinels:
+        return redis_sentinel.async_master(settings, kwargs)
+    return aioredis.from_url(redis_url(settings), **kwargs)
+
+
+def async_pool(settings: Settings, *, blocking: bool = False, **extra: Any) -> aioredis.ConnectionPool:
+    """A connection pool for an engine that builds its own client on one (arq's ArqRedis,
+    TaskIQ's broker); ``blocking``: wait for a free connection instead of failing."""
+    kwargs = {**connection_kwargs(settings), **extra}
+    if settings.sentinels:
+        return redis_sentinel.async_pool(settings, kwargs, blocking=blocking)
+    pool_class = aioredis.BlockingConnectionPool if blocking else aioredis.ConnectionPool
+    return pool_class.from_url(redis_url(settings), **kwargs)
 
 
 def sync_client(settings: Settings, **extra: Any) -> redis.Redis:
-    return redis.from_url(redis_url(settings), **{**connection_kwargs(settings, sync=True), **extra})
+    kwargs = {**connection_kwargs(settings, sync=True), **extra}
+    if settings.sentinels:
+        return redis_sentinel.sync_master(settings, kwargs)
+    return redis.from_url(redis_url(settings), **kwargs)
 
 
 def heartbeat_client(settings: Settings) -> redis.Redis:
@@ -127,6 +146,8 @@ def heartbeat_client(settings: Settings) -> redis.Redis:
 
 def describe(settings: Settings) -> str:
     """The Redis address without credentials, for messages."""
+    if settings.sentinels:
+        return redis_sentinel.describe(settings)
     url = redis_url(settings)
     scheme, _, rest = url.partition("://")
     return f"{scheme}://{rest.rpartition('@')[2]}"
@@ -135,6 +156,8 @@ def describe(settings: Settings) -> str:
 def explain(exc: BaseException, settings: Settings) -> RedisUnavailable:
     """Turn a redis-py exception into one line that says what to do."""
     where = describe(settings)
+    if settings.sentinels and (line := redis_sentinel.explain(exc, settings)):
+        return RedisUnavailable(line)
     if "NOAUTH" in str(exc) or "Authentication required" in str(exc):
         return RedisUnavailable(
             f"Redis at {where} requires a password: set REDIS_PASSWORD (or put it in REDIS_URL)"

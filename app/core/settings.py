@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import Literal
 
 from dotenv import dotenv_values
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.core.errors import ConfigError
@@ -39,6 +39,15 @@ class Settings(BaseSettings):
     # Deadline of every Redis read/write: a half-open connection fails after this, not after the kernel's TCP timeout.
     redis_socket_timeout: float = Field(default=10.0, gt=1)
     redis_socket_keepalive: bool = True
+    # Sentinel (app/core/redis.py): with REDIS_SENTINELS set, every client asks these Sentinels for
+    # the current master of REDIS_SENTINEL_MASTER instead of using REDIS_URL's host.
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = ""
+    redis_sentinel_username: str | None = None
+    redis_sentinel_password: str | None = None
+    # After an enqueue, WAIT until this many replicas acknowledged it (0: off), at most this long.
+    redis_wait_replicas: int = Field(default=0, ge=0, le=100)
+    redis_wait_timeout_ms: int = Field(default=1000, ge=1)
 
     # Engines and queue-wide tuning (None: fall back to the queue's WorkerSettings)
     worker_backend: Engine = "arq"
@@ -98,6 +107,35 @@ class Settings(BaseSettings):
         if value is not None:
             check_redis_url(value)
         return value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _check_sentinels(cls, value: str) -> str:
+        parse_sentinels(value)
+        return value.strip()
+
+    @field_validator("redis_sentinel_master")
+    @classmethod
+    def _check_master(cls, value: str) -> str:
+        value = value.strip()
+        if value and not re.fullmatch(r"[A-Za-z0-9._-]+", value):
+            raise ValueError("use the master's name as configured in the Sentinels (letters, digits, . _ -)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_sentinel_pair(self) -> Settings:
+        if bool(self.redis_sentinels) != bool(self.redis_sentinel_master):
+            raise ValueError("REDIS_SENTINELS and REDIS_SENTINEL_MASTER go together: set both (host:port,... "
+                             "and the master's name) or neither")
+        if self.redis_wait_replicas and self.redis_wait_timeout_ms >= self.redis_socket_timeout * 1000:
+            raise ValueError(f"REDIS_WAIT_TIMEOUT_MS={self.redis_wait_timeout_ms} must stay under REDIS_SOCKET_TIMEOUT "
+                             f"({self.redis_socket_timeout:g}s), or the wait is cut off as a dead connection")
+        return self
+
+    @property
+    def sentinels(self) -> list[tuple[str, int]]:
+        """REDIS_SENTINELS as (host, port) pairs; empty without Sentinel."""
+        return parse_sentinels(self.redis_sentinels)
 
     @field_validator("worker_group")
     @classmethod
@@ -193,6 +231,25 @@ def check_redis_url(url: str) -> None:
         raise ValueError(f"the database {db!r} is not a number: expected {REDIS_URL_FORM}")
 
 
+SENTINELS_FORM = "host:port,host:port (the Sentinels, e.g. 10.0.0.1:26379,10.0.0.2:26379)"
+
+
+def parse_sentinels(value: str) -> list[tuple[str, int]]:
+    """``host:port,host:port`` as pairs; raises ValueError naming the expected form."""
+    out: list[tuple[str, int]] = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c in host for c in "/@ "):
+            raise ValueError(f"{item!r} is not host:port: expected {SENTINELS_FORM}")
+        out.append((host, int(port)))
+    if value.strip() and not out:
+        raise ValueError(f"expected {SENTINELS_FORM}")
+    return out
+
+
 def parse_labels(items: list[str]) -> dict[str, str]:
     labels: dict[str, str] = {}
     for item in items:
@@ -212,7 +269,9 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else "?"
+        if not first["loc"]:  # a check across settings (model_validator): its message names them
+            raise ConfigError(first["msg"].removeprefix("Value error, ").rstrip(".")) from None
+        field = str(first["loc"][0])
         value = first.get("input")
         if field.startswith("redis_url") and isinstance(value, str):
             value = re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", value)  # never echo a password

@@ -51,6 +51,7 @@ from app.components.worker.runtime import scripts
 from app.components.worker.runtime.batch import call_script
 from app.components.worker.runtime.store import read_result, read_status
 from app.components.worker.validation import MAX_DEPTH, check_depth, validate_delay, validate_job_id, validate_timeout
+from app.core import redis_wait
 from app.core.errors import (
     AppError,
     DuplicateJob,
@@ -362,7 +363,13 @@ class WorkerClient:
         # EVALSHA packed by hiredis (redis-py's packing of a 1000-job call costs more than its
         # Redis time); the script is loaded once on NOSCRIPT (a Redis restart); a call resent
         # after a lost reply is recognised by its run tokens.
-        reply = await call_script(self._enqueue_script, [self.keys.events], args)
+        if self.settings.redis_wait_replicas:  # WAIT on the script's own connection: see core/redis_wait.py
+            reply, acked = await redis_wait.call_then_wait(self.redis, self._enqueue_script, [self.keys.events], args,
+                                                           self.settings.redis_wait_replicas,
+                                                           self.settings.redis_wait_timeout_ms)
+            redis_wait.check(reply, acked, [job.env.id for job in jobs], self.settings)
+        else:
+            reply = await call_script(self._enqueue_script, [self.keys.events], args)
         return [1 if int(flag) else 0 for flag in reply]  # 3 (ended by its fallback) was accepted too
 
     def _refused(self, exc: RedisError, accepted: int = 0, total: int = 1) -> AppError:

@@ -29,6 +29,7 @@ from app.components.worker.registry import Registry
 from app.components.worker.routing.admit import Admitter
 from app.components.worker.runtime.context import WorkerContext
 from app.components.worker.runtime.delayed import LISTEN_S, DelayedMover
+from app.components.worker.runtime.orphans import OrphanSweep
 from app.components.worker.runtime.reaper import Reaper
 from app.components.worker.runtime.store import JobStore
 from app.components.worker.runtime.wrapper import JobRuntime
@@ -97,6 +98,7 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
                          listen=min(LISTEN_S, settings.redis_socket_timeout / 2), on_ready=admitter.wake,
                          group=config.group)
     reaper = Reaper(redis, keys, runtime, adapter, settings.worker_offline_after)
+    orphans = OrphanSweep(redis, keys, runtime, settings.worker_offline_after, adapter)  # writes lost in a failover
 
     if spec.on_startup is not None:
         await _call_hook(spec.on_startup, worker)
@@ -110,6 +112,7 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
     mover.start()
     admitter.start()
     reaper.start()
+    orphans.start()
     flows = _start_workflows(settings, registry, worker.instance)  # advances workflow runs (app/components/workflows)
     scheduler = None
     if options.scheduler:
@@ -131,6 +134,7 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
         # Each step on its own: one Redis call that fails (a connection left dead by a
         # partition) must not skip the drain, the hand-backs or the last heartbeat.
         await _step("stop crash recovery", reaper.stop())
+        await _step("stop the orphan sweep", orphans.stop())
         await _step("stop admitting routed jobs", admitter.stop())
         await _step("stop the delayed mover", mover.stop())
         await _step("stop fetching", adapter.stop_fetching())

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from typing import Any
 
 import arq.worker as arq_worker
-import redis.asyncio as aioredis
 from arq import Worker
 from arq.connections import ArqRedis
 from arq.worker import func
@@ -31,7 +30,7 @@ from app.components.worker.engines.base import Coalescer, EngineAdapter, EngineS
 from app.components.worker.envelope import DISPATCH_NAME, now_ms
 from app.components.worker.runtime import scripts
 from app.components.worker.runtime.ack import DELIVERY_ACK, EngineAck
-from app.core.redis import connection_kwargs, redis_url
+from app.core.redis import async_pool
 
 BUSY_POLL = 0.005  # between checks while this worker starts jobs: arq's default 0.5 s caps it at ~200 jobs/s
 NATIVE_TRIES = 1_000_000
@@ -188,6 +187,9 @@ class _PrefixedWorker(Worker):
     async def _start_one(self, job_id: str) -> None:
         """arq's start_jobs for one id (same slots and counters), its check-and-take done by
         arq_start.lua in one round trip instead of four (WATCH, EXISTS, ZSCORE, MULTI/EXEC)."""
+        running = self.tasks.get(job_id)
+        if running is not None and not running.done():
+            return  # running here, its in-progress key lost (a failover): arq's bookkeeping allows one run per id
         await self.sem.acquire()
         if self.job_counter >= self.max_jobs:
             self.sem.release()
@@ -269,7 +271,7 @@ class Adapter(EngineAdapter):
     @property
     def pool(self) -> ArqRedis:
         if self._pool is None:
-            connection_pool = aioredis.ConnectionPool.from_url(redis_url(self.settings), **connection_kwargs(self.settings))
+            connection_pool = async_pool(self.settings)
             self._pool = ArqRedis(
                 connection_pool, job_serializer=_dumps, job_deserializer=_loads,
                 default_queue_name=self.queue_key, expires_extra_ms=EXPIRES_EXTRA_MS,

@@ -324,6 +324,38 @@ class Adapter(EngineAdapter):
             args=[dead_instance, WAKE_TOKENS, WAKE_TTL_MS],
         ))
 
+    async def redeliver_stranded(self, instance: str, running: set[str]) -> int:
+        """After a failover (runtime/orphans.py): messages recorded as fetched by this live
+        instance that it never got (the fetch's reply died with the old master) or never
+        started sit in its acks set until it stops. Put back on
+        the queue the ones it is neither running nor holding in memory; a copy of a delivery
+        that is in fact under way is refused by its claim, so this is safe, if at-least-once."""
+        in_memory: set[str] = set()
+        cached: set[str] = set()
+        for thread in (self._worker.consumers.values() if self._worker is not None else ()):
+            consumer = getattr(thread, "consumer", None)
+            if consumer is not None:
+                in_memory |= set(consumer.queued_message_ids)
+                cached |= {redis_id for redis_id, _ in consumer.message_cache}
+        redis = self.redis
+        ids = [m.decode() if isinstance(m, bytes) else m for m in await redis.smembers(self.acks_key(instance))]
+        ids = [i for i in ids if i not in cached]
+        stranded = []
+        for redis_id, data in zip(ids, await redis.hmget(f"{self.base}.msgs", ids) if ids else [], strict=True):
+            try:
+                message_id = json.loads(data)["message_id"] if data else ""
+            except (KeyError, ValueError, TypeError):
+                message_id = ""
+            if message_id not in in_memory and message_id.rsplit(".", 2)[0] not in running:
+                stranded.append(redis_id)
+        if stranded:
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.srem(self.acks_key(instance), *stranded)
+                pipe.rpush(self.base, *stranded)
+                self.stage_wake(pipe, len(stranded))
+                await pipe.execute()
+        return len(stranded)
+
     async def stop_fetching(self) -> None:
         # Not ConsumerThread.pause(): a paused consumer thread "restarts" with a 3 s sleep.
         self.fetching = False

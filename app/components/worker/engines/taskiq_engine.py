@@ -31,7 +31,7 @@ from taskiq_redis import RedisStreamBroker
 from app.components.worker.engines.base import Coalescer, EngineAdapter, EngineStats, Handle, keep_running, stand_in
 from app.components.worker.envelope import DISPATCH_NAME
 from app.components.worker.runtime.ack import DELIVERY_ACK, EngineAck
-from app.core.redis import connection_kwargs, redis_url
+from app.core.redis import async_pool, connection_kwargs, redis_url
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +164,7 @@ class Adapter(EngineAdapter):
             max_connection_pool_size=pool_size, xread_count=self.config.threads, xread_block=int(self.idle_wait * 1000),
             idle_timeout=IDLE_TIMEOUT_MS, consumer_id="0", **kwargs_,
         )
+        self.broker.connection_pool = async_pool(self.settings, blocking=True, max_connections=pool_size)  # Sentinel too
         self.broker.entries, self.broker.folded = {}, set()
         self._handle: Handle | None = None
 
@@ -232,6 +233,39 @@ class Adapter(EngineAdapter):
                 if "NOGROUP" not in str(exc):
                     raise
         return returned
+
+    async def redeliver_stranded(self, instance: str, running: set[str]) -> int:
+        """After a failover (runtime/orphans.py): entries recorded as read by this live consumer
+        that it never got (the read's reply died with the old master) or never started are
+        pending here forever (its reads are not retried from 0, and XAUTOCLAIM is off). Re-add the pending entries that it is neither
+        running nor holding unstarted; a copy of a delivery that is in fact under way is
+        refused by its claim, so this is safe, if at-least-once."""
+        waiting = {entry for ids in self.broker.entries.values() for entry in ids}
+        async with Redis(connection_pool=self.broker.connection_pool) as conn:
+            pending = await conn.xpending_range(self.stream, GROUP, "-", "+", 1000, consumername=instance)
+            ids = [p["message_id"] for p in pending if _text(p["message_id"]) not in waiting]
+            stranded = []
+            async with conn.pipeline(transaction=False) as pipe:
+                for entry_id in ids:
+                    pipe.xrange(self.stream, entry_id, entry_id)
+                found = [entry for entries in (await pipe.execute() if ids else []) for entry in entries]
+            for entry_id, fields in found:
+                if not fields:
+                    continue
+                try:
+                    job_id = json.loads(fields[b"data"])["task_id"].rsplit(".", 2)[0]
+                except (KeyError, ValueError, TypeError, AttributeError):
+                    job_id = ""
+                if job_id not in running:
+                    stranded.append((entry_id, fields))
+            if stranded:
+                async with conn.pipeline(transaction=True) as pipe:
+                    for _, fields in stranded:
+                        pipe.xadd(self.stream, fields)
+                    pipe.xack(self.stream, GROUP, *[entry_id for entry_id, _ in stranded])
+                    pipe.xdel(self.stream, *[entry_id for entry_id, _ in stranded])
+                    await pipe.execute()
+        return len(stranded)
 
     async def stop_fetching(self) -> None:
         self._finish.set()

@@ -15,6 +15,7 @@ import functools
 import itertools
 import json
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -65,6 +66,9 @@ class TaskCancelled(Exception):
     worker's own shutdown (``drain``) hands a job back without counting the attempt."""
 
 
+LOST_START_RERUNS = 2  # a delivery whose start Redis lost (a failover) runs again, at most this often
+
+
 class JobRuntime:
     def __init__(
         self,
@@ -94,6 +98,7 @@ class JobRuntime:
         self.worker = worker
         self.executor = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix=f"job-{queue.name}")
         self.inflight: set[asyncio.Task[Any]] = set()
+        self.holding: Counter[str] = Counter()  # job ids of the deliveries in flight (runtime/orphans.py)
         self.done = 0
         self.failed = 0
         self.stopping = False
@@ -114,20 +119,25 @@ class JobRuntime:
         except Exception as exc:  # noqa: BLE001 - ValueError, RecursionError, UnicodeDecodeError...
             await self._malformed(raw, exc)
             return
-        with self._in_flight():
+        with self._in_flight(env.id):
             await self._execute(env, text)
 
     @contextlib.contextmanager
-    def _in_flight(self) -> Iterator[None]:
-        """Count the current task as a delivery of this process (slots, drain) while it lasts."""
+    def _in_flight(self, job_id: str) -> Iterator[None]:
+        """Count the current task as a delivery of this process (slots, drain) while it lasts,
+        and its job as one this process holds (before its claim is sent: see runtime/orphans.py)."""
         task = asyncio.current_task()
         if task is not None:
             self.inflight.add(task)
+        self.holding[job_id] += 1
         try:
             yield
         finally:
             if task is not None:
                 self.inflight.discard(task)
+            self.holding[job_id] -= 1
+            if self.holding[job_id] <= 0:
+                del self.holding[job_id]
 
     async def _malformed(self, raw: str | bytes, exc: Exception) -> None:
         """A message no worker can decode: acked so it cannot jam the queue, but never
@@ -173,32 +183,49 @@ class JobRuntime:
     async def execute_admitted(self, env: Envelope, attempt: int) -> None:
         """Run a job its admitter has already claimed for this instance (routing/admit.py):
         the same path as an engine delivery, past the claim."""
-        with self._in_flight():
+        with self._in_flight(env.id):
             await self._run_claimed(env, attempt)
 
     async def fail_admitted(self, job_id: str, task: str, attempt: int, raw: str | bytes, exc: Exception) -> None:
         """An admitted job whose envelope does not decode: it was claimed for this instance, so
         it ends here, failed (MalformedMessage), freeing its lease, with its events."""
-        with self._in_flight():
+        with self._in_flight(job_id):
             text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
             error = MalformedMessage(f"undecodable routed entry ({type(exc).__name__}: {exc}): {text[:200]!r}")
             await self._finish(Envelope(job_id, task or "?", self.queue.name, try_=attempt),
                                self._job_context(job_id, task, attempt), "failed", error=error)
 
     async def _execute(self, env: Envelope, raw: str) -> None:
-        claimed, value = await self._claim(env)
-        if not claimed:
-            if value == "norecord":
-                # Its record expired after keep_result, or the message was written behind the
-                # layer's back: running it could repeat a finished job; dropping it silently
-                # would lose one. It ends as failed, with one event.
-                await self._reject(env.id, env.run, env.try_, env.task, StaleDelivery(
-                    f"no record of job {env.id} (expired after keep_result, or written behind the layer's back): "
-                    "not run"), env.enqueued_at)
+        for _ in range(1 + LOST_START_RERUNS):
+            claimed, value = await self._claim(env)
+            if not claimed:
+                if value == "norecord":
+                    # Its record expired after keep_result, or the message was written behind the
+                    # layer's back: running it could repeat a finished job; dropping it silently
+                    # would lose one. It ends as failed, with one event.
+                    await self._reject(env.id, env.run, env.try_, env.task, StaleDelivery(
+                        f"no record of job {env.id} (expired after keep_result, or written behind the layer's back): "
+                        "not run"), env.enqueued_at)
+                    return
+                logger.debug("job %s: delivery for try %d skipped (%s)", env.id, env.try_, value)
                 return
-            logger.debug("job %s: delivery for try %d skipped (%s)", env.id, env.try_, value)
-            return
-        await self._run_claimed(env, int(value))
+            await self._run_claimed(env, int(value))
+            if not await self._start_lost(env):
+                return
+            logger.warning("job %s: Redis lost the start of this run (a failover?) and still waits for this "
+                           "delivery: running it again", env.id)
+
+    async def _start_lost(self, env: Envelope) -> bool:
+        """True when this delivery's end was refused because Redis no longer knows it started:
+        the claim was lost in a failover (the new master's copy lagged), so the job is still
+        queued for this very delivery. Acking it now would leave the job queued with no
+        message; running it again ends it. Read only when the end did not ack the delivery."""
+        ack = DELIVERY_ACK.get()
+        if ack is None or ack.done or self.stopping:
+            return False
+        record = await self.store.lost_job(env.id)
+        return bool(record and record.get("status") == "queued" and record.get("run") == env.run
+                    and int(record.get("attempt") or 0) < env.try_)
 
     async def _run_claimed(self, env: Envelope, attempt: int) -> None:
         if self.stopping:
@@ -421,9 +448,10 @@ class JobRuntime:
         except Exception:  # noqa: BLE001
             logger.exception("job %s: hand-back failed; crash recovery will redeliver it", env.id)
 
-    async def recover_lost(self, job_id: str, dead_instance: str, lost_for: float) -> None:
+    async def recover_lost(self, job_id: str, dead_instance: str, lost_for: float, why: str | None = None) -> None:
         """A job held by a dead worker instance: retry it (the lost attempt counts) or, when
-        that was its last attempt, fail it with WorkerLost. Called by the reaper."""
+        that was its last attempt, fail it with WorkerLost. Called by the reaper, and by the
+        orphan sweep for a job this live instance holds but no longer runs (``why``)."""
         record = await self.store.lost_job(job_id)
         if not record or record.get("status") != "running" or record.get("owner") != dead_instance:
             await self.store.redis.srem(self.store.keys.held(dead_instance), job_id)
@@ -446,7 +474,7 @@ class JobRuntime:
             max_tries=policy.max_tries, enqueued_at=env.enqueued_at, worker_id=record.get("worker", ""),
             worker=self.worker, started_ms=int(record.get("started_at") or now_ms()), tags=env.tags,
         )
-        error = WorkerLost(f"worker {job.worker_id} stopped beating {lost_for:.0f}s ago while running attempt {attempt}")
+        error = WorkerLost(why or f"worker {job.worker_id} stopped beating {lost_for:.0f}s ago while running attempt {attempt}")
         if policy.should_retry(attempt, error):
             await self.middleware.call("on_retry", job, error, 0.0, job_id=env.id)
             moved = await self._write(env.id, "recovery", lambda events: self.store.requeue(
