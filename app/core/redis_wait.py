@@ -4,7 +4,8 @@ Redis replication is asynchronous: the master answers a write before any replica
 a failover (Sentinel promoting a replica) can lose writes the master had acknowledged. ``WAIT
 n timeout`` blocks until n replicas acknowledged every earlier write *of the same connection*,
 and cannot run inside a script or MULTI: so the enqueue script and WAIT go out together on one
-connection, as a two-command pipeline without MULTI (one round trip plus the replicas' ack).
+connection, one after the other without MULTI (``call_script(..., then=WAIT)``: one round trip
+plus the replicas' ack).
 
 WAIT narrows the loss, it does not make Redis a consensus store: a job confirmed by n replicas
 survives a failover that promotes one of them (Sentinel prefers the most up-to-date replica),
@@ -19,31 +20,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
-
 from app.core.errors import NotReplicated
 from app.core.settings import Settings
 
 RESENT = 2  # enqueue.lua: this run was accepted by an earlier try of the same call
-
-
-async def call_then_wait(client: Any, script: AsyncScript, keys: list[str], args: list[Any],
-                         replicas: int, timeout_ms: int) -> tuple[list[Any], int]:
-    """Run a registered script and ``WAIT replicas timeout_ms`` on the same connection; the
-    script's reply and how many replicas acknowledged."""
-    for attempt in (1, 2):
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-            pipe.wait(replicas, timeout_ms)
-            try:
-                reply, acked = await pipe.execute()
-                return reply, int(acked)
-            except NoScriptError:  # a restarted or new master: load it once (EVALSHA wrote nothing)
-                if attempt == 2:
-                    raise
-                await client.script_load(script.script)
-    raise AssertionError("unreachable")
 
 
 def check(reply: list[Any], acked: int, job_ids: list[str], settings: Settings) -> None:

@@ -364,10 +364,10 @@ class WorkerClient:
         # Redis time); the script is loaded once on NOSCRIPT (a Redis restart); a call resent
         # after a lost reply is recognised by its run tokens.
         if self.settings.redis_wait_replicas:  # WAIT on the script's own connection: see core/redis_wait.py
-            reply, acked = await redis_wait.call_then_wait(self.redis, self._enqueue_script, [self.keys.events], args,
-                                                           self.settings.redis_wait_replicas,
-                                                           self.settings.redis_wait_timeout_ms)
-            redis_wait.check(reply, acked, [job.env.id for job in jobs], self.settings)
+            reply, acked = await call_script(self._enqueue_script, [self.keys.events], args,
+                                             then=("WAIT", self.settings.redis_wait_replicas,
+                                                   self.settings.redis_wait_timeout_ms))
+            redis_wait.check(reply, int(acked), [job.env.id for job in jobs], self.settings)
         else:
             reply = await call_script(self._enqueue_script, [self.keys.events], args)
         return [1 if int(flag) else 0 for flag in reply]  # 3 (ended by its fallback) was accepted too

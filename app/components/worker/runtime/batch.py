@@ -130,31 +130,50 @@ class ScriptBatcher:
         return replies
 
 
-async def call_script(script: Any, keys: list[Any], args: list[Any]) -> Any:
+async def call_script(script: Any, keys: list[Any], args: list[Any], *, then: tuple[Any, ...] | None = None) -> Any:
     """One call of a script registered on an asyncio client (``register_script``), packed by
     hiredis: for a call of many arguments (a bulk enqueue) redis-py's packing costs more than
     the script's own run in Redis. Loads the script on NOSCRIPT (a Redis restart) and retries
     on a dropped connection like redis-py's own call; any other client (a cluster's) calls the
-    script itself."""
+    script through a pipeline.
+
+    ``then``: one more command sent right after the script on the same connection (``WAIT``,
+    which only counts that connection's writes and cannot run inside a script); the replies
+    of both are returned as a pair."""
     client = script.registered_client
     pool = getattr(client, "connection_pool", None)
     if not isinstance(pool, aioredis.ConnectionPool):
-        return await script(keys=keys, args=args)
-    packed = pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
+        if then is None:
+            return await script(keys=keys, args=args)
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.execute_command(*then)
+            return tuple(await pipe.execute())
+    commands = [("EVALSHA", script.sha, len(keys), *keys, *args)] + ([then] if then is not None else [])
+    packed = [pack_command(command) for command in commands]
     conn = await pool.get_connection()
 
-    async def once() -> Any:
+    async def once() -> list[Any]:
         await conn.send_packed_command(packed)
-        return await conn.read_response()
+        replies: list[Any] = []
+        for _ in packed:  # every reply is read, an error one too, so none is left on the connection
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
 
     async def dropped(_: BaseException) -> None:
         await conn.disconnect()
 
     try:
-        try:
-            return await conn.retry.call_with_retry(once, dropped)
-        except NoScriptError:
+        replies = await conn.retry.call_with_retry(once, dropped)
+        if isinstance(replies[0], NoScriptError):
             await client.script_load(script.script)
-            return await conn.retry.call_with_retry(once, dropped)
+            replies = await conn.retry.call_with_retry(once, dropped)
     finally:
         await pool.release(conn)
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies[0] if then is None else tuple(replies)
