@@ -14,6 +14,8 @@ fetched when it closes. The broker id is the layer's instance id, so the message
 instance fetched are ``<ns>:__acks__.<instance>.<queue>``: the reaper's ``recover`` puts
 them back when the instance dies, which replaces Dramatiq's maintenance (turned off: it ran
 ``KEYS`` on a share of all commands and acted only after its own heartbeat timeout).
+Messages a fetch whose reply was lost left in a LIVE instance's acks set go back after the
+connection failure (``dramatiq_stranded.py``).
 There is no consumer for Dramatiq's delay queue: delays are the layer's.
 """
 
