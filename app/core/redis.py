@@ -105,10 +105,18 @@ def redis_url(settings: Settings) -> str:
 
 
 def async_client(settings: Settings, **extra: Any) -> aioredis.Redis:
+    if settings.redis_cluster:  # Redis Cluster: app/core/redis_cluster.py
+        from app.core import redis_cluster
+
+        return redis_cluster.async_client(redis_url(settings), {**connection_kwargs(settings), **extra})  # type: ignore[return-value]
     return aioredis.from_url(redis_url(settings), **{**connection_kwargs(settings), **extra})
 
 
 def sync_client(settings: Settings, **extra: Any) -> redis.Redis:
+    if settings.redis_cluster:  # Redis Cluster: app/core/redis_cluster.py
+        from app.core import redis_cluster
+
+        return redis_cluster.sync_client(redis_url(settings), {**connection_kwargs(settings, sync=True), **extra})  # type: ignore[return-value]
     return redis.from_url(redis_url(settings), **{**connection_kwargs(settings, sync=True), **extra})
 
 

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     # Deadline of every Redis read/write: a half-open connection fails after this, not after the kernel's TCP timeout.
     redis_socket_timeout: float = Field(default=10.0, gt=1)
     redis_socket_keepalive: bool = True
+    # Redis Cluster: every client is a cluster client (REDIS_URL names any node); see app/core/redis_cluster.py.
+    redis_cluster: bool = False
 
     # Engines and queue-wide tuning (None: fall back to the queue's WorkerSettings)
     worker_backend: Engine = "arq"

@@ -69,7 +69,8 @@ class ScriptBatcher:
                 await self._load()
             async with self.redis.pipeline(transaction=False) as pipe:
                 for name, keys, args, _ in batch:
-                    pipe.evalsha(self.shas[name], len(keys), *keys, *args)
+                    # execute_command: redis-py's cluster pipeline refuses .evalsha(), not the command
+                    pipe.execute_command("EVALSHA", self.shas[name], len(keys), *keys, *args)
                 replies = await pipe.execute(raise_on_error=False)
         except Exception as exc:  # noqa: BLE001 - every caller gets the error and retries
             for *_, future in batch:
