@@ -49,7 +49,7 @@ def _reachable(url_settings: object) -> bool:
 
 
 def _wait_for_workers(queues: list[str], stop_requested: list[str], timeout: float = 60) -> None:
-    from app.components.worker.health import Thresholds, list_workers
+    from app.components.worker.health import Thresholds, list_workers_of
     from app.components.worker.keys import Keys
     from app.core.redis import async_client
 
@@ -58,7 +58,7 @@ def _wait_for_workers(queues: list[str], stop_requested: list[str], timeout: flo
     async def check() -> set[str]:
         client = async_client(cfg)
         try:
-            rows = await list_workers(client, Keys(cfg.worker_key_prefix), Thresholds.from_settings(cfg))
+            rows = await list_workers_of(client, Keys.from_settings(cfg), Thresholds.from_settings(cfg), queues)
             return {r["queue"] for r in rows if r["state"] == "healthy"}
         finally:
             await client.aclose()

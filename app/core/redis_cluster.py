@@ -101,3 +101,17 @@ def refuse_engine(engine: str, queue: str) -> None:
         f"queue {queue!r} uses {engine} but REDIS_CLUSTER=true: {why}; on Redis Cluster use "
         f"{' or '.join(CLUSTER_ENGINES)} (--backend / WORKER_BACKEND_{queue.upper().replace('-', '_')})"
     )
+
+
+WORKFLOWS = ("workflows", "a run's steps span queues (hence hash slots) and its reconciler reads one "
+             "deployment-wide events stream")
+DASHBOARD = ("the dashboard", "it folds one deployment-wide events stream; use `app queues`, `app workers`, "
+             "`app events`, which read each queue's keys")
+
+
+def refuse_feature(settings: Any, feature: tuple[str, str]) -> None:
+    """Raise one line when a deployment-wide feature is asked for on Redis Cluster."""
+    if getattr(settings, "redis_cluster", False):
+        what, why = feature
+        raise ConfigError(f"{what} cannot run with REDIS_CLUSTER=true: {why}; run them against a single "
+                          "Redis (or Sentinel)")

@@ -264,3 +264,16 @@ async def list_workers(
         await redis.zrem(keys.workers, *gone)
     workers.sort(key=lambda w: (w["queue"], w["worker_id"]))
     return workers
+
+
+async def list_workers_of(
+    redis: aioredis.Redis, keys: Keys, thresholds: Thresholds, queues: list[str], queue: str | None = None,
+) -> list[dict[str, Any]]:
+    """``list_workers`` over a deployment: on Redis Cluster each queue keeps its own workers
+    zset and heartbeats (its slot), so each of ``queues`` (or just ``queue``) is read in turn."""
+    if not keys.cluster:
+        return await list_workers(redis, keys, thresholds, queue)
+    rows = [row for q in ([queue] if queue else queues)
+            for row in await list_workers(redis, keys.for_queue(q), thresholds, q)]
+    rows.sort(key=lambda w: (w["queue"], w["worker_id"]))
+    return rows
