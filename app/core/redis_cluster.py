@@ -46,8 +46,9 @@ def _unreachable(exc: Exception) -> Exception:
     cause = exc.__cause__ or exc.__context__
     if isinstance(cause, AuthenticationError) or "WRONGPASS" in text or "NOAUTH" in text:
         return cause if isinstance(cause, AuthenticationError) else AuthenticationError(text.splitlines()[0])
-    if "cluster support disabled" in text or "cluster_enabled" in text:
-        return ResponseError("this Redis is not a cluster node (cluster support disabled): unset REDIS_CLUSTER")
+    if "Cluster mode is not enabled" in text or "cluster support disabled" in text:
+        return ResponseError("this Redis is not a cluster node (cluster mode is not enabled): unset REDIS_CLUSTER, "
+                             "or point REDIS_URL at a node of the cluster")
     return ConnectionError(text.splitlines()[0] if text else type(exc).__name__)
 
 
