@@ -148,6 +148,8 @@ async def test_jobs_run_on_every_master_with_results_by_id(
     many = await cclient.enqueue_many([JobRequest("add", (n, 10), queue=queue)  # one script call per queue
                                        for n, queue in enumerate(QUEUES * 2)])
     bad = await cclient.enqueue("always_fails", "no", _queue="billing")  # max_tries=2
+    later = await cclient.enqueue("add", 20, 1, _queue="images", _delay=0.2)  # the delayed set and its mover
+    routed = await cclient.enqueue("add", 30, 1, _queue="mail", _priority="high")  # admission (routing)
     other = WorkerClient(_settings(cenv))  # knows only ids: looks each up in every queue
     try:
         assert [await other.job(job.job_id).result(TIMEOUT) for job in jobs] == [1, 2, 3]
@@ -157,6 +159,7 @@ async def test_jobs_run_on_every_master_with_results_by_id(
         assert failed.value.error_type == "ValueError"
         assert await other.job(jobs[1].job_id).status() == "completed"
         assert await other.job("no-such-job").status() == "unknown"
+        assert [await other.job(job.job_id).result(TIMEOUT) for job in (later, routed)] == [21, 31]
     finally:
         await other.close()
     events = await trail(cclient, bad.job_id, "job.failed")

@@ -21,6 +21,7 @@ from app.components.scheduler.loader import Bound
 from app.components.scheduler.plan import Plan, Span
 from app.components.scheduler.ticks import iso
 from app.components.worker.keys import Keys
+from app.core.redis_cluster import is_cluster
 
 LUA_DIR = Path(__file__).resolve().parent / "lua"
 FINISHED = frozenset({"completed", "failed", "cancelled"})
@@ -83,12 +84,16 @@ class ScheduleStore:
 
     async def snapshot(self, items: list[Bound]) -> tuple[int, dict[str, State]]:
         """Redis time (ms) and every schedule's state, in one round trip."""
+        cluster = is_cluster(self.redis)  # a cluster pipeline refuses TIME (no key): asked on its own
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.time()
+            if not cluster:
+                pipe.time()
             for item in items:
                 pipe.hgetall(self.state_key(item))
                 pipe.zrange(self.pending_key(item), 0, 0, withscores=True)
             replies = await pipe.execute()
+        if cluster:
+            replies.insert(0, await self.redis.time())
         seconds, micros = replies[0]
         now = int(seconds) * 1000 + int(micros) // 1000
         states = {item.name: State.of(replies[1 + 2 * i], replies[2 + 2 * i]) for i, item in enumerate(items)}

@@ -178,6 +178,8 @@ class WorkerClient:
         if checked is not None and time.monotonic() - checked < ENGINE_CHECK_TTL_S:
             return
         try:
+            if self.keys.cluster and checked is None:  # Redis Cluster: readers find the queue's keys from here
+                await self.redis.sadd(self.keys.queues, queue)
             self._live[queue] = live = await live_engine_beats(
                 self.redis, self.queue(queue).keys, queue, self.settings.worker_offline_after)
         except RedisError as exc:

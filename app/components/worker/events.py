@@ -217,7 +217,14 @@ async def read_events(
 
     ``start="$"`` means "only events from now on": it is resolved once to the id of the
     newest entry, because passing ``$`` to every XREAD would skip what was added between
-    one XREAD returning empty and the next one being sent."""
+    one XREAD returning empty and the next one being sent.
+
+    On Redis Cluster, the deployment's ``Keys`` reads every queue's own stream (``read_events_of``)."""
+    if keys.cluster and not keys.root:
+        async for event in read_events_of(redis, keys, [], queue=queue, type_=type_, job_id=job_id, start=start,
+                                          follow=follow, block_ms=block_ms, count=count):
+            yield event
+        return
     last = start
     if last == "$":
         newest = await redis.xrevrange(keys.events, count=1)
@@ -249,14 +256,15 @@ async def read_events_of(
     **options: Any,
 ) -> AsyncIterator[dict[str, str]]:
     """``read_events`` over a deployment: its one stream on a single Redis; on Redis Cluster,
-    each queue's own stream (``queues``: the registry's, or just ``queue``), merged by time.
+    each queue's own stream (``queues``, e.g. the registry's, and those in ``Keys.queues``; or
+    just ``queue``), merged by time.
     Without ``follow`` the streams are read to their end and merged by (ts, id); with it, one
     reader per queue hands events over as they come (each stream in its own order)."""
     if not keys.cluster:
         async for event in read_events(redis, keys, queue=queue, follow=follow, **options):
             yield event
         return
-    names = [queue] if queue else list(queues)
+    names = [queue] if queue else sorted({*queues, *(_text(q) for q in await redis.smembers(keys.queues))})
     if not follow:
         streams = [[e async for e in read_events(redis, keys.for_queue(q), queue=queue, **options)] for q in names]
         for event in heapq.merge(*streams, key=lambda e: (int(e.get("ts") or 0), e["id"])):

@@ -81,6 +81,12 @@ class Keys:
         process restarted under the same ``--id`` never inherits, or hides, a dead one's jobs."""
         return f"{self.prefix}:instances"
 
+    @property
+    def queues(self) -> str:
+        """Set of the queue names a deployment on Redis Cluster has used (workers add theirs at
+        start, producers on first use): where readers find each queue's stream and workers."""
+        return f"{self.base}:queues"
+
     def lock(self, name: str) -> str:
         return f"{self.prefix}:lock:{name}"
 

@@ -75,6 +75,8 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
     redis = async_client(settings)
     await ping(redis, settings)
     await settle_engine(redis, keys, settings, config, stop)  # one engine per queue; take over another's waiting jobs
+    if settings.redis_cluster:  # where readers find this queue's stream and workers
+        await redis.sadd(Keys.from_settings(settings).queues, spec.name)
     if config.routed:  # producers that do not know it (another deployment, an old one) route too
         await redis.hset(keys.route(spec.name), "routed", 1)
 
