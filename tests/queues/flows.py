@@ -46,12 +46,13 @@ async def fail_unless_file(path: str) -> str:
 
 
 async def fails_before(path: str, tries: int) -> int:
-    """Fails (for good: no retry of the job) until called ``tries`` times: a step's ``retry``."""
+    """Fails (an ordinary, retryable error) until called ``tries`` times: a step's ``retry``
+    must be the only retry (the task's own ``max_tries`` of 3 would make it pass on one launch)."""
     with open(path, "a") as fh:
         fh.write("x\n")
     count = len(Path(path).read_text().splitlines())
     if count < tries:
-        raise PermanentError(f"call {count} of {tries}")
+        raise RuntimeError(f"call {count} of {tries}")
     return count
 
 

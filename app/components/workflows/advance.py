@@ -49,6 +49,7 @@ class Launch:
     workflow: str | None = None  # a child run of this workflow
     delay: float = 0.0
     timeout: float | None = None  # the step's timeout, which the job enforces on each attempt too
+    max_tries: int | None = None  # 1 when the step has its own retry: then the step retries, not the task
 
 
 class Commands:
@@ -295,7 +296,7 @@ class Pass:
                 # started): leave the run to a process that does, rather than fail the step.
                 raise NotHere(f"step {step.name}: {exc}") from None
             return Launch(unit, task=step.task, queue=step.queue, kwargs=kwargs,  # type: ignore[arg-type]
-                          timeout=step.timeout)
+                          timeout=step.timeout, max_tries=1 if step.retry else None)
         except (RefError, AppError) as exc:
             await self.unit_failed(step, unit, f"{type(exc).__name__}: {exc}", retry=False)
             return None

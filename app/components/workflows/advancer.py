@@ -155,7 +155,8 @@ class Advancer:
 
     async def launch(self, run_id: str, launches: list[Launch]) -> None:
         jobs = [JobRequest(la.task, kwargs=la.kwargs, queue=la.queue, job_id=la.unit.id(run_id),  # type: ignore[arg-type]
-                           delay=la.delay or None, tags=self.tags(run_id, la.unit), timeout=self.job_timeout(la))
+                           delay=la.delay or None, tags=self.tags(run_id, la.unit), timeout=self.job_timeout(la),
+                           max_tries=la.max_tries)
                 for la in launches if la.workflow is None]
         if jobs:
             await self.client.enqueue_many(jobs)  # a refused id is already queued or running: fine

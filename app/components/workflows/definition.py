@@ -70,7 +70,7 @@ class Step:
     params: dict[str, Any] = field(default_factory=dict)
     preconditions: list[Precondition] = field(default_factory=list)
     continue_on: ContinueOn = field(default_factory=ContinueOn)
-    retry: int = 0  # launches after the first when the step's job fails (beyond the task's own tries)
+    retry: int = 0  # launches after the first when the step's job fails (each launch then has one try)
     retry_interval: float = 0.0
     timeout: float | None = None  # seconds from launch; a step still running then fails (StepTimeout)
 
