@@ -74,8 +74,8 @@ def start(cenv: dict[str, str], cprefix: str, cluster_client: redis.RedisCluster
     """Start ``app worker QUEUE --backend ENGINE`` on the cluster; wait for its heartbeat."""
     started: list[WorkerProcess] = []
 
-    def run(queue: str, engine: str, **extra_env: str) -> WorkerProcess:
-        worker = WorkerProcess([queue, "--backend", engine], {**cenv, **extra_env})
+    def run(queue: str, engine: str, *extra: str, **extra_env: str) -> WorkerProcess:
+        worker = WorkerProcess([queue, "--backend", engine, *extra], {**cenv, **extra_env})
         started.append(worker)
         beat = f"{cprefix}:{{{queue}}}:heartbeat:{queue}:{socket.gethostname()}@{worker.proc.pid}"
 
@@ -236,3 +236,25 @@ def test_cluster_flag_on_a_single_redis_is_one_line(cenv: dict[str, str], redis_
     done = app(cenv, "queues", REDIS_URL=redis_url)
     assert done.returncode == 2 and "REDIS_CLUSTER" in done.stderr and "Traceback" not in done.stderr, done.stderr
 
+
+
+async def test_schedules_fire_on_cluster(cenv: dict[str, str], start: Any, tmp_path: Path) -> None:
+    """A schedule's state, pending ticks and jobs live under its queue's tag; ticks run."""
+    schedules = tmp_path / "schedules.yaml"
+    schedules.write_text("schedules:\n  - name: tick\n    task: add\n    queue: mail\n    every: 1s\n"
+                         "    kwargs: {a: 1, b: 1}\n")
+    start("mail", "taskiq", "--scheduler", WORKER_SCHEDULES_FILE=str(schedules))
+    client = WorkerClient(_settings(cenv))
+    try:
+        async def fired() -> list[dict[str, str]]:
+            return [e async for e in read_events_of(client.redis, client.keys, [], queue="mail",
+                                                    type_="job.completed") if e["job_id"].startswith("sched:tick:")]
+
+        async def two() -> bool:
+            return len(await fired()) >= 2
+
+        await until(two, 15, what="two scheduled ticks completed")
+    finally:
+        await client.close()
+    listed = app(cenv, "schedules", WORKER_SCHEDULES_FILE=str(schedules))
+    assert listed.returncode == 0 and "tick" in listed.stdout, listed.stderr
