@@ -129,6 +129,8 @@ class WorkerClient:
         self.registry = registry or Registry.discover(self.settings.queue_packages)
         self.keys = Keys.from_settings(self.settings)  # on Cluster, each queue's keys: self.queue(name).keys
         self.redis = async_client(self.settings)
+        # Records what an engine stages (never executed): a plain pipeline, also on Redis Cluster.
+        self._recorder = aioredis.Redis() if self.keys.cluster else self.redis
         self._enqueue_script = self.redis.register_script(scripts.source("enqueue"))
         self._adapters: dict[tuple[str, str], EngineAdapter] = {}
         self._global_middleware = load_middleware(self.settings.middleware_paths)
@@ -317,8 +319,7 @@ class WorkerClient:
         if self.keys.cluster and len({job.env.queue for job in jobs}) > 1:
             return await self._accept_per_queue(jobs)
         keys = self.queue(jobs[0].env.queue).keys if jobs else self.keys  # one slot per call on Cluster
-        # Collects an engine's commands, never executed (a plain pipeline, also on Cluster).
-        recorder = (aioredis.Redis() if self.keys.cluster else self.redis).pipeline(transaction=False)
+        recorder = self._recorder.pipeline(transaction=False)  # collects an engine's commands, never executed
 
         async def staged(queue: str, messages: list[tuple[str, str]]) -> list[tuple[Any, ...]]:
             await self._adapter(queue).stage(recorder, messages)

@@ -15,6 +15,7 @@ reaper does the same for a dead one. Entries the layer did not write end with jo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -80,19 +81,6 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-class _Kept:
-    """``async with`` on a shared client that must stay open afterwards."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-
-    async def __aenter__(self) -> Any:
-        return self.client
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-
 class _StreamBroker(RedisStreamBroker):
     """taskiq-redis's stream broker with the layer's fixes: acked entries are deleted,
     a consumer re-reads its own unacked entries first whenever it (re)starts (a consume
@@ -105,7 +93,7 @@ class _StreamBroker(RedisStreamBroker):
         """A client on the broker's pool (closed after use), or the shared cluster client
         (``REDIS_CLUSTER``: taskiq's pool is single-node; the stream is in its queue's slot)."""
         if self.shared is not None:
-            return _Kept(self.shared)
+            return contextlib.nullcontext(self.shared)  # kept open: closed in shutdown()
         return Redis(connection_pool=self.connection_pool)
 
     async def _declare_consumer_group(self) -> None:
