@@ -8,7 +8,9 @@ no replicas, so both topologies do the same work per write). Per round: the thre
 tests/cluster_queues ({mail}, {images}, {billing}: one per master on the 3-master cluster) get
 N no-op jobs each (enqueue_many, one script call per queue and chunk), then one worker per queue
 starts (``--threads``); the figure is jobs / (last job.completed - first job.started), both
-from the queues' event streams (Redis time). Rounds alternate between the two clusters.
+from the queues' event streams (Redis time), and the CPU time (INFO cpu) of the busiest master
+per 10,000 jobs: what spreading the queues takes off each node. Rounds alternate between the
+two clusters; the medians are printed with their ratios.
 Everything runs on this machine: the workers share its cores with the Redis nodes, so the
 ratio says how much the layer gains from spreading queues when the workers are not the limit.
 """
@@ -59,10 +61,23 @@ async def _enqueue(env: dict[str, str], jobs: int) -> None:
         await client.close()
 
 
-def _drain(cluster: Cluster, engine: str, jobs: int, threads: int) -> float:
+def _cpu(cluster: Cluster) -> list[float]:
+    """used_cpu_sys + used_cpu_user of each node (s)."""
+    out = []
+    for server in cluster.servers:
+        node = redis.Redis(host="127.0.0.1", port=server.port)
+        info = node.info("cpu")
+        node.close()
+        out.append(float(info["used_cpu_sys"]) + float(info["used_cpu_user"]))
+    return out
+
+
+def _drain(cluster: Cluster, engine: str, jobs: int, threads: int) -> tuple[float, float]:
+    """(jobs/s, CPU seconds of the busiest master per 10,000 jobs) of one drain."""
     prefix = f"b{uuid.uuid4().hex[:6]}"
     env = _env(cluster.url, prefix, engine)
     asyncio.run(_enqueue(env, jobs))
+    before = _cpu(cluster)
     client = redis.RedisCluster(host="127.0.0.1", port=cluster.servers[0].port)
     workers = [subprocess.Popen([sys.executable, "-m", "app", "worker", q, "--threads", str(threads)], env=env, cwd=ROOT)
                for q in QUEUES]
@@ -95,7 +110,8 @@ def _drain(cluster: Cluster, engine: str, jobs: int, threads: int) -> float:
             worker.wait(60)
         client.close()
     assert first is not None
-    return jobs * len(QUEUES) / max(0.001, (last - first) / 1000)
+    busiest = max(after - then for after, then in zip(_cpu(cluster), before, strict=True))
+    return jobs * len(QUEUES) / max(0.001, (last - first) / 1000), busiest * 10_000 / (jobs * len(QUEUES))
 
 
 def main() -> None:
@@ -110,15 +126,20 @@ def main() -> None:
         for queue in QUEUES:
             print(f"queue {queue}: master port {clusters[3].master_of(f'x:{{{queue}}}')} of 3")
         rates: dict[int, list[float]] = {1: [], 3: []}
+        cpus: dict[int, list[float]] = {1: [], 3: []}
         for n in range(args.rounds):
             for masters in (1, 3) if n % 2 == 0 else (3, 1):
-                rate = _drain(clusters[masters], args.engine, args.jobs, args.threads)
+                rate, cpu = _drain(clusters[masters], args.engine, args.jobs, args.threads)
                 rates[masters].append(rate)
-                print(f"round {n + 1}: {masters} master(s): {rate:,.0f} jobs/s")
+                cpus[masters].append(cpu)
+                print(f"round {n + 1}: {masters} master(s): {rate:,.0f} jobs/s, busiest master {cpu:.2f} CPU s "
+                      "per 10k jobs")
         one, three = statistics.median(rates[1]), statistics.median(rates[3])
+        cpu1, cpu3 = statistics.median(cpus[1]), statistics.median(cpus[3])
         print(f"{args.engine}, 3 queues x {args.jobs} jobs, {args.threads} threads per worker, "
               f"{os.cpu_count()} cores: 1 master {one:,.0f} jobs/s, 3 masters {three:,.0f} jobs/s, "
-              f"ratio {three / one:.2f}")
+              f"ratio {three / one:.2f}; busiest master's CPU per 10k jobs {cpu1:.2f} s vs {cpu3:.2f} s "
+              f"(ratio {cpu3 / cpu1:.2f})")
     finally:
         for cluster in clusters.values():
             cluster.stop()
