@@ -177,6 +177,28 @@ async def test_jobs_run_on_every_master_with_results_by_id(
     workers = json.loads(app(cenv, "workers", "--json").stdout)
     assert sorted(w["queue"] for w in workers) == sorted(QUEUES)
 
+    # Dead letters live in the failed job's queue slot; retry and purge find it by id alone.
+    dead = json.loads(app(cenv, "dead", "--json").stdout)
+    assert [(row["job_id"], row["queue"]) for row in dead] == [(bad.job_id, "billing")], dead
+    retried = app(cenv, "dead", "retry", bad.job_id)
+    assert retried.returncode == 0 and bad.job_id in retried.stdout, retried.stderr
+    await until(lambda: _dead_ids(cenv, [bad.job_id]), TIMEOUT, what="retried job dead again")
+    purged = app(cenv, "dead", "purge", "--job", bad.job_id)
+    assert purged.returncode == 0 and "purged 1" in purged.stdout, purged.stderr
+    assert json.loads(app(cenv, "dead", "--json").stdout) == []
+    again = app(cenv, "dead", "purge", "--job", bad.job_id)
+    assert again.returncode != 0 and "not in the dead set" in again.stderr and "Traceback" not in again.stderr
+
+
+async def _dead_ids(cenv: dict[str, str], ids: list[str]) -> bool:
+    rows = json.loads(app(cenv, "dead", "--json").stdout)
+    return [row["job_id"] for row in rows] == ids and await _failed_twice(cenv, ids[0])
+
+
+async def _failed_twice(cenv: dict[str, str], job_id: str) -> bool:
+    listed = [json.loads(line) for line in app(cenv, "events", "--json", "--job", job_id).stdout.splitlines()]
+    return [e["type"] for e in listed].count("job.failed") == 2
+
 
 @pytest.mark.parametrize("engine", CLUSTER_ENGINES)
 async def test_sigkilled_workers_job_comes_back(engine: str, cclient: WorkerClient, start: Any, tmp_path: Path) -> None:
@@ -230,6 +252,15 @@ def test_unreachable_cluster_is_one_line(cenv: dict[str, str]) -> None:
     done = app(cenv, "queues", REDIS_URL=f"redis://127.0.0.1:{port}")
     assert done.returncode == 2 and done.stderr.startswith("error: cannot reach Redis"), done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    ({"REDIS_SENTINELS": "127.0.0.1:1", "REDIS_SENTINEL_MASTER": "m"}, "REDIS_CLUSTER and REDIS_SENTINELS exclude"),
+    ({"REDIS_WAIT_REPLICAS": "1"}, "REDIS_WAIT_REPLICAS is not supported with REDIS_CLUSTER"),
+])
+def test_cluster_with_sentinel_or_wait_is_one_line(cenv: dict[str, str], extra: dict[str, str], says: str) -> None:
+    done = app(cenv, "queues", **extra)
+    assert done.returncode == 2 and says in done.stderr and done.stderr.count("\n") == 1, done.stderr
 
 
 def test_cluster_flag_on_a_single_redis_is_one_line(cenv: dict[str, str], redis_url: str) -> None:
