@@ -22,10 +22,10 @@ import pytest
 import redis
 
 from app.components.worker.api import WorkerClient
-from app.core.errors import AppError
 from app.core.settings import load_settings
 from tests.cluster import Cluster
 from tests.conftest import BASE_ENV, ROOT, WorkerProcess, wait_until
+from tests.faults import Producer
 
 ENGINES = ["taskiq", "dramatiq"]
 FAST = {"WORKER_OFFLINE_AFTER": "3", "WORKER_UNHEALTHY_AFTER": "2", "WORKER_WARNING_AFTER": "1"}
@@ -81,36 +81,6 @@ def _terminal_events(client: redis.RedisCluster, prefix: str) -> Counter[str]:
     return ends
 
 
-class Producer:
-    """Enqueues `add` jobs on `mail` until stopped; notes which enqueues returned, and when."""
-
-    def __init__(self, client: WorkerClient) -> None:
-        self.client = client
-        self.returned: list[str] = []
-        self.errors: Counter[str] = Counter()
-        self.stopped = False
-
-    async def run(self) -> None:
-        n = 0
-        while not self.stopped:
-            n += 1
-            try:
-                job = await self.client.enqueue("add", n, 1, _queue="mail")
-            except AppError as exc:
-                self.errors[str(exc).split(":")[0][:60]] += 1
-                await asyncio.sleep(0.05)
-                continue
-            self.returned.append(job.job_id)
-            await asyncio.sleep(0.005)
-
-    async def wait_for(self, count: int, timeout: float = 40) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while len(self.returned) < count:
-            assert loop.time() < deadline, f"only {len(self.returned)} enqueues returned, errors {dict(self.errors)}"
-            await asyncio.sleep(0.01)
-
-
 @pytest.mark.parametrize("engine", ENGINES)
 async def test_master_failover_mid_run(engine: str, cluster: Cluster) -> None:
     prefix = f"f{uuid.uuid4().hex[:8]}"
@@ -118,7 +88,7 @@ async def test_master_failover_mid_run(engine: str, cluster: Cluster) -> None:
     key = f"{prefix}:{{mail}}:events"
     worker = WorkerProcess(["mail", "--backend", engine], env)
     client = _client(env, engine)
-    producer = Producer(client)
+    producer = Producer(lambda n: client.enqueue("add", n, 1, _queue="mail"), pause=0.005)
     try:
         watch = redis.RedisCluster(host="127.0.0.1", port=cluster.servers[0].port)
         beat = f"{prefix}:{{mail}}:heartbeat:mail:{socket.gethostname()}@{worker.proc.pid}"
@@ -126,7 +96,7 @@ async def test_master_failover_mid_run(engine: str, cluster: Cluster) -> None:
         watch.close()
         task = asyncio.create_task(producer.run())
         try:
-            await producer.wait_for(30)
+            await producer.wait_for(30, 40)
             dead_port = cluster.master_of(key)
             dead = next(s for s in cluster.servers if s.port == dead_port)
             assert dead.process is not None
@@ -136,7 +106,7 @@ async def test_master_failover_mid_run(engine: str, cluster: Cluster) -> None:
             await asyncio.to_thread(wait_until, lambda: _promoted(cluster, key, dead_port), 30, 0.1,
                                     "the replica of {mail}'s master promoted")
             after = len(producer.returned)  # enqueues from here on returned from the new master
-            await producer.wait_for(after + 20)
+            await producer.wait_for(after + 20, 40)
         finally:
             producer.stopped = True
             await task
