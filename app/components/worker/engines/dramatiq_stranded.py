@@ -66,8 +66,8 @@ class NoticeFailures(Retry):
 
 def notice_failures(client: redis.Redis, notice: Callable[[], object]) -> None:
     """Make every connection ``client`` opens from now on report its failures to ``notice``."""
-    kwargs = client.connection_pool.connection_kwargs
-    if kwargs.get("retry") is not None:
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)  # none on Cluster
+    if kwargs is not None and kwargs.get("retry") is not None:
         kwargs["retry"] = NoticeFailures(kwargs["retry"], notice)
 
 
