@@ -57,8 +57,11 @@ class Cluster:
 
     def __init__(self, masters: int = 3, replicas: int = 1) -> None:
         self.masters, self.replicas = masters, replicas
+        # repl-diskless-sync-delay 0: Redis 7 waits 5 s before a replica's first sync by default,
+        # and a replica that never synced cannot be promoted.
         self.servers = [RedisServer(port, extra=["--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
-                                                 "--cluster-config-file", "nodes.conf"])
+                                                 "--cluster-config-file", "nodes.conf",
+                                                 "--repl-diskless-sync-delay", "0"])
                         for port in cluster_ports(masters * (1 + replicas))]
 
     @property
@@ -85,11 +88,20 @@ class Cluster:
                             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=timeout)
         deadline = time.monotonic() + timeout
-        while not all(self._ok(s.port) for s in self.servers):
+        while not all(self._ok(s.port) and self._synced(s.port) for s in self.servers):
             if time.monotonic() > deadline:
-                raise RuntimeError("Redis Cluster did not reach cluster_state:ok")
+                raise RuntimeError("Redis Cluster did not reach cluster_state:ok with every replica in sync")
             time.sleep(0.05)
         return self
+
+    def _synced(self, port: int) -> bool:
+        """A master, or a replica whose link to its master is up (it can be promoted)."""
+        client = redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
+        try:
+            info = client.info("replication")
+        finally:
+            client.close()
+        return info.get("role") == "master" or info.get("master_link_status") == "up"
 
     @staticmethod
     def _call(port: int, *args: object) -> object:
