@@ -28,6 +28,7 @@ from typing import Any, NamedTuple, TypeVar
 from redis.exceptions import RedisError, ResponseError
 
 from app.components.worker import config as queue_config
+from app.components.worker.bulk import Bulk
 from app.components.worker.config import QueueConfig
 from app.components.worker.engine_switch import live_engine_beats
 from app.components.worker.engines import engine_class
@@ -134,6 +135,7 @@ class WorkerClient:
         self._queues: dict[str, ProducerQueue] = {}
         self._engine_checked: dict[str, float] = {}
         self._live: dict[str, dict[str, int]] = {}
+        self._bulk: Bulk | None = None
 
     def queue(self, name: str) -> ProducerQueue:
         """The producer's facts about one queue, resolved on first use."""
@@ -265,7 +267,8 @@ class WorkerClient:
         return Job(self, env.id, env.queue, env.task)
 
     async def enqueue_many(self, requests: Iterable[JobRequest]) -> list[Job | None]:
-        """Enqueue many jobs: each chunk of up to ``ENQUEUE_CHUNK`` jobs is one atomic script call.
+        """Enqueue many jobs: all are validated and encoded first, then sent in chained chunks
+        (components/worker/bulk.py), each chunk one atomic script call.
 
         Returns a handle per request, in order; ``None`` where a caller-chosen id was refused
         because that job is still queued or running (or appears earlier in the same batch).
@@ -274,38 +277,9 @@ class WorkerClient:
         memory), that chunk and the rest are not enqueued, and the error says how many earlier
         jobs were accepted (they will run).
         """
-        prepared = []
-        engines: dict[str, str] = {}  # queue -> its engine, checked once per call
-        for req in requests:
-            delay = validate_delay(req.delay) if req.delay is not None else 0.0
-            env, raw, fallback = self._envelope(
-                req.task, tuple(req.args), dict(req.kwargs), req.queue, req.job_id,
-                (req.priority, req.worker_group, req.worker_selector, req.fallback, req.tags, req.timeout,
-                 req.max_tries))
-            engine = engines.get(env.queue)
-            if engine is None:
-                await self._check_engine(env.queue)
-                engine = engines[env.queue] = self.engine_of(env.queue)
-            prepared.append(Accepting(env, raw, _delay_ms(delay), engine, req.job_id is not None, fallback))
-        hooked = {queue: self._chain(queue) for queue in engines}
-        hooked = {queue: chain for queue, chain in hooked.items() if chain.has("before_enqueue")}
-        for env, *_ in prepared if hooked else ():
-            chain = hooked.get(env.queue)
-            if chain is not None:
-                await chain.call("before_enqueue", self._hook_view(env, None), job_id=env.id)
-        flags: list[int] = []
-        try:
-            for start in range(0, len(prepared), ENQUEUE_CHUNK):
-                flags += await self._accept(prepared[start:start + ENQUEUE_CHUNK])
-        except RedisError as exc:
-            raise self._refused(exc, accepted=sum(1 for f in flags if f), total=len(prepared)) from None
-        hooked = {queue: chain for queue in engines if (chain := self._chain(queue)).has("after_enqueue")}
-        for (env, *_), ok in zip(prepared, flags, strict=True) if hooked else ():
-            chain = hooked.get(env.queue)
-            if ok and chain is not None:
-                await chain.call("after_enqueue", self._hook_view(env, None), job_id=env.id)
-        return [Job(self, env.id, env.queue, env.task) if ok else None
-                for (env, *_), ok in zip(prepared, flags, strict=True)]
+        if self._bulk is None:
+            self._bulk = Bulk(self)
+        return await self._bulk.enqueue_many(requests)
 
     async def _accept(self, jobs: list[Accepting]) -> list[int]:
         """Record jobs and make them deliverable in one script call (enqueue.lua): per job
