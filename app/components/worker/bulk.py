@@ -31,7 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from app.components.worker.envelope import _ENCODER, _STR, Envelope, new_job_id, new_run, now_ms, send_id
+from app.components.worker.envelope import _ENCODER, _STR, Envelope, now_ms, send_id
 from app.components.worker.validation import MAX_DEPTH, validate_delay, validate_job_id
 from app.core.errors import RedisUnavailable
 
@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
 CHUNK = 250  # jobs per chained script call: small enough that Redis starts early, large enough to share its costs
 _HEAD = '{"id":""'
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}  # a UUID4's variant digit, from any hex digit
+_DRAW = 256  # jobs' random bits drawn in one os.urandom call
 _TAIL = ',"args":[],"kwargs":{},"try":1,"enqueued_at":0,"run":""}'
 
 
@@ -129,6 +131,7 @@ class Bulk:
         append = items.append
         encode = _ENCODER.encode
         max_bytes = self._max_bytes
+        blob, at = "", 0  # random hex for ids and run tokens, 48 digits a job, drawn for _DRAW jobs at once
         for req in requests:
             delay, job_id = req.delay, req.job_id
             if job_id is not None:  # checked first, as the reference does
@@ -153,12 +156,16 @@ class Bulk:
             if type(kwargs) is not dict:
                 append(self._reference(req, delay_ms))
                 continue
-            if job_id is None:
-                job_id = new_job_id()
+            if at == len(blob):
+                blob, at = os.urandom(24 * _DRAW).hex(), 0
+            run = blob[at + 32:at + 48]
+            if job_id is None:  # new_job_id()'s UUID4 (version 4, RFC 4122 variant) from the drawn digits
+                job_id = (blob[at:at + 12] + "4" + blob[at + 13:at + 16] + _VARIANT[blob[at + 16]]
+                          + blob[at + 17:at + 32])
                 head = '{"id":"' + job_id + '"'
             else:
                 head = '{"id":' + _STR(job_id)
-            run = new_run()
+            at += 48
             raw = (f'{head}{plan.mid},"args":{args_text},"kwargs":{kwargs_text},"try":1,'
                    f'"enqueued_at":{now_ms()},"run":"{run}"}}')
             if "\\ud" in raw or len(raw) > max_bytes or raw.count("[") + raw.count("{") > MAX_DEPTH:
