@@ -38,7 +38,16 @@ from app.core.errors import RedisUnavailable
 if TYPE_CHECKING:
     from app.components.worker.api import Job, JobRequest, WorkerClient
 
-CHUNK = 250  # jobs per chained script call: small enough that Redis starts early, large enough to share its costs
+CHUNK = 250  # jobs per chained script call: Redis runs one while the next is built; its fixed costs stay small
+FIRST_CHUNK = 64  # the first is smaller: Redis waits for nothing but it
+
+
+def bounds(n: int) -> list[tuple[int, int]]:
+    """The (start, end) of each chunk of a call of ``n`` jobs."""
+    edges = [0, *range(min(FIRST_CHUNK, n), n, CHUNK), n] if n else []
+    return list(zip(edges, edges[1:], strict=False))
+
+
 _HEAD = '{"id":""'
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}  # a UUID4's variant digit, from any hex digit
 _DRAW = 256  # jobs' random bits drawn in one os.urandom call
@@ -278,7 +287,7 @@ class Bulk:
         head = ("EVALSHA", script.sha, 2, client.keys.events, chain)
         pool = client.redis.connection_pool
         packed: list[bytes] = []
-        starts = range(0, len(items), CHUNK)
+        chunks = bounds(len(items))
         conn = await pool.get_connection()
 
         async def read_all() -> list[Any]:
@@ -299,16 +308,15 @@ class Bulk:
 
         try:
             try:
-                for position, start in enumerate(starts, 1):
-                    packed.append(pack_command((*head, *await self.chunk_args(items[start:start + CHUNK], engines,
-                                                                               position))))
+                for position, (start, end) in enumerate(chunks, 1):
+                    packed.append(pack_command((*head, *await self.chunk_args(items[start:end], engines, position))))
                     await conn.send_packed_command(packed[-1])
                 replies = await read_all()
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 await conn.disconnect()
-                for position, start in enumerate(starts, 1):
+                for position, (start, end) in enumerate(chunks, 1):
                     if position > len(packed):
-                        packed.append(pack_command((*head, *await self.chunk_args(items[start:start + CHUNK], engines,
+                        packed.append(pack_command((*head, *await self.chunk_args(items[start:end], engines,
                                                                                    position))))
                 replies = await conn.retry.call_with_retry(once, dropped)
             if any(isinstance(reply, NoScriptError) for reply in replies):
@@ -319,16 +327,16 @@ class Bulk:
             await pool.release(conn)
             raise
         await pool.release(conn)
-        return self._flags(items, starts, replies)
+        return self._flags(items, chunks, replies)
 
-    def _flags(self, items: list[Item], starts: range, replies: list[Any]) -> list[int]:
+    def _flags(self, items: list[Item], chunks: list[tuple[int, int]], replies: list[Any]) -> list[int]:
         """Per job 1 accepted, 0 refused; raises for a chunk Redis refused, saying how many of the
         call's jobs were accepted (the chunks before it: the chain stops the ones after)."""
         flags: list[int] = []
         error: Exception | None = None
         broken = False
-        for start, reply in zip(starts, replies, strict=True):
-            size = len(items[start:start + CHUNK])
+        for (start, end), reply in zip(chunks, replies, strict=True):
+            size = end - start
             if isinstance(reply, list) and len(reply) == size:
                 flags += [1 if int(flag) else 0 for flag in reply]
                 continue
@@ -353,4 +361,4 @@ def _where(client: WorkerClient) -> str:
     return describe(client.settings)
 
 
-__all__ = ["CHUNK", "Bulk", "Item", "Plan"]
+__all__ = ["CHUNK", "FIRST_CHUNK", "Bulk", "Item", "Plan", "bounds"]

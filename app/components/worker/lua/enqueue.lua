@@ -155,7 +155,7 @@ for _ = 1, njobs do
   local priority, group, selector, limited, fallback = shape[9], shape[10], shape[11], shape[12], shape[13]
   local healthy_ms, keep, dead_ttl = tonumber(shape[14]), tonumber(shape[15]), tonumber(shape[16])
   local tags, chosen = shape[17], shape[18] == '1'
-  local job_key, result_key = ARGV[2] .. id, ARGV[3] .. id
+  local job_key, result_key = ARGV[2] .. id, nil  -- result_key: only where a result is replaced or written
   local cmds = nil  -- a job's own engine commands (a caller-chosen id): read only when there are some
   if ncmds > 0 then
     cmds = {}
@@ -167,12 +167,13 @@ for _ = 1, njobs do
   if chosen or not chain then job = redis.call('HMGET', job_key, 'status', 'run') end
   local status = job[1]
   if job[2] == run then
-    table.insert(out, 2)
+    out[#out + 1] = 2
   elseif status == 'queued' or status == 'delayed' or status == 'running' then
-    table.insert(out, 0)
+    out[#out + 1] = 0
   else
     event('job.enqueued', queue, engine, id, task, '', tags)
     if status or chosen then  -- a fresh id has no old record or result to replace
+      result_key = ARGV[3] .. id
       redis.call('DEL', job_key, result_key)
     end
     local flags = route_flags[qp]
@@ -193,6 +194,7 @@ for _ = 1, njobs do
       ended = fallback
     end
     if ended then
+      result_key = ARGV[3] .. id
       local target = "group '" .. group .. "'"
       if selector ~= '' then target = "labels " .. selector end
       local status_end, kind = 'failed', 'NoWorker'
@@ -211,7 +213,7 @@ for _ = 1, njobs do
         attempts = 0, engine = engine, enqueued_at = now_n, finished_at = now_n, error_type = kind,
         error = reason}), 'EX', keep)
       event('job.failed', queue, engine, id, task, kind .. ': ' .. reason, tags)
-      table.insert(out, 3)
+      out[#out + 1] = 3
     else
       local new_status = 'queued'
       if delay > 0 then new_status = 'delayed' end
@@ -236,7 +238,7 @@ for _ = 1, njobs do
         end
         if batched then engine_queues[qp] = true end
       end
-      table.insert(out, 1)
+      out[#out + 1] = 1
     end
   end
 end
