@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from app.components.worker.api import JobRequest, WorkerClient
-from app.components.worker.bulk import FIRST_CHUNK, Bulk, bounds
+from app.components.worker.bulk import FIRST_CHUNK, Bulk, Recorder, bounds
 from app.components.worker.envelope import Envelope
 from app.components.worker.events import read_events
 from app.components.worker.runtime import scripts
@@ -54,6 +54,22 @@ def test_fast_envelopes_are_the_references(make_settings: Any) -> None:
     for bad in (("\ud800",), (float("nan"),), ("y" * 2_000_000,)):
         with pytest.raises(PayloadError):
             bulk.prepare([JobRequest("add", (1, 2)), JobRequest("echo", bad)])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_recorded_engine_commands_are_redis_pys(engine: str, client: WorkerClient) -> None:
+    """The bulk path records an engine's staged commands without a redis-py pipeline: the same
+    words, for fresh messages and for one of a caller-chosen id."""
+    adapter = client._adapter("contract")
+    messages = [(f"m{n}.1.x", f'{{"id":"m{n}","n":"\u00e9"}}') for n in range(3)]
+    for batch in (messages, messages[:1]):
+        recorder, pipe = Recorder(), client.redis.pipeline(transaction=False)
+        await adapter.stage(recorder, batch)
+        await adapter.stage(pipe, batch)
+        got, want = recorder.command_stack, [words for words, _ in pipe.command_stack]
+        if engine != "taskiq":  # a fresh Redis id (Dramatiq) and the enqueue time (ms) may differ
+            got, want = [(w[0], w[1], len(w)) for w in got], [(w[0], w[1], len(w)) for w in want]
+        assert got == want
 
 
 def test_job_request_is_still_a_frozen_dataclass() -> None:

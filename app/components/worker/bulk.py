@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hiredis import pack_command
+from redis.commands.core import CoreCommands
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -52,6 +53,34 @@ _HEAD = '{"id":""'
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}  # a UUID4's variant digit, from any hex digit
 _DRAW = 256  # jobs' random bits drawn in one os.urandom call
 _TAIL = ',"args":[],"kwargs":{},"try":1,"enqueued_at":0,"run":""}'
+
+
+class Recorder(CoreCommands):
+    """Collects the commands an engine adapter's ``stage`` queues, with redis-py's own argument
+    building, as plain words for ``enqueue.lua``'s ARGV: never sent, so none of a pipeline's
+    bookkeeping. The per-message commands (XADD, PSETEX) take a direct path (the same words,
+    tested against a redis-py pipeline's)."""
+
+    def __init__(self) -> None:
+        self.command_stack: list[tuple[Any, ...]] = []
+
+    def execute_command(self, *args: Any, **options: Any) -> None:
+        self.command_stack.append(args)
+
+    def xadd(self, name: Any, fields: Any, id: Any = "*", **options: Any) -> None:  # noqa: A002 - redis-py's name
+        if options:
+            return super().xadd(name, fields, id, **options)  # type: ignore[no-any-return]
+        words = ["XADD", name, id]
+        for pair in fields.items():
+            words.extend(pair)
+        self.command_stack.append(tuple(words))
+        return None
+
+    def psetex(self, name: Any, time_ms: Any, value: Any) -> None:
+        if type(time_ms) is not int:
+            return super().psetex(name, time_ms, value)  # type: ignore[no-any-return]
+        self.command_stack.append(("PSETEX", name, time_ms, value))
+        return None
 
 
 class Plan:
@@ -230,12 +259,11 @@ class Bulk:
         """The ARGV of one chained ``enqueue.lua`` call (see its header), ending with ``position``."""
         client = self.client
         keys, settings = client.keys, client.settings
-        recorder = client.redis.pipeline(transaction=False)  # collects an engine's commands, never executed
+        recorder = Recorder()
 
         async def staged(queue: str, messages: list[tuple[str, str]]) -> list[tuple[Any, ...]]:
             await client._adapter(queue).stage(recorder, messages)
-            commands = [words for words, _ in recorder.command_stack]
-            recorder.command_stack.clear()
+            commands, recorder.command_stack = recorder.command_stack, []
             return commands
 
         healthy_ms = int(settings.worker_warning_after * 1000)
@@ -361,4 +389,4 @@ def _where(client: WorkerClient) -> str:
     return describe(client.settings)
 
 
-__all__ = ["CHUNK", "FIRST_CHUNK", "Bulk", "Item", "Plan", "bounds"]
+__all__ = ["CHUNK", "FIRST_CHUNK", "Bulk", "Item", "Plan", "Recorder", "bounds"]
