@@ -17,6 +17,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -85,6 +86,7 @@ def main() -> None:
                     info0 = r.info("cpu")
                     prof = ""
                     if args.profile and tag == "after" and rnd == 0:
+                        (HOME / "bench" / "results").mkdir(parents=True, exist_ok=True)
                         prof = str(HOME / "bench" / "results" / f"bulk-{engine}.prof")
                     got = run(code.resolve(), server.url, engine, args.jobs, args.batch, prof)
                     info1 = r.info("cpu")
@@ -97,7 +99,8 @@ def main() -> None:
     finally:
         server.stop()
     print(f"\nBulk enqueue of {args.jobs} no-op jobs (enqueue_many, batches of {args.batch}), "
-          f"{args.rounds} alternating rounds, median")
+          f"{args.rounds} alternating rounds, median; ended {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, "
+          f"load average {os.getloadavg()[0]:.1f} (1 min)")
     print("| engine | " + " | ".join(f"{t} jobs/s | {t} producer µs/job | {t} Redis µs/job" for t, _ in trees) + " |")
     print("|---|" + "---:|" * (3 * len(trees)))
     for engine in args.engines.split(","):
