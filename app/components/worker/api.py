@@ -409,6 +409,8 @@ class JobRequest:
 class Job:
     """A handle on one job, by id."""
 
+    __slots__ = ("client", "job_id", "queue", "task")  # a bulk enqueue returns one per job
+
     def __init__(self, client: WorkerClient, job_id: str, queue: str | None = None, task: str | None = None) -> None:
         self.client = client
         self.job_id = job_id

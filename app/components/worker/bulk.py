@@ -169,6 +169,7 @@ class Bulk:
         append = items.append
         encode = _ENCODER.encode
         max_bytes = self._max_bytes
+        new_item = tuple.__new__  # an Item without its generated __new__'s Python frame
         blob, at = "", 0  # random hex for ids and run tokens, 48 digits a job, drawn for _DRAW jobs at once
         for req in requests:
             delay, job_id = req.delay, req.job_id
@@ -209,7 +210,7 @@ class Bulk:
             if "\\ud" in raw or len(raw) > max_bytes or raw.count("[") + raw.count("{") > MAX_DEPTH:
                 append(self._reference(req, delay_ms))  # the reference checks (and may refuse) it
                 continue
-            append(Item(job_id, run, raw, delay_ms, req.job_id is not None, plan, None))
+            append(new_item(Item, (job_id, run, raw, delay_ms, req.job_id is not None, plan, None)))
         return items
 
     async def enqueue_many(self, requests: Iterable[JobRequest]) -> list[Job | None]:
