@@ -20,6 +20,8 @@ import os
 import signal
 import socket
 import threading
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -199,3 +201,38 @@ def squeeze_memory(client: Any, margin: int = 64 * 1024) -> int:
 
 def free_memory(client: Any) -> None:
     client.config_set("maxmemory", 0)
+
+
+class Producer:
+    """Enqueues one job per ``enqueue(n)`` call until stopped, through a failover or a cut:
+    remembers which enqueues returned (in order) and counts the refused ones by error type."""
+
+    def __init__(self, enqueue: Callable[[int], Awaitable[Any]], pause: float = 0.0) -> None:
+        self.enqueue = enqueue
+        self.pause = pause
+        self.returned: list[str] = []
+        self.errors: Counter[str] = Counter()
+        self.stopped = False
+
+    async def run(self) -> None:
+        from app.core.errors import AppError
+
+        n = 0
+        while not self.stopped:
+            n += 1
+            try:
+                job = await self.enqueue(n)
+            except AppError as exc:
+                self.errors[type(exc).__name__] += 1
+                await asyncio.sleep(0.02)
+                continue
+            self.returned.append(job.job_id)
+            if self.pause:
+                await asyncio.sleep(self.pause)
+
+    async def wait_for(self, count: int, timeout: float = 30) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(self.returned) < count:
+            assert loop.time() < deadline, f"only {len(self.returned)} enqueues returned, errors {dict(self.errors)}"
+            await asyncio.sleep(0.01)

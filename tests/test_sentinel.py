@@ -19,9 +19,10 @@ import pytest
 import redis
 
 from app.components.worker.api import JobRequest, WorkerClient
-from app.core.errors import AppError, ConfigError, NotReplicated
+from app.core.errors import ConfigError, NotReplicated
 from app.core.settings import load_settings
 from tests.conftest import ROOT, WorkerProcess, wait_until
+from tests.faults import Producer
 from tests.sentinels import FAST_SYNC, MASTER_NAME, SentinelTopology, sentinel_topology, shared_sentinel_topology
 
 __all__ = ["sentinel_topology", "shared_sentinel_topology"]  # fixtures, used by name
@@ -92,37 +93,6 @@ async def test_jobs_run_through_sentinel(engine: str, shared_sentinel_topology: 
         await client.close()
 
 
-class Producer:
-    """Enqueues jobs one by one until stopped; remembers which enqueues returned."""
-
-    def __init__(self, client: WorkerClient) -> None:
-        self.client = client
-        self.returned: list[str] = []
-        self.errors: Counter[str] = Counter()
-        self.stopped = False
-
-    async def run(self) -> None:
-        while not self.stopped:
-            try:
-                job = await self.client.enqueue("slow_async", JOB_SECONDS)
-            except NotReplicated:
-                self.errors["not replicated"] += 1
-                await asyncio.sleep(0.02)
-                continue
-            except AppError:
-                self.errors["unavailable"] += 1
-                await asyncio.sleep(0.02)
-                continue
-            self.returned.append(job.job_id)
-
-    async def wait_for(self, count: int, timeout: float = 30) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while len(self.returned) < count:
-            assert loop.time() < deadline, f"only {len(self.returned)} enqueues returned, errors {dict(self.errors)}"
-            await asyncio.sleep(0.01)
-
-
 async def failover_run(topology: SentinelTopology, env: dict[str, str], engine: str, workers: Any,
                        wait_replicas: int) -> tuple[list[str], Counter[str], Producer]:
     """Enqueue while the replica stops getting the master's stream and the master dies (the
@@ -134,7 +104,7 @@ async def failover_run(topology: SentinelTopology, env: dict[str, str], engine: 
            "WORKER_OFFLINE_AFTER": "3", "WORKER_UNHEALTHY_AFTER": "2", "WORKER_WARNING_AFTER": "1"}
     workers(topology, env, engine)
     client = client_for(env, engine)
-    producer = Producer(client)
+    producer = Producer(lambda _: client.enqueue("slow_async", JOB_SECONDS))
     task = asyncio.create_task(producer.run())
     try:
         await producer.wait_for(30)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import fail, settings
+from app.cli.common import fail, guarded, settings
 
 SHUTDOWN_GRACE_S = 2
 
@@ -28,6 +28,9 @@ def dashboard(
 ) -> None:
     """Serve the live dashboard (queues, workers, events, jobs, dead letters) and /metrics."""
     cfg = settings()
+    from app.core.redis_cluster import DASHBOARD, refuse_feature
+
+    guarded(refuse_feature)(cfg, DASHBOARD)
     token = cfg.dashboard_token.get_secret_value() if cfg.dashboard_token is not None else ""
     if not token and not is_loopback(host):
         fail(f"refusing to serve on {host} without DASHBOARD_TOKEN: set DASHBOARD_TOKEN, or bind to 127.0.0.1")

@@ -133,7 +133,8 @@ def purge(
     async def body(client: WorkerClient) -> int:
         if queue is not None:
             _known(client, queue)
-        removed = await purge_dead(client.redis, client.keys, queue, job)
+        keys, where_queue = await client.keys_of(job, queue) if job is not None else (client.keys, queue)  # Cluster: its queue
+        removed = await purge_dead(client.redis, keys, where_queue, job)
         if job is not None and not removed:
             where = f" of queue {queue!r}" if queue is not None else ""
             raise NotDead(f"job {job!r} is not in the dead set{where}: nothing purged (see `app dead`)")

@@ -36,7 +36,10 @@ def _reachable(url_settings: object) -> bool:
 
     A Redis that answers but refuses us (a password required or wrong) is an error to show,
     not a reason to start a private one behind the user's back."""
-    client = sync_client(url_settings, socket_connect_timeout=0.5)  # type: ignore[arg-type]
+    try:
+        client = sync_client(url_settings, socket_connect_timeout=0.5)  # type: ignore[arg-type]
+    except redis.RedisError:  # a cluster client finds no node while it is built
+        return False
     try:
         client.ping()
         return True
@@ -49,7 +52,7 @@ def _reachable(url_settings: object) -> bool:
 
 
 def _wait_for_workers(queues: list[str], stop_requested: list[str], timeout: float = 60) -> None:
-    from app.components.worker.health import Thresholds, list_workers
+    from app.components.worker.health import Thresholds, list_workers_of
     from app.components.worker.keys import Keys
     from app.core.redis import async_client
 
@@ -58,7 +61,7 @@ def _wait_for_workers(queues: list[str], stop_requested: list[str], timeout: flo
     async def check() -> set[str]:
         client = async_client(cfg)
         try:
-            rows = await list_workers(client, Keys(cfg.worker_key_prefix), Thresholds.from_settings(cfg))
+            rows = await list_workers_of(client, Keys.from_settings(cfg), Thresholds.from_settings(cfg), queues)
             return {r["queue"] for r in rows if r["state"] == "healthy"}
         finally:
             await client.aclose()
@@ -111,6 +114,9 @@ def dev(
     try:
         if _reachable(cfg):
             typer.echo(f"using Redis at {describe(cfg)}")
+        elif cfg.redis_cluster:
+            fail(f"no Redis Cluster node answers at {describe(cfg)}: start the cluster, fix REDIS_URL, or unset "
+                 "REDIS_CLUSTER so that `app dev` starts a private (single) Redis")
         else:
             server = RedisServer(die_with_parent=True).start()
             os.environ["REDIS_URL"] = server.url

@@ -26,7 +26,7 @@ from app.cli.common import fail, parse_pairs, print_json, run, settings
 from app.components.worker.api import JobRequest, WorkerClient
 from app.components.worker.envelope import new_job_id
 from app.components.worker.events import read_events
-from app.components.worker.health import Thresholds, list_workers
+from app.components.worker.health import Thresholds, list_workers_of
 from app.components.worker.validation import validate_timeout
 from app.core.errors import AppError, ResultTimeout
 
@@ -125,7 +125,7 @@ def build_requests(client: WorkerClient, queue: str, kind: str, jobs: int,
 
 async def serving_engine(client: WorkerClient, queue: str) -> str:
     """The engine of the healthy workers of ``queue``; fails at once when there are none."""
-    rows = await list_workers(client.redis, client.keys, Thresholds.from_settings(client.settings), queue)
+    rows = await list_workers_of(client.redis, client.keys, Thresholds.from_settings(client.settings), [queue], queue)
     engines = {r["engine"] for r in rows if r["state"] == "healthy"}
     if not engines:
         raise AppError(f"no healthy worker serves queue {queue!r}: start one with `app worker {queue}`")

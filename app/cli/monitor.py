@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from app.cli.common import fail, guarded, print_json, run, settings
-from app.components.worker.events import TYPES, read_events
-from app.components.worker.health import Thresholds, list_workers
+from app.components.worker.events import TYPES, read_events_of
+from app.components.worker.health import Thresholds, list_workers_of
 from app.components.worker.keys import Keys
 
 JSON = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -47,6 +47,15 @@ def _check_filters(queue: str | None, type_: str | None) -> None:
             fail(f"unknown queue {queue!r}: known queues are {known}")
 
 
+def _queue_names() -> list[str]:
+    """The registry's queues: on Redis Cluster each has its own events stream and workers."""
+    if not settings().redis_cluster:
+        return []
+    from app.components.worker.registry import Registry
+
+    return sorted(Registry.discover(settings().queue_packages).queues)
+
+
 def events(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
     queue: Annotated[str | None, typer.Option(help="Only this queue.")] = None,
@@ -64,8 +73,8 @@ def events(
         redis = async_client(cfg)
         await ping(redis, cfg)
         try:
-            async for event in read_events(redis, Keys(cfg.worker_key_prefix), queue=queue, type_=type_,
-                                           job_id=job, follow=follow, start="$" if follow else "0"):
+            async for event in read_events_of(redis, Keys.from_settings(cfg), _queue_names(), queue=queue,
+                                              type_=type_, job_id=job, follow=follow, start="$" if follow else "0"):
                 if as_json:
                     print_json({k: v for k, v in event.items() if k != "id"})
                 else:
@@ -92,7 +101,8 @@ async def _workers(queue: str | None) -> list[dict]:
     redis = async_client(cfg)
     try:
         await ping(redis, cfg)
-        return await list_workers(redis, Keys(cfg.worker_key_prefix), Thresholds.from_settings(cfg), queue)
+        return await list_workers_of(redis, Keys.from_settings(cfg), Thresholds.from_settings(cfg), _queue_names(),
+                                     queue)
     finally:
         await redis.aclose()
 

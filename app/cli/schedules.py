@@ -66,7 +66,7 @@ async def _rows(items: list[Bound]) -> list[dict[str, Any]]:
         rows = []
         for item in items:
             state: State = states[item.name]
-            outcome = (await store.job_status(state.last_job) or "expired") if state.last_job else "-"
+            outcome = (await store.job_status(state.last_job, item.queue) or "expired") if state.last_job else "-"
             s = item.schedule
             rows.append({
                 "name": item.name, "queue": item.queue, "task": item.task, "when": s.when, "origin": item.origin,

@@ -46,6 +46,10 @@ def worker(
         except AppError as exc:
             fail(str(exc))
     effective = resolve(spec, cfg, backend=backend, processes=processes, threads=threads, group=group)
+    if cfg.redis_cluster:  # once here, not in each supervised child
+        from app.core.redis_cluster import refuse_engine
+
+        refuse_engine(effective.engine, spec.name)
     if scheduler:
         from app.components.scheduler import collect
 

@@ -111,12 +111,17 @@ def async_client(settings: Settings, **extra: Any) -> aioredis.Redis:
     kwargs = {**connection_kwargs(settings), **extra}
     if settings.sentinels:
         return redis_sentinel.async_master(settings, kwargs)
+    if settings.redis_cluster:  # Redis Cluster: app/core/redis_cluster.py
+        from app.core import redis_cluster
+
+        return redis_cluster.async_client(redis_url(settings), kwargs)  # type: ignore[return-value]
     return aioredis.from_url(redis_url(settings), **kwargs)
 
 
 def async_pool(settings: Settings, *, blocking: bool = False, **extra: Any) -> aioredis.ConnectionPool:
     """A connection pool for an engine that builds its own client on one (arq's ArqRedis,
-    TaskIQ's broker); ``blocking``: wait for a free connection instead of failing."""
+    TaskIQ's broker); ``blocking``: wait for a free connection instead of failing. On Redis
+    Cluster a pool reaches one node only: an engine there talks through ``async_client``."""
     kwargs = {**connection_kwargs(settings), **extra}
     if settings.sentinels:
         return redis_sentinel.async_pool(settings, kwargs, blocking=blocking)
@@ -128,6 +133,10 @@ def sync_client(settings: Settings, **extra: Any) -> redis.Redis:
     kwargs = {**connection_kwargs(settings, sync=True), **extra}
     if settings.sentinels:
         return redis_sentinel.sync_master(settings, kwargs)
+    if settings.redis_cluster:  # Redis Cluster: app/core/redis_cluster.py
+        from app.core import redis_cluster
+
+        return redis_cluster.sync_client(redis_url(settings), kwargs)  # type: ignore[return-value]
     return redis.from_url(redis_url(settings), **kwargs)
 
 

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     # After an enqueue, WAIT until this many replicas acknowledged it (0: off), at most this long.
     redis_wait_replicas: int = Field(default=0, ge=0, le=100)
     redis_wait_timeout_ms: int = Field(default=1000, ge=1)
+    # Redis Cluster: every client is a cluster client (REDIS_URL names any node); see app/core/redis_cluster.py.
+    redis_cluster: bool = False
 
     # Engines and queue-wide tuning (None: fall back to the queue's WorkerSettings)
     worker_backend: Engine = "arq"
@@ -130,6 +132,12 @@ class Settings(BaseSettings):
         if self.redis_wait_replicas and self.redis_wait_timeout_ms >= self.redis_socket_timeout * 1000:
             raise ValueError(f"REDIS_WAIT_TIMEOUT_MS={self.redis_wait_timeout_ms} must stay under REDIS_SOCKET_TIMEOUT "
                              f"({self.redis_socket_timeout:g}s), or the wait is cut off as a dead connection")
+        if self.redis_cluster and self.redis_sentinels:
+            raise ValueError("REDIS_CLUSTER and REDIS_SENTINELS exclude each other (a Redis Cluster fails over by "
+                             "itself): set one of them")
+        if self.redis_cluster and self.redis_wait_replicas:
+            raise ValueError("REDIS_WAIT_REPLICAS is not supported with REDIS_CLUSTER yet (WAIT must go to the "
+                             "master of each queue's slot): unset it, or use Sentinel for acknowledged failover")
         return self
 
     @property

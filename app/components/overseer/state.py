@@ -23,6 +23,9 @@ FOLD_EVERY_S = 1.0
 
 class Overseer:
     def __init__(self, settings: Settings, prefix: str = "") -> None:
+        from app.core.redis_cluster import DASHBOARD, refuse_feature
+
+        refuse_feature(settings, DASHBOARD)
         self.settings = settings
         self.prefix = prefix.rstrip("/")
         self._client: Any = None

@@ -98,7 +98,7 @@ class Scheduler:
         """Plan and apply one schedule's pass; returns its cursor afterwards (as far as we know)."""
         previous_active = False
         if item.schedule.overlap == "skip" and state.last_job and state.cursor is not None:
-            previous_active = (await self.store.job_status(state.last_job)) not in FINISHED | {None}
+            previous_active = (await self.store.job_status(state.last_job, item.queue)) not in FINISHED | {None}
         todo = plan(item.schedule, item.ticks, state.cursor, now, paused=state.paused, previous_active=previous_active)
         if todo is None:
             return state.cursor
@@ -166,7 +166,7 @@ class Scheduler:
         ids = await self.store.recover(item)
         todo = []
         for id_ in ids:
-            if await self.store.job_exists(id_):
+            if await self.store.job_exists(id_, item.queue):
                 await self.store.confirm(item, [id_])
             else:
                 todo.append(id_)

@@ -21,6 +21,7 @@ from app.components.scheduler.loader import Bound
 from app.components.scheduler.plan import Plan, Span
 from app.components.scheduler.ticks import iso
 from app.components.worker.keys import Keys
+from app.core.redis_cluster import is_cluster
 
 LUA_DIR = Path(__file__).resolve().parent / "lua"
 FINISHED = frozenset({"completed", "failed", "cancelled"})
@@ -83,19 +84,23 @@ class ScheduleStore:
 
     async def snapshot(self, items: list[Bound]) -> tuple[int, dict[str, State]]:
         """Redis time (ms) and every schedule's state, in one round trip."""
+        cluster = is_cluster(self.redis)  # a cluster pipeline refuses TIME (no key): asked on its own
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.time()
+            if not cluster:
+                pipe.time()
             for item in items:
                 pipe.hgetall(self.state_key(item))
                 pipe.zrange(self.pending_key(item), 0, 0, withscores=True)
             replies = await pipe.execute()
+        if cluster:
+            replies.insert(0, await self.redis.time())
         seconds, micros = replies[0]
         now = int(seconds) * 1000 + int(micros) // 1000
         states = {item.name: State.of(replies[1 + 2 * i], replies[2 + 2 * i]) for i, item in enumerate(items)}
         return now, states
 
-    async def job_status(self, job_id_: str) -> str | None:
-        status = await self.redis.hget(self.keys.job(job_id_), "status")
+    async def job_status(self, job_id_: str, queue: str = "") -> str | None:
+        status = await self.redis.hget(self.keys.for_queue(queue).job(job_id_), "status")
         return _text(status) if status is not None else None
 
     async def claim(self, item: Bound, expected: str, plan: Plan, scheduler_id: str) -> bool:
@@ -106,7 +111,8 @@ class ScheduleStore:
             args += [job_id(item.name, tick) if reason != "manual" else manual_id(item.name, tick), iso(tick), reason]
         for span in (plan.missed, plan.skipped):
             args += _span_args(span)
-        reply = await self._claim(keys=[self.state_key(item), self.pending_key(item), self.keys.events], args=args)
+        reply = await self._claim(keys=[self.state_key(item), self.pending_key(item),
+                                                  self.keys.for_queue(item.queue).events], args=args)
         return bool(int(reply))
 
     async def confirm(self, item: Bound, job_ids: list[str]) -> None:
@@ -117,8 +123,8 @@ class ScheduleStore:
         reply = await self._recover(keys=[self.pending_key(item)], args=[self.lease_ms, limit])
         return [_text(x) for x in reply]
 
-    async def job_exists(self, job_id_: str) -> bool:
-        return bool(await self.redis.exists(self.keys.job(job_id_)))
+    async def job_exists(self, job_id_: str, queue: str = "") -> bool:
+        return bool(await self.redis.exists(self.keys.for_queue(queue).job(job_id_)))
 
     async def set_paused(self, item: Bound, paused: bool) -> None:
         await self.redis.hset(self.state_key(item), "paused", "1" if paused else "0")

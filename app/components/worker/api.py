@@ -25,6 +25,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
+import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from app.components.worker import config as queue_config
@@ -65,6 +66,7 @@ from app.core.errors import (
     ResultTimeout,
 )
 from app.core.redis import async_client, describe, explain
+from app.core.redis_cluster import refuse_engine
 from app.core.settings import Settings, get_settings
 
 T = TypeVar("T")
@@ -95,6 +97,7 @@ class ProducerQueue:
     chain: MiddlewareChain
     prefix: str  # '<prefix>:{<queue>}:', the queue's own keys (routing, dead letters)
     explicit_engine: str | None  # the engine someone chose (flag, env, WorkerSettings), read once
+    keys: Keys = field(default_factory=Keys)  # the queue's keys (Keys.for_queue: its own slot on Cluster)
 
     def route(self, task: TaskSpec, priority: str | None, group: str | None,
               selector: Mapping[str, str] | None, fallback: str | None) -> Route:
@@ -127,8 +130,10 @@ class WorkerClient:
     def __init__(self, settings: Settings | None = None, registry: Registry | None = None) -> None:
         self.settings = settings or get_settings()
         self.registry = registry or Registry.discover(self.settings.queue_packages)
-        self.keys = Keys(self.settings.worker_key_prefix)
+        self.keys = Keys.from_settings(self.settings)  # on Cluster, each queue's keys: self.queue(name).keys
         self.redis = async_client(self.settings)
+        # Records what an engine stages (never executed): a plain pipeline, also on Redis Cluster.
+        self._recorder = aioredis.Redis() if self.keys.cluster else self.redis
         self._enqueue_script = self.redis.register_script(scripts.source("enqueue"))
         self._adapters: dict[tuple[str, str], EngineAdapter] = {}
         self._global_middleware = load_middleware(self.settings.middleware_paths)
@@ -145,7 +150,7 @@ class WorkerClient:
             found = self._queues[name] = ProducerQueue(
                 spec, queue_config.resolve(spec, self.settings),
                 MiddlewareChain([*self._global_middleware, *spec.middleware]), self.keys.of_queue(name, ""),
-                queue_config.explicit_engine_for(spec, self.settings))
+                queue_config.explicit_engine_for(spec, self.settings), self.keys.for_queue(name))
         return found
 
     def engine_of(self, queue: str) -> str:
@@ -166,8 +171,10 @@ class WorkerClient:
     def _adapter(self, queue: str) -> EngineAdapter:
         engine = self.engine_of(queue)
         if (queue, engine) not in self._adapters:
+            if self.keys.cluster:
+                refuse_engine(engine, queue)
             cfg = queue_config.with_engine(self.queue(queue).config, engine)
-            self._adapters[(queue, engine)] = engine_class(engine)(self.settings, self.keys, cfg)
+            self._adapters[(queue, engine)] = engine_class(engine)(self.settings, self.queue(queue).keys, cfg)
         return self._adapters[(queue, engine)]
 
     async def _check_engine(self, queue: str) -> None:
@@ -177,8 +184,10 @@ class WorkerClient:
         if checked is not None and time.monotonic() - checked < ENGINE_CHECK_TTL_S:
             return
         try:
+            if self.keys.cluster and checked is None:  # Redis Cluster: readers find the queue's keys from here
+                await self.redis.sadd(self.keys.queues, queue)
             self._live[queue] = live = await live_engine_beats(
-                self.redis, self.keys, queue, self.settings.worker_offline_after)
+                self.redis, self.queue(queue).keys, queue, self.settings.worker_offline_after)
         except RedisError as exc:
             raise explain(exc, self.settings) from None
         engine = self.engine_of(queue)
@@ -289,7 +298,10 @@ class WorkerClient:
         The engine's commands are recorded from its adapter's ``stage`` and replayed by the
         script: per job for a caller-chosen id (run only if that job is accepted), and once per
         queue for fresh ids, which cannot be refused (one batch, as the engine stages it)."""
-        recorder = self.redis.pipeline(transaction=False)  # collects an engine's commands, never executed
+        if self.keys.cluster and len({job.env.queue for job in jobs}) > 1:
+            return await self._accept_per_queue(jobs)
+        keys = self.queue(jobs[0].env.queue).keys if jobs else self.keys  # one slot per call on Cluster
+        recorder = self._recorder.pipeline(transaction=False)  # collects an engine's commands, never executed
 
         async def staged(queue: str, messages: list[tuple[str, str]]) -> list[tuple[Any, ...]]:
             await self._adapter(queue).stage(recorder, messages)
@@ -311,8 +323,8 @@ class WorkerClient:
                 commands = await staged(env.queue, [(env.message_id, raw)])
             elif engine_path:
                 batched.setdefault(env.queue, []).append((env.message_id, raw))
-            shape = (env.task, env.queue, job.engine, self.keys.delayed(env.queue) if delay_ms else "",
-                     self.keys.delayed_wake(env.queue) if delay_ms else "", int(engine_path and not job.chosen),
+            shape = (env.task, env.queue, job.engine, keys.delayed(env.queue) if delay_ms else "",
+                     keys.delayed_wake(env.queue) if delay_ms else "", int(engine_path and not job.chosen),
                      pq.prefix, int(env.routed), env.priority, env.group, env.selector,
                      env.task if env.limited else "", job.fallback, healthy_ms,
                      max(pq.config.keep_result, 1), dead_ttl, env.tags_text if env.tags else "", int(job.chosen))
@@ -322,8 +334,8 @@ class WorkerClient:
             per_job += [env.id, env.run, raw, number, delay_ms, len(commands)]
             for words in commands:
                 per_job += [len(words), *words]
-        args: list[Any] = [self.settings.worker_events_maxlen, self.keys.job(""), self.keys.result(""),
-                           self.keys.instances, len(shapes)]
+        args: list[Any] = [self.settings.worker_events_maxlen, keys.job(""), keys.result(""),
+                           keys.instances, len(shapes)]
         for shape in shapes:
             args += shape
         args.append(len(jobs))
@@ -338,13 +350,46 @@ class WorkerClient:
         # Redis time); the script is loaded once on NOSCRIPT (a Redis restart); a call resent
         # after a lost reply is recognised by its run tokens.
         if self.settings.redis_wait_replicas:  # WAIT on the script's own connection: see core/redis_wait.py
-            reply, acked = await call_script(self._enqueue_script, [self.keys.events], args,
+            reply, acked = await call_script(self._enqueue_script, [keys.events], args,
                                              then=("WAIT", self.settings.redis_wait_replicas,
                                                    self.settings.redis_wait_timeout_ms))
             redis_wait.check(reply, int(acked), [job.env.id for job in jobs], self.settings)
         else:
-            reply = await call_script(self._enqueue_script, [self.keys.events], args)
+            reply = await call_script(self._enqueue_script, [keys.events], args)
         return [1 if int(flag) else 0 for flag in reply]  # 3 (ended by its fallback) was accepted too
+
+    async def _accept_per_queue(self, jobs: list[Accepting]) -> list[int]:
+        """Redis Cluster: one script call per queue (each queue's keys share one slot), the
+        flags returned in the jobs' order. Atomic per queue, not across queues."""
+        by_queue: dict[str, list[int]] = {}
+        for n, job in enumerate(jobs):
+            by_queue.setdefault(job.env.queue, []).append(n)
+        flags = [0] * len(jobs)
+        for indexes in by_queue.values():
+            for n, flag in zip(indexes, await self._accept([jobs[n] for n in indexes]), strict=True):
+                flags[n] = flag
+        return flags
+
+    async def locate(self, job_id: str) -> str | None:
+        """Redis Cluster: the queue whose keys hold job ``job_id`` (its record or its result),
+        looked up in every queue of the registry (one EXISTS per queue, one pipeline); None
+        when no queue has it. Job ids stay as they are, so code that keeps only an id works."""
+        queues = sorted(self.registry.queues)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                keys = self.keys.for_queue(queue)
+                pipe.exists(keys.job(job_id), keys.result(job_id))
+            found = await pipe.execute()
+        return next((queue for queue, count in zip(queues, found, strict=True) if int(count)), None)
+
+    async def keys_of(self, job_id: str, queue: str | None) -> tuple[Keys, str | None]:
+        """The keys a job's record and result live under, and its queue when known (located by
+        id on Cluster; on a single Redis every queue shares the same job keys)."""
+        if not self.keys.cluster:
+            return self.keys, queue
+        if queue is None:
+            queue = await self.locate(job_id)
+        return (self.keys.for_queue(queue) if queue else self.keys), queue
 
     def _refused(self, exc: RedisError, accepted: int = 0, total: int = 1) -> AppError:
         """One line naming why Redis refused an enqueue, never the payload it carried."""
@@ -420,9 +465,13 @@ class Job:
     def __repr__(self) -> str:
         return f"<Job {self.job_id} {self.task or ''} on {self.queue or '?'}>"
 
+    async def _keys(self) -> Keys:
+        keys, self.queue = await self.client.keys_of(self.job_id, self.queue)
+        return keys
+
     async def status(self) -> str:
         """queued, delayed, running, completed, failed, cancelled, or unknown."""
-        status = await read_status(self.client.redis, self.client.keys, self.job_id)
+        status = await read_status(self.client.redis, await self._keys(), self.job_id)
         if status is None:
             record = await self.info()
             return record["status"] if record else "unknown"
@@ -430,7 +479,7 @@ class Job:
 
     async def info(self) -> dict[str, Any] | None:
         """The result record (status, result or error, attempts, timings), once finished."""
-        return await read_result(self.client.redis, self.client.keys, self.job_id)
+        return await read_result(self.client.redis, await self._keys(), self.job_id)
 
     async def result(self, timeout: float | None = None) -> Any:
         """The job's return value; raises JobFailed with the job's error, ResultTimeout, or
@@ -445,7 +494,7 @@ class Job:
                 if record["status"] == "completed":
                     return record["result"]
                 raise JobFailed(self.job_id, record.get("error_type") or "Error", record.get("error") or "")
-            if await read_status(self.client.redis, self.client.keys, self.job_id) is None:
+            if await read_status(self.client.redis, await self._keys(), self.job_id) is None:
                 raise JobNotFound(f"no job {self.job_id!r}: unknown id, or its result expired")
             if deadline is not None and time.monotonic() >= deadline:
                 raise ResultTimeout(f"job {self.job_id} did not finish within {timeout:g}s")

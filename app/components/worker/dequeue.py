@@ -35,28 +35,29 @@ async def cancel_waiting(client: WorkerClient, queue: str, job_id: str | None = 
     A cancelled job's message is also removed from the engine's keys when it is found there
     (otherwise the worker skips it at claim)."""
     script = client.redis.register_script(scripts.source("cancel"))
+    await client.redis.script_load(scripts.source("cancel"))  # a pipeline (a cluster one too) cannot load it
     keep = queue_config.resolve(client.registry.queue(queue), client.settings).keep_result
+    keys = client.queue(queue).keys  # the queue's slot on Redis Cluster
     cancelled: list[str] = []
 
     async def cancel(ids: list[str]) -> set[str]:
         async with client.redis.pipeline(transaction=False) as pipe:
             for jid in ids:
-                await script(
-                    keys=[client.keys.job(jid), client.keys.delayed(queue), client.keys.result(jid), client.keys.events],
-                    args=[jid, now_ms(), keep, client.settings.worker_events_maxlen, REASON,
-                          client.keys.of_queue(queue, "")], client=pipe,
-                )
+                names = [keys.job(jid), keys.delayed(queue), keys.result(jid), keys.events]
+                pipe.execute_command(  # not script(client=pipe): a cluster pipeline refuses .evalsha()
+                    "EVALSHA", script.sha, len(names), *names,
+                    jid, now_ms(), keep, client.settings.worker_events_maxlen, REASON, keys.of_queue(queue, ""))
             replies = await pipe.execute()
         done = [jid for jid, flag in zip(ids, replies, strict=True) if int(flag)]
         cancelled.extend(done)
         return set(done)
 
     if job_id is not None:
-        owner = await client.redis.hget(client.keys.job(job_id), "queue")
+        owner = await client.redis.hget(keys.job(job_id), "queue")
         if owner is not None and owner.decode() == queue:
             await cancel([job_id])
         return cancelled
-    for key in await ready_sets(client.redis, client.keys, queue):  # routed jobs waiting for admission
+    for key in await ready_sets(client.redis, keys, queue):  # routed jobs waiting for admission
         cursor = 0
         while True:
             cursor, members = await client.redis.zscan(key, cursor, count=BATCH)
@@ -68,14 +69,14 @@ async def cancel_waiting(client: WorkerClient, queue: str, job_id: str | None = 
                 break
     cursor = 0
     while True:  # delayed jobs: the cancel script removes them from the set
-        cursor, members = await client.redis.zscan(client.keys.delayed(queue), cursor, count=BATCH)
+        cursor, members = await client.redis.zscan(keys.delayed(queue), cursor, count=BATCH)
         ids = list(dict.fromkeys(i for i in (_id_of(member) for member, _ in members) if i))
         if ids:
             await cancel(ids)
         if int(cursor) == 0:
             break
     for engine in ENGINES:  # what the engines hold (all three: a switch may have left some)
-        async for page in waiting_pages(client.redis, client.keys, queue, engine):
+        async for page in waiting_pages(client.redis, keys, queue, engine):
             refs = [(ref, job_id) for ref, message in page if message is not None
                     if (job_id := _id_of(message[1])) is not None]
             if not refs:
@@ -83,7 +84,7 @@ async def cancel_waiting(client: WorkerClient, queue: str, job_id: str | None = 
             done = await cancel(list(dict.fromkeys(jid for _, jid in refs)))
             gone = [ref for ref, jid in refs if jid in done]
             if gone:
-                await delete_messages(client.redis, client.keys, queue, engine, gone)
+                await delete_messages(client.redis, keys, queue, engine, gone)
     return cancelled
 
 
@@ -93,16 +94,17 @@ async def cancel_next(client: WorkerClient, queue: str) -> str | None:
     next. Returns its id, or None when nothing waits. Reads a few entries, never the backlog."""
     keep = queue_config.resolve(client.registry.queue(queue), client.settings).keep_result
     script = client.redis.register_script(scripts.source("cancel"))
+    keys = client.queue(queue).keys  # the queue's slot on Redis Cluster
 
     async def cancel(job_id: str) -> bool:
         flag = await script(
-            keys=[client.keys.job(job_id), client.keys.delayed(queue), client.keys.result(job_id), client.keys.events],
-            args=[job_id, now_ms(), keep, client.settings.worker_events_maxlen, REASON, client.keys.of_queue(queue, "")],
+            keys=[keys.job(job_id), keys.delayed(queue), keys.result(job_id), keys.events],
+            args=[job_id, now_ms(), keep, client.settings.worker_events_maxlen, REASON, keys.of_queue(queue, "")],
         )
         return bool(int(flag))
 
     for _ in range(BATCH):  # entries of jobs that ended meanwhile are dropped on the way
-        head = await next_ready(client.redis, client.keys, queue)
+        head = await next_ready(client.redis, keys, queue)
         if head is None:
             break
         key, member = head
@@ -111,10 +113,10 @@ async def cancel_next(client: WorkerClient, queue: str) -> str | None:
             return job_id
         await client.redis.zrem(key, member)
     engine = client.engine_of(queue)
-    async for page in waiting_pages(client.redis, client.keys, queue, engine):
+    async for page in waiting_pages(client.redis, keys, queue, engine):
         for ref, message in page:  # in the engine's order; a running job's message is passed over
             job_id = _id_of(message[1]) if message is not None else None
             if job_id and await cancel(job_id):
-                await delete_messages(client.redis, client.keys, queue, engine, [ref])
+                await delete_messages(client.redis, keys, queue, engine, [ref])
                 return job_id
     return None

@@ -31,6 +31,7 @@ from app.components.worker.envelope import DISPATCH_NAME, Envelope
 from app.components.worker.health import redis_now_ms
 from app.components.worker.keys import Keys
 from app.core.errors import EngineMismatch
+from app.core.redis_cluster import transactional
 from app.core.settings import ENGINES, Settings
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def ensure_engine_free(settings: Settings, queue: str, engine: str) -> None:
         redis = async_client(settings)
         try:
             await ping(redis, settings)
-            await check_engine_free(redis, Keys(settings.worker_key_prefix), queue, engine,
+            await check_engine_free(redis, Keys.from_settings(settings).for_queue(queue), queue, engine,
                                     settings.worker_offline_after)
         finally:
             await redis.aclose()
@@ -161,13 +162,13 @@ async def delete_messages(redis: Any, keys: Keys, queue: str, engine: str, refs:
     if engine == "arq":
         prefixes = [f"{base}{kind}:" for base in (f"{keys.engine_namespace('arq')}:", "arq:")
                     for kind in ("job", "in-progress", "retry")]
-        async with redis.pipeline(transaction=True) as pipe:
+        async with redis.pipeline(transaction=transactional(redis)) as pipe:
             pipe.zrem(f"{keys.engine_namespace('arq')}:{queue}", *refs)
             pipe.delete(*(prefix + ref for ref in refs for prefix in prefixes))
             await pipe.execute()
     elif engine == "dramatiq":
         base = f"{keys.engine_namespace('dramatiq')}:{queue}"
-        async with redis.pipeline(transaction=True) as pipe:
+        async with redis.pipeline(transaction=transactional(redis)) as pipe:
             pipe.hdel(f"{base}.msgs", *refs)
             for ref in refs:
                 pipe.lrem(base, 0, ref)

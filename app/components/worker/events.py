@@ -17,6 +17,7 @@ Two roads, by what an event reports:
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
@@ -216,7 +217,14 @@ async def read_events(
 
     ``start="$"`` means "only events from now on": it is resolved once to the id of the
     newest entry, because passing ``$`` to every XREAD would skip what was added between
-    one XREAD returning empty and the next one being sent."""
+    one XREAD returning empty and the next one being sent.
+
+    On Redis Cluster, the deployment's ``Keys`` reads every queue's own stream (``read_events_of``)."""
+    if keys.cluster and not keys.root:
+        async for event in read_events_of(redis, keys, [], queue=queue, type_=type_, job_id=job_id, start=start,
+                                          follow=follow, block_ms=block_ms, count=count):
+            yield event
+        return
     last = start
     if last == "$":
         newest = await redis.xrevrange(keys.events, count=1)
@@ -241,3 +249,44 @@ async def read_events(
             yield event
         if not follow and len(entries) < count:
             return
+
+
+async def read_events_of(
+    redis: aioredis.Redis, keys: Keys, queues: list[str], *, queue: str | None = None, follow: bool = False,
+    **options: Any,
+) -> AsyncIterator[dict[str, str]]:
+    """``read_events`` over a deployment: its one stream on a single Redis; on Redis Cluster,
+    each queue's own stream (``queues``, e.g. the registry's, and those in ``Keys.queues``; or
+    just ``queue``), merged by time.
+    Without ``follow`` the streams are read to their end and merged by (ts, id); with it, one
+    reader per queue hands events over as they come (each stream in its own order)."""
+    if not keys.cluster:
+        async for event in read_events(redis, keys, queue=queue, follow=follow, **options):
+            yield event
+        return
+    names = [queue] if queue else sorted({*queues, *(_text(q) for q in await redis.smembers(keys.queues))})
+    if not follow:
+        streams = [[e async for e in read_events(redis, keys.for_queue(q), queue=queue, **options)] for q in names]
+        for event in heapq.merge(*streams, key=lambda e: (int(e.get("ts") or 0), e["id"])):
+            yield event
+        return
+    found: asyncio.Queue[dict[str, str] | BaseException] = asyncio.Queue()
+
+    async def pump(name: str) -> None:
+        try:
+            async for event in read_events(redis, keys.for_queue(name), queue=queue, follow=True, **options):
+                await found.put(event)
+        except Exception as exc:  # noqa: BLE001 - the reader raises it
+            await found.put(exc)
+
+    tasks = [asyncio.create_task(pump(q), name=f"events-{q}") for q in names]
+    try:
+        while True:
+            item = await found.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

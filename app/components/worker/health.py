@@ -226,7 +226,10 @@ async def list_workers(
 
     States: healthy / warning / unhealthy / offline by the age of the last beat (Redis's clock);
     ``stopped`` for a clean stop; ``unhealthy`` for a live worker whose engine consumer is not
-    running. Stale beats while Redis is at ``maxmemory`` give the reason ``OOM_REASON``."""
+    running. Stale beats while Redis is at ``maxmemory`` give the reason ``OOM_REASON``.
+    On Redis Cluster, the deployment's ``Keys`` reads every queue's own (``list_workers_of``)."""
+    if keys.cluster and not keys.root:
+        return await list_workers_of(redis, keys, thresholds, [], queue)
     members = await redis.zrange(keys.workers, 0, -1)
     pairs = []
     for member in members:
@@ -272,3 +275,18 @@ async def list_workers(
         await redis.zrem(keys.workers, *gone)
     workers.sort(key=lambda w: (w["queue"], w["worker_id"]))
     return workers
+
+
+async def list_workers_of(
+    redis: aioredis.Redis, keys: Keys, thresholds: Thresholds, queues: list[str], queue: str | None = None,
+) -> list[dict[str, Any]]:
+    """``list_workers`` over a deployment: on Redis Cluster each queue keeps its own workers
+    zset and heartbeats (its slot), so each of ``queues`` and of those in ``Keys.queues`` (or
+    just ``queue``) is read in turn."""
+    if not keys.cluster:
+        return await list_workers(redis, keys, thresholds, queue)
+    names = [queue] if queue else sorted({*queues, *(q.decode() if isinstance(q, bytes) else q
+                                                     for q in await redis.smembers(keys.queues))})
+    rows = [row for q in names for row in await list_workers(redis, keys.for_queue(q), thresholds, q)]
+    rows.sort(key=lambda w: (w["queue"], w["worker_id"]))
+    return rows

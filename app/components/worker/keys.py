@@ -1,13 +1,39 @@
-"""Every Redis key the layer writes, in one place (prefix ``WORKER_KEY_PREFIX``)."""
+"""Every Redis key the layer writes, in one place (prefix ``WORKER_KEY_PREFIX``).
+
+On Redis Cluster (``REDIS_CLUSTER=true``) every key of one queue lives under that queue's hash
+tag: ``Keys.for_queue(q)`` is a ``Keys`` whose prefix is ``<prefix>:{q}``, so the job hash is
+``<prefix>:{q}:job:<id>``, the events stream ``<prefix>:{q}:events``, the engine's namespace
+``<prefix>:{q}:taskiq``..., and each script or pipeline of a queue touches one slot while
+queues spread over the masters. On a single Redis ``for_queue`` is the deployment's ``Keys``
+itself: nothing moves there. ``of_queue`` names the same keys on both (``<prefix>:{q}:...``).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
 class Keys:
     prefix: str = "worker"
+    cluster: bool = False  # REDIS_CLUSTER: a queue's keys live under its hash tag (for_queue)
+    root: str = ""  # the deployment's prefix, when this is one queue's Keys on Cluster
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Keys:
+        return cls(settings.worker_key_prefix, bool(getattr(settings, "redis_cluster", False)))
+
+    @property
+    def base(self) -> str:
+        """The deployment's prefix (``WORKER_KEY_PREFIX``), whichever queue this Keys is for."""
+        return self.root or self.prefix
+
+    def for_queue(self, queue: str) -> Keys:
+        """The keys of one queue: under ``<prefix>:{<queue>}`` on Cluster, else this Keys."""
+        if not self.cluster:
+            return self
+        return Keys(f"{self.base}:{{{queue}}}", True, self.base)
 
     @property
     def events(self) -> str:
@@ -60,6 +86,12 @@ class Keys:
         position's flags), kept ten minutes: see components/worker/bulk.py."""
         return f"{self.prefix}:enqueue:{token}"
 
+    @property
+    def queues(self) -> str:
+        """Set of the queue names a deployment on Redis Cluster has used (workers add theirs at
+        start, producers on first use): where readers find each queue's stream and workers."""
+        return f"{self.base}:queues"
+
     def lock(self, name: str) -> str:
         return f"{self.prefix}:lock:{name}"
 
@@ -68,7 +100,7 @@ class Keys:
 
     def of_queue(self, queue: str, what: str) -> str:
         """``<prefix>:{<queue>}:<what>``: a key of one queue, in that queue's hash slot."""
-        return f"{self.prefix}:{{{queue}}}:{what}"
+        return f"{self.base}:{{{queue}}}:{what}"
 
     def route(self, queue: str) -> str:
         """Hash of the queue's routing state: ``paused`` (1 while paused), ``routed`` (1 once any

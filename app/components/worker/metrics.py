@@ -21,7 +21,7 @@ from app.components.worker.engine_switch import live_engine_beats, waiting_in
 from app.components.worker.engines import engine_class
 from app.components.worker.envelope import now_ms
 from app.components.worker.events import _decode
-from app.components.worker.health import Thresholds, list_workers
+from app.components.worker.health import Thresholds, list_workers_of
 from app.components.worker.keys import Keys
 from app.components.worker.routing.stats import routing_state
 from app.core.settings import ENGINES
@@ -79,10 +79,14 @@ async def queue_metrics(client: Any) -> list[dict[str, Any]]:
     settings = client.settings
     keys = client.keys
     thresholds = Thresholds.from_settings(settings)
-    workers = await list_workers(client.redis, keys, thresholds)
-    rates = await rates_last_minute(client.redis, keys)
+    names = sorted(client.registry.queues)
+    workers = await list_workers_of(client.redis, keys, thresholds, names)
+    rates: dict[str, dict[str, int]] = {}
+    for stream_keys in ({keys.for_queue(name) for name in names} if keys.cluster else {keys}):  # Cluster: per queue
+        rates.update(await rates_last_minute(client.redis, stream_keys))
     rows = []
     for name, spec in sorted(client.registry.queues.items()):
+        keys = client.keys.for_queue(name)  # its own slot on Redis Cluster
         live = await live_engine_beats(client.redis, keys, name, settings.worker_offline_after)
         explicit = queue_config.explicit_engine_for(spec, settings)
         if not explicit and not live:

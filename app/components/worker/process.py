@@ -34,6 +34,7 @@ from app.components.worker.runtime.reaper import Reaper
 from app.components.worker.runtime.store import JobStore
 from app.components.worker.runtime.wrapper import JobRuntime
 from app.core.redis import async_client, heartbeat_client, ping
+from app.core.redis_cluster import refuse_engine
 from app.core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -69,10 +70,14 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
     config = resolve(spec, settings, backend=options.backend, threads=options.threads, processes=1,
                      group=options.group)
     worker_id = options.worker_id or settings.worker_id or default_worker_id()
-    keys = Keys(settings.worker_key_prefix)
+    if settings.redis_cluster:
+        refuse_engine(config.engine, spec.name)
+    keys = Keys.from_settings(settings).for_queue(spec.name)  # on Cluster: every key under '{queue}'
     redis = async_client(settings)
     await ping(redis, settings)
     await settle_engine(redis, keys, settings, config, stop)  # one engine per queue; take over another's waiting jobs
+    if settings.redis_cluster:  # where readers find this queue's stream and workers
+        await redis.sadd(Keys.from_settings(settings).queues, spec.name)
     if config.routed:  # producers that do not know it (another deployment, an old one) route too
         await redis.hset(keys.route(spec.name), "routed", 1)
 
@@ -151,8 +156,9 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
 
 
 def _start_workflows(settings: Settings, registry: Registry, instance: str) -> Any:
-    """The workflow reconciler of this process (WORKFLOW_RECONCILER=false: none)."""
-    if not settings.workflow_reconciler:
+    """The workflow reconciler of this process (WORKFLOW_RECONCILER=false: none; none on Redis
+    Cluster, where workflows are refused: a run's steps span queues, hence slots)."""
+    if not settings.workflow_reconciler or settings.redis_cluster:
         return None
     from app.components.worker.api import WorkerClient
     from app.components.workflows.reconciler import Reconciler

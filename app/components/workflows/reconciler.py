@@ -94,6 +94,9 @@ class Reconciler:
 
     def __init__(self, settings: Settings, client: WorkerClient | None = None, *, consumer: str | None = None,
                  sweep_seconds: float | None = None, own_client: bool = False) -> None:
+        from app.core.redis_cluster import WORKFLOWS, refuse_feature
+
+        refuse_feature(settings, WORKFLOWS)
         self.settings = settings
         self.client = client or WorkerClient(settings)
         self._own_client = own_client or client is None

@@ -43,6 +43,9 @@ def _text(value: Any) -> str | None:
 
 class Workflows:
     def __init__(self, client: WorkerClient) -> None:
+        from app.core.redis_cluster import WORKFLOWS, refuse_feature
+
+        refuse_feature(client.settings, WORKFLOWS)
         self.client = client
         self.redis = client.redis
         self.fk = FlowKeys(client.keys)

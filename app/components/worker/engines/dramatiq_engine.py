@@ -251,7 +251,8 @@ class Adapter(EngineAdapter):
         await self._acks.run(redis_id)
 
     def _stage_acks(self, pipe: Any, ids: list[str]) -> None:
-        pipe.evalsha(ACK_SHA, 2, self.acks_key(self.instance), f"{self.base}.msgs", *ids)
+        # execute_command: redis-py's cluster pipeline refuses .evalsha(), not the command
+        pipe.execute_command("EVALSHA", ACK_SHA, 2, self.acks_key(self.instance), f"{self.base}.msgs", *ids)
 
     def wait_for_wake(self) -> None:
         self.broker.client.blpop([self.wake_key, self.own_wake_key], timeout=self.idle_wait)

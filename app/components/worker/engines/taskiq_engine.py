@@ -15,6 +15,7 @@ reaper does the same for a dead one. Entries the layer did not write end with jo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -32,6 +33,7 @@ from app.components.worker.engines.base import Coalescer, EngineAdapter, EngineS
 from app.components.worker.envelope import DISPATCH_NAME
 from app.components.worker.runtime.ack import DELIVERY_ACK, EngineAck
 from app.core.redis import async_pool, connection_kwargs, redis_url
+from app.core.redis_cluster import transactional
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +97,32 @@ class _StreamBroker(RedisStreamBroker):
     loop that died mid-batch would otherwise strand them), foreign entries are routed to
     the runtime, and XAUTOCLAIM is left to the layer's heartbeat-driven recovery."""
 
+    shared: Any = None  # Redis Cluster: the one cluster client every command goes through
+
+    def conn(self) -> Any:
+        """A client on the broker's pool (closed after use), or the shared cluster client
+        (``REDIS_CLUSTER``: taskiq's pool is single-node; the stream is in its queue's slot)."""
+        if self.shared is not None:
+            return contextlib.nullcontext(self.shared)  # kept open: closed in shutdown()
+        return Redis(connection_pool=self.connection_pool)
+
+    async def _declare_consumer_group(self) -> None:
+        if self.shared is None:
+            await super()._declare_consumer_group()
+            return
+        try:
+            await self.shared.xgroup_create(self.queue_name, self.consumer_group_name, id=self.consumer_id,
+                                            mkstream=self.mkstream)
+        except ResponseError as err:
+            logger.debug(err)
+
+    async def shutdown(self) -> None:
+        await super().shutdown()
+        if self.shared is not None:
+            await self.shared.aclose()
+
     async def listen(self) -> AsyncGenerator[AckableMessage, None]:
-        async with Redis(connection_pool=self.connection_pool) as conn:
+        async with self.conn() as conn:
             start = "0"  # this consumer's pending entries first, then new ones
             while True:
                 fetched = await conn.xreadgroup(
@@ -133,7 +159,7 @@ class _StreamBroker(RedisStreamBroker):
         # CPU than the ack's round trip itself), and the acks of jobs that end in the same
         # loop turn share one XACK and one XDEL.
         if self._acks is None:
-            acker = Redis(connection_pool=self.connection_pool)
+            acker = self.shared or Redis(connection_pool=self.connection_pool)
 
             def stage(pipe: Any, ids: list[str]) -> None:
                 pipe.xack(self.queue_name, self.consumer_group_name, *ids)
@@ -166,6 +192,10 @@ class Adapter(EngineAdapter):
         )
         self.broker.connection_pool = async_pool(self.settings, blocking=True, max_connections=pool_size)  # Sentinel too
         self.broker.entries, self.broker.folded = {}, set()
+        if self.settings.redis_cluster:
+            from app.core.redis import async_client
+
+            self.broker.shared = async_client(self.settings)
         self._handle: Handle | None = None
 
         async def run(raw: str) -> None:
@@ -212,7 +242,7 @@ class Adapter(EngineAdapter):
         """Re-add what a consumer read but never acked, drop its entries, and remove the
         consumer from the group (which otherwise keeps one consumer per worker life)."""
         returned = 0
-        async with Redis(connection_pool=self.broker.connection_pool) as conn:
+        async with self.broker.conn() as conn:
             try:
                 while True:
                     pending = await conn.xpending_range(self.stream, GROUP, "-", "+", 1000, consumername=dead_instance)
@@ -220,7 +250,7 @@ class Adapter(EngineAdapter):
                     if not ids:
                         break
                     entries = await conn.xclaim(self.stream, GROUP, dead_instance, 0, ids)
-                    async with conn.pipeline(transaction=True) as pipe:
+                    async with conn.pipeline(transaction=transactional(conn)) as pipe:
                         for _, fields in entries:
                             if fields:
                                 pipe.xadd(self.stream, fields)
@@ -241,7 +271,7 @@ class Adapter(EngineAdapter):
         running nor holding unstarted; a copy of a delivery that is in fact under way is
         refused by its claim, so this is safe, if at-least-once."""
         waiting = {entry for ids in self.broker.entries.values() for entry in ids}
-        async with Redis(connection_pool=self.broker.connection_pool) as conn:
+        async with self.broker.conn() as conn:
             pending = await conn.xpending_range(self.stream, GROUP, "-", "+", 1000, consumername=instance)
             ids = [p["message_id"] for p in pending if _text(p["message_id"]) not in waiting]
             stranded = []
@@ -259,7 +289,7 @@ class Adapter(EngineAdapter):
                 if job_id not in running:
                     stranded.append((entry_id, fields))
             if stranded:
-                async with conn.pipeline(transaction=True) as pipe:
+                async with conn.pipeline(transaction=transactional(conn)) as pipe:
                     for _, fields in stranded:
                         pipe.xadd(self.stream, fields)
                     pipe.xack(self.stream, GROUP, *[entry_id for entry_id, _ in stranded])
@@ -289,7 +319,7 @@ class Adapter(EngineAdapter):
         await self.close_redis()
 
     async def stats(self) -> EngineStats:
-        async with Redis(connection_pool=self.broker.connection_pool) as conn:
+        async with self.broker.conn() as conn:
             length = await conn.xlen(self.stream)
             try:
                 pending = (await conn.xpending(self.stream, GROUP))["pending"]

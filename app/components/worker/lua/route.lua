@@ -1,6 +1,7 @@
 -- route: put routed envelopes (due from the delayed set: a delayed routed job, a retry, a
 -- hand-back, a recovery) in their ready set, and wake the queue's admitters.
--- KEYS: none (the queue's keys share its hash tag: built from ARGV[1])
+-- KEYS[1] the queue's route hash (not read: it names the queue's slot, for Redis Cluster; the
+-- queue's keys share its hash tag and are built from ARGV[1])
 -- ARGV[1] queue key prefix '<prefix>:{<queue>}:'   ARGV[2..] envelopes (JSON)
 -- An envelope whose job no longer waits is dropped later, at admission. The score is priority
 -- band then sequence, so a retried job waits behind the jobs of its level already ready.

@@ -49,6 +49,15 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
+def _record_prefixes(keys: Keys, dead_key: str, prefixes: list[str]) -> list[str]:
+    """Job and result key prefixes of the queue whose dead set is ``dead_key`` (on Redis
+    Cluster they are the queue's own, ``<prefix>:{<queue>}:job:``; else ``prefixes``)."""
+    if not keys.cluster:
+        return prefixes
+    queue = dead_key[len(keys.base) + 2:].removesuffix("}:dead")
+    return [keys.for_queue(queue).job(""), keys.for_queue(queue).result("")]
+
+
 async def trim_dead(redis: aioredis.Redis, keys: Keys, queues: list[str], ttl: int) -> int:
     """Remove entries older than ``ttl`` seconds (Redis's clock); their records expire by
     themselves. finish.lua does the same on every failure: this covers quiet queues."""
@@ -91,9 +100,9 @@ async def list_dead(
         key=lambda e: e[0], reverse=True,  # stable: ties keep ZREVRANGE's order
     )[offset:offset + limit]
     async with redis.pipeline(transaction=False) as pipe:
-        for _, job_id, _ in entries:
-            pipe.hmget(keys.job(job_id), "status", "task", "attempt", "engine")
-            pipe.get(keys.result(job_id))
+        for _, job_id, queue in entries:
+            pipe.hmget(keys.for_queue(queue).job(job_id), "status", "task", "attempt", "engine")
+            pipe.get(keys.for_queue(queue).result(job_id))
         replies = await pipe.execute()
     rows = []
     for index, (score, job_id, queue) in enumerate(entries):
@@ -134,7 +143,7 @@ async def retry_dead(client: WorkerClient, job_id: str) -> Job:
     try 1, a job.enqueued event); it leaves the dead set once accepted. Raises NotDead for an
     id that is not dead, AppError when its stored message cannot be read back."""
     validate_job_id(job_id)
-    redis, keys = client.redis, client.keys
+    redis, (keys, _) = client.redis, await client.keys_of(job_id, None)  # Cluster: the queue holding it
     queue, status, raw = await redis.hmget(keys.job(job_id), "queue", "status", "envelope")
     if queue is None or await redis.zscore(keys.dead(_text(queue)), job_id) is None:
         raise NotDead(f"job {job_id!r} is not dead (never failed, already retried, purged or expired): "
@@ -203,13 +212,14 @@ async def purge_dead(
             if found is None:
                 return 0
             queue = _text(found)
-        return int(await purge(keys=[keys.dead(queue)], args=[*prefixes, job_id]))
+        return int(await purge(keys=[keys.dead(queue)], args=[*_record_prefixes(keys, keys.dead(queue), prefixes),
+                                                              job_id]))
     if queue is not None:
         targets = [keys.dead(queue)]
     elif queues is not None:
         targets = [keys.dead(name) for name in queues]
     else:
-        pattern = Keys(_glob_escape(keys.prefix)).dead("*")
+        pattern = Keys(_glob_escape(keys.base)).dead("*")
         targets = sorted({_text(k) async for k in redis.scan_iter(match=pattern, _type="zset")})
     removed = 0
     for key in targets:
@@ -218,5 +228,5 @@ async def purge_dead(
             continue
         last = int(newest[0][1])
         while ids := [_text(m) for m in await redis.zrangebyscore(key, "-inf", last, start=0, num=CHUNK)]:
-            removed += int(await purge(keys=[key], args=[*prefixes, *ids]))
+            removed += int(await purge(keys=[key], args=[*_record_prefixes(keys, key, prefixes), *ids]))
     return removed

@@ -12,6 +12,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from app.components.worker.keys import Keys
+from app.core.redis_cluster import transactional
 
 WAKE_TOKENS = 64
 
@@ -25,7 +26,7 @@ async def pause(redis: aioredis.Redis, keys: Keys, queue: str) -> bool:
 
 async def resume(redis: aioredis.Redis, keys: Keys, queue: str) -> bool:
     """Resume ``queue`` and wake its admitters; False when it was not paused."""
-    async with redis.pipeline(transaction=True) as pipe:
+    async with redis.pipeline(transaction=transactional(redis)) as pipe:
         pipe.hdel(keys.route(queue), "paused")
         pipe.lpush(keys.ready_wake(queue), *[1] * WAKE_TOKENS)
         pipe.ltrim(keys.ready_wake(queue), 0, WAKE_TOKENS - 1)

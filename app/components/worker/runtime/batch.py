@@ -80,7 +80,8 @@ class ScriptBatcher:
             else:  # another client (a cluster's): its own pipeline
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for name, keys, args, _ in batch:
-                        pipe.evalsha(self.shas[name], len(keys), *keys, *args)
+                        # execute_command: redis-py's cluster pipeline refuses .evalsha(), not the command
+                        pipe.execute_command("EVALSHA", self.shas[name], len(keys), *keys, *args)
                     replies = await pipe.execute(raise_on_error=False)
         except Exception as exc:  # noqa: BLE001 - every caller gets the error and retries
             for *_, future in batch:
@@ -146,7 +147,7 @@ async def call_script(script: Any, keys: list[Any], args: list[Any], *, then: tu
         if then is None:
             return await script(keys=keys, args=args)
         async with client.pipeline(transaction=False) as pipe:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)  # a cluster pipeline refuses .evalsha()
             pipe.execute_command(*then)
             return tuple(await pipe.execute())
     commands = [("EVALSHA", script.sha, len(keys), *keys, *args)] + ([then] if then is not None else [])

@@ -82,7 +82,7 @@ class OrphanSweep:
         fetched by this worker that it never got (the fetch's reply died with the old master)
         or never started would wait for its restart (arq's in-progress lease lapses by
         itself); the adapter puts them back."""
-        master = getattr(self.redis.connection_pool, "master_address", None)
+        master = getattr(getattr(self.redis, "connection_pool", None), "master_address", None)  # none on Cluster
         if master is None or master == self._master:
             return
         redeliver = getattr(self.adapter, "redeliver_stranded", None)

@@ -161,7 +161,7 @@ class JobStore:
         """Put routed envelopes in their ready sets (route.lua) and wake the admitters."""
         if not raws:
             return 0
-        return int(await self._route(keys=[], args=[self.keys.of_queue(queue, ""), *raws]))
+        return int(await self._route(keys=[self.keys.route(queue)], args=[self.keys.of_queue(queue, ""), *raws]))
 
     async def admit(
         self, queue: str, instance: str, worker_id: str, engine: str, group: str, labels: str, free: int,
