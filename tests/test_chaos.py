@@ -146,3 +146,48 @@ async def _check(client: WorkerClient, jobs: list[Any], runs: Path, engine: str,
     assert set(terminal.values()) == {1} and len(terminal) == len(ids), "exactly one terminal event per job"
     assert not reran, f"jobs executed more often than their attempts: {reran[:5]}"
     assert all(info["status"] == "completed" or info["error_type"] == "WorkerLost" for info in infos.values())
+
+
+async def test_dramatiq_fetch_whose_reply_was_lost_runs_once(env: dict[str, str], start_worker: Any,
+                                                            tmp_path: Path, prefix: str) -> None:
+    """Dramatiq's fetch is one script (ids off the queue, into the fetcher's acks set, then the
+    reply). A reply lost in a Redis restart left its messages in a LIVE worker's acks set, where
+    nobody ran them until the worker stopped (redis-py's retry even hides the loss from the
+    consumer). The worker puts them back after the connection failure; each runs once."""
+    import redis
+
+    from app.components.worker.runtime import scripts
+    from tests.test_contract import wait_trail
+
+    server = RedisServer(aof=True).start()  # private: it restarts; AOF keeps the state across
+    worker = None
+    try:
+        env["REDIS_URL"] = server.url
+        worker = start_worker("contract", "dramatiq")
+        settings = load_settings(_env_file=None, redis_url=server.url, worker_key_prefix=prefix,
+                                 worker_backend="dramatiq", worker_queue_packages=env["WORKER_QUEUE_PACKAGES"])
+        client = WorkerClient(settings)
+        r = redis.Redis.from_url(server.url)
+        beat = json.loads(r.get(r.keys(f"{prefix}:heartbeat:contract:*")[0]))
+        ns = client.keys.engine_namespace("dramatiq")
+        acks = f"{ns}:__acks__.{beat['instance']}.contract"
+        os.kill(worker.proc.pid, signal.SIGSTOP)  # so that the worker does not fetch the job first
+        try:
+            job = await client.enqueue("chaos_job", str(tmp_path), "j", 5)
+            # The worker's fetch, run for it: the reply that never reaches it.
+            lost = r.eval(scripts.source("dramatiq_fetch"), 3, f"{ns}:contract", f"{ns}:contract.msgs", acks, 10)
+            assert len(lost) == 2 and r.sismember(acks, lost[0]), lost
+        finally:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+        server.stop()  # the restart that lost the reply: the worker's idle wait fails with it
+        server.start()
+        assert await job.result(30) == "j"
+        events = await wait_trail(client, job.job_id, "job.completed")
+        assert [e["type"] for e in events] == ["job.enqueued", "job.started", "job.completed"]
+        assert len((tmp_path / "j").read_text().splitlines()) == 1  # ran once
+        await client.close()
+        r.close()
+    finally:
+        if worker is not None:
+            worker.stop()  # before its Redis goes
+        server.cleanup()

@@ -19,7 +19,7 @@ import pytest
 from app.components.worker.api import WorkerClient
 from app.core.errors import JobFailed
 from app.core.redis_server import RedisServer
-from tests.conftest import ROOT, wait_until
+from tests.conftest import ROOT, until, wait_until
 from tests.faults import TcpProxy
 from tests.test_contract import trail, wait_trail
 
@@ -153,27 +153,77 @@ async def test_second_signal_is_the_hard_exit(engine: str, client: WorkerClient,
         _hard_stop(proc)
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _reloader(env: dict[str, str], engine: str, cwd: Path, stderr: Any = None,
+              background: bool = False) -> subprocess.Popen[bytes]:
+    """`app worker contract --reload` as a terminal runs it; ``background``: as a non-interactive
+    shell's ``cmd &`` (CI) runs it, with SIGINT ignored, which Python then leaves ignored."""
+    return subprocess.Popen([sys.executable, "-m", "app", "worker", "contract", "--backend", engine, "--reload"],
+                            env={**env, "WORKER_SHUTDOWN_TIMEOUT": "20"}, cwd=cwd, start_new_session=True,
+                            stderr=stderr, preexec_fn=_ignore_sigint if background else None)
+
+
+async def _running(client: WorkerClient, tmp_path: Path, ms: int) -> Any:
+    job = await client.enqueue("chaos_job", str(tmp_path), "j", ms)
+    await until(lambda: _is_running(job), 30, "the job running")
+    return job
+
+
+async def _is_running(job: Any) -> bool:
+    return await job.status() == "running"
+
+
 @pytest.mark.parametrize("engine", ["arq"])
-async def test_ctrl_c_on_a_reloading_worker_is_graceful(engine: str, client: WorkerClient, env: dict[str, str],
-                                                       prefix: str, redis_url: str, tmp_path: Path) -> None:
-    """`--reload`: watchfiles forwards the terminal's SIGINT; the worker must see it once."""
+@pytest.mark.parametrize("background", [False, True], ids=["terminal", "sigint-ignored"])
+async def test_ctrl_c_on_a_reloading_worker_is_graceful(engine: str, background: bool, client: WorkerClient,
+                                                       env: dict[str, str], prefix: str, redis_url: str,
+                                                       tmp_path: Path) -> None:
+    """`--reload`: the reloader passes the terminal's SIGINT on once, also when it was started
+    with SIGINT ignored (watchfiles' own reloader then never saw it: a CI-only 30 s hang)."""
     import redis
 
-    proc = subprocess.Popen([sys.executable, "-m", "app", "worker", "contract", "--backend", engine, "--reload"],
-                            env={**env, "WORKER_SHUTDOWN_TIMEOUT": "20"}, cwd=tmp_path, start_new_session=True)
+    proc = _reloader(env, engine, tmp_path, background=background)
     try:
         with redis.Redis.from_url(redis_url) as r:
             wait_until(lambda: r.keys(f"{prefix}:heartbeat:contract:*"), 30, what="the reloaded worker's heartbeat")
-        job = await client.enqueue("chaos_job", str(tmp_path), "j", 1500)
-        deadline = time.monotonic() + 30
-        while await job.status() != "running":
-            assert time.monotonic() < deadline, "job never ran"
-            await asyncio.sleep(0.02)
+        job = await _running(client, tmp_path, 1500)
         os.killpg(os.getpgid(proc.pid), signal.SIGINT)
         assert await asyncio.to_thread(proc.wait, 30) == 0
         events = await wait_trail(client, job.job_id, "job.completed")
         assert [e["type"] for e in events] == ["job.enqueued", "job.started", "job.completed"]
         assert len(await _worker_events(client, "worker.stopped")) == 1
+    finally:
+        _hard_stop(proc)
+
+
+@pytest.mark.parametrize("engine", ["arq"])
+async def test_ctrl_c_while_a_reload_stops_the_worker_is_graceful(engine: str, client: WorkerClient,
+                                                                  env: dict[str, str], prefix: str, redis_url: str,
+                                                                  tmp_path: Path) -> None:
+    """Ctrl-C while a code change is stopping the worker (it drains a running job): the worker
+    is not sent a second signal (its hard exit), no new worker starts, the job completes once."""
+    import redis
+
+    log = tmp_path / "reloader.log"
+    with log.open("wb") as sink:
+        proc = _reloader({**env, "LOG_LEVEL": "INFO"}, engine, tmp_path, stderr=sink)
+    try:
+        with redis.Redis.from_url(redis_url) as r:
+            wait_until(lambda: r.keys(f"{prefix}:heartbeat:contract:*"), 30, what="the reloaded worker's heartbeat")
+        job = await _running(client, tmp_path, 3000)
+        (tmp_path / "changed.py").write_text("")  # a code change: the reloader stops the worker
+        await asyncio.to_thread(wait_until, lambda: b"finishing running jobs" in log.read_bytes(), 30, 0.01,
+                                "the worker stopping for the reload")
+        os.killpg(os.getpgid(proc.pid), signal.SIGINT)
+        assert await asyncio.to_thread(proc.wait, 30) == 0, log.read_text()
+        events = await wait_trail(client, job.job_id, "job.completed")
+        assert [e["type"] for e in events] == ["job.enqueued", "job.started", "job.completed"]
+        assert len(await _worker_events(client, "worker.started")) == 1, log.read_text()
+        assert len(await _worker_events(client, "worker.stopped")) == 1
+        assert b"exiting now" not in log.read_bytes()
     finally:
         _hard_stop(proc)
 

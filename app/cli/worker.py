@@ -11,7 +11,7 @@ from app.components.worker.config import resolve
 from app.components.worker.registry import Registry
 from app.components.worker.routing.options import check_group
 from app.core.errors import AppError
-from app.core.lifeline import detach_if_asked, die_with_parent
+from app.core.lifeline import die_with_parent
 from app.core.logging import setup_logging
 from app.core.settings import ENGINES, parse_labels
 
@@ -30,7 +30,6 @@ def worker(
     scheduler: Annotated[bool, typer.Option("--scheduler", help="Also run the schedules (see `app schedules`).")] = False,
 ) -> None:
     """Serve one queue: PROCESSES x THREADS concurrent jobs on the queue's engine."""
-    detach_if_asked()  # under `--reload`: out of the terminal's process group, like supervised children
     die_with_parent()  # started by `app dev`, a supervisor or the reloader: do not outlive it
     cfg = settings()
     if backend is not None and backend.lower() not in ENGINES:
@@ -58,7 +57,9 @@ def worker(
     if reload:
         from app.components.worker.reload import run_with_reload
 
-        run_with_reload()
+        code = run_with_reload(cfg.worker_shutdown_timeout)
+        if code:
+            raise typer.Exit(code)
         return
     from app.components.worker.process import WorkerOptions, run
 

@@ -1,6 +1,6 @@
 """Child processes that do not outlive the process that started them.
 
-`app dev` and the worker supervisor start their children in sessions of their own, so a
+`app dev`, the worker supervisor and `--reload` start their children in sessions of their own, so a
 terminal's Ctrl-C (SIGINT to the whole foreground process group) reaches only the parent,
 which then stops each child once, gracefully. The price: nothing the terminal does reaches
 the children any more, and a parent killed with SIGKILL would leave them running forever.
@@ -30,7 +30,6 @@ from collections.abc import Callable
 from typing import Any
 
 ENV = "APP_PARENT_PID"
-SESSION_ENV = "APP_NEW_SESSION"  # for children started by code we do not control (watchfiles)
 PR_SET_PDEATHSIG = 1
 
 
@@ -49,25 +48,6 @@ def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
     out = dict(os.environ if env is None else env)
     out[ENV] = str(os.getpid())
     return out
-
-
-def mark_children(own_session: bool = False) -> None:
-    """Mark this process's environment so children that a library starts for us (watchfiles'
-    reloader) tie their life to ours and, with ``own_session``, leave the terminal's process
-    group, which ``start_new_session`` does for children we start ourselves."""
-    os.environ[ENV] = str(os.getpid())
-    if own_session:
-        os.environ[SESSION_ENV] = "1"
-
-
-def detach_if_asked() -> None:
-    """In a child marked by ``mark_children(own_session=True)``: start a session of its own,
-    so a terminal's Ctrl-C reaches the parent only, which forwards it once."""
-    if os.environ.pop(SESSION_ENV, None):
-        try:
-            os.setsid()
-        except OSError:  # already a session or group leader
-            pass
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:

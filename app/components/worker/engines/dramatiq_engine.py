@@ -14,6 +14,8 @@ fetched when it closes. The broker id is the layer's instance id, so the message
 instance fetched are ``<ns>:__acks__.<instance>.<queue>``: the reaper's ``recover`` puts
 them back when the instance dies, which replaces Dramatiq's maintenance (turned off: it ran
 ``KEYS`` on a share of all commands and acted only after its own heartbeat timeout).
+Messages a fetch whose reply was lost left in a LIVE instance's acks set go back after the
+connection failure (``dramatiq_stranded.py``).
 There is no consumer for Dramatiq's delay queue: delays are the layer's.
 """
 
@@ -45,6 +47,7 @@ from app.components.worker.engines.base import (
     Handle,
     stand_in,
 )
+from app.components.worker.engines.dramatiq_stranded import Stranded, notice_failures
 from app.components.worker.envelope import DISPATCH_NAME, new_job_id
 from app.components.worker.runtime import scripts
 from app.components.worker.runtime.ack import DELIVERY_ACK, EngineAck
@@ -57,6 +60,7 @@ STOP_TIMEOUT_MS = 10_000
 ACK_WAIT_S = 5.0  # longest a worker thread waits for the loop's batched ack before acking by itself
 THREAD_WAIT_MS = 100  # worker threads' wait on the in-process work queue (no Redis calls)
 BUSY_WAIT_S = 0.005  # a consumer whose prefetch is full checks again after this (no Redis calls)
+PUTBACK_WAIT_S = 10.0  # longest the orphan sweep waits for the consumer thread's put-back (tried again next pass)
 
 
 _ENCODE = json.encoder.encode_basestring_ascii  # json.dumps of one str, in C
@@ -96,6 +100,8 @@ class _Consumer(_RedisConsumer):
                 message = adapter.decode(redis_id, data)
                 self.queued_message_ids.add(message.message_id)
                 return MessageProxy(message)
+            if adapter.stranded.due:  # here, between fetches: no fetch of this process is under way
+                adapter.put_back_stranded()
             free = self.prefetch - self.outstanding_message_count
             if free <= 0:
                 time.sleep(BUSY_WAIT_S)
@@ -109,6 +115,7 @@ class _Consumer(_RedisConsumer):
             adapter.wait_for_wake()
             return None
         except redis.RedisError as exc:
+            adapter.stranded.notice()  # a fetch's reply may be lost: its messages in our acks set
             adapter.consumer.restarting(exc)  # for the heartbeat; Dramatiq restarts the consumer
             if isinstance(exc, redis.ConnectionError):
                 raise ConnectionClosed(exc) from None
@@ -120,14 +127,29 @@ class _Consumer(_RedisConsumer):
         redis_id = message.options["redis_message_id"]
         if redis_id in self.adapter.folded:  # finish.lua acked it with the job's end
             self.adapter.folded.discard(redis_id)
+            self.adapter.stranded.released([redis_id])
             self.queued_message_ids.discard(message.message_id)
             return
         try:
             self.adapter.ack(redis_id)
+            self.adapter.stranded.released([redis_id])  # only once acked: Dramatiq retries a failed ack
         except redis.ConnectionError as e:
             raise ConnectionClosed(e) from None
         finally:
             self.queued_message_ids.discard(message.message_id)
+
+    def nack(self, message: MessageProxy) -> None:
+        super().nack(message)
+        self.adapter.stranded.released([message.options["redis_message_id"]])
+
+    def requeue(self, messages: Any) -> None:
+        """Dramatiq's hand-back of messages no worker thread started (at a stop, or when the
+        consumer restarts); not held any more, whether it reached Redis or not."""
+        messages = list(messages)
+        try:
+            super().requeue(messages)
+        finally:
+            self.adapter.stranded.released(m.options["redis_message_id"] for m in messages)
 
     def close(self) -> None:
         """Give back what was fetched but not yet handed to a worker thread (Dramatiq's own
@@ -137,8 +159,10 @@ class _Consumer(_RedisConsumer):
         if ids:
             try:
                 self.broker.do_requeue(self.queue_name, *ids)
-            except redis.RedisError as exc:  # they stay in the acks set: recover() returns them
+            except redis.RedisError as exc:  # they stay in the acks set: the next put-back or recover() returns them
                 logger.warning("queue %s: requeueing %d fetched message(s) failed (%s)", self.queue_name, len(ids), exc)
+            finally:
+                self.adapter.stranded.released(ids)
 
 
 class _Broker(RedisBroker):
@@ -167,6 +191,8 @@ class Adapter(EngineAdapter):
         self.broker = _Broker(client=sync_client(self.settings, max_connections=pool), namespace=self.namespace,
                               middleware=[CurrentMessage()], maintenance_chance=0)
         self.folded: set[str] = set()  # messages finish.lua acked with their job's end
+        self.stranded = Stranded(self.broker.client, self.queue_name)  # fetched ids held here; the put-back
+        notice_failures(self.broker.client, self.stranded.notice)
         self.broker.adapter = self
         self.broker.declare_queue(self.queue_name)
         self._fetch = self.broker.client.register_script(scripts.source("dramatiq_fetch"))
@@ -219,7 +245,13 @@ class Adapter(EngineAdapter):
     def fetch(self, count: int) -> list[tuple[str, bytes | None]]:
         """Take up to ``count`` messages (their ids into this instance's acks set)."""
         flat = self._fetch(keys=[self.base, f"{self.base}.msgs", self.acks_key(self.instance)], args=[count])
-        return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
+        fetched = [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
+        self.stranded.fetched(redis_id for redis_id, _ in fetched)
+        return fetched
+
+    def put_back_stranded(self) -> int:
+        """On the consumer thread, between fetches (dramatiq_stranded.py)."""
+        return self.stranded.put_back(self.acks_key(self.instance), self.base, self.wake_key)
 
     def ack(self, redis_id: str) -> None:
         """Ack one message (from a worker thread): its id joins the next pipeline of acks on the
@@ -327,35 +359,12 @@ class Adapter(EngineAdapter):
 
     async def redeliver_stranded(self, instance: str, running: set[str]) -> int:
         """After a failover (runtime/orphans.py): messages recorded as fetched by this live
-        instance that it never got (the fetch's reply died with the old master) or never
-        started sit in its acks set until it stops. Put back on
-        the queue the ones it is neither running nor holding in memory; a copy of a delivery
-        that is in fact under way is refused by its claim, so this is safe, if at-least-once."""
-        in_memory: set[str] = set()
-        cached: set[str] = set()
-        for thread in (self._worker.consumers.values() if self._worker is not None else ()):
-            consumer = getattr(thread, "consumer", None)
-            if consumer is not None:
-                in_memory |= set(consumer.queued_message_ids)
-                cached |= {redis_id for redis_id, _ in consumer.message_cache}
-        redis = self.redis
-        ids = [m.decode() if isinstance(m, bytes) else m for m in await redis.smembers(self.acks_key(instance))]
-        ids = [i for i in ids if i not in cached]
-        stranded = []
-        for redis_id, data in zip(ids, await redis.hmget(f"{self.base}.msgs", ids) if ids else [], strict=True):
-            try:
-                message_id = json.loads(data)["message_id"] if data else ""
-            except (KeyError, ValueError, TypeError):
-                message_id = ""
-            if message_id not in in_memory and message_id.rsplit(".", 2)[0] not in running:
-                stranded.append(redis_id)
-        if stranded:
-            async with redis.pipeline(transaction=True) as pipe:
-                pipe.srem(self.acks_key(instance), *stranded)
-                pipe.rpush(self.base, *stranded)
-                self.stage_wake(pipe, len(stranded))
-                await pipe.execute()
-        return len(stranded)
+        instance that it never got (the fetch's reply died with the old master) go back on the
+        queue. Done by the consumer thread between two fetches (dramatiq_stranded.py), against
+        the ids this process holds, so ``running`` is not needed."""
+        if self._worker is None or instance != self.instance:
+            return 0  # nothing consumes here (a group's worker): nothing was fetched here
+        return await asyncio.wait_for(asyncio.wrap_future(self.stranded.request()), PUTBACK_WAIT_S)
 
     async def stop_fetching(self) -> None:
         # Not ConsumerThread.pause(): a paused consumer thread "restarts" with a 3 s sleep.
