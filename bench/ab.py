@@ -24,7 +24,17 @@ if __package__ in (None, ""):
 
 import redis
 
-from bench.common import EVENTS, HOME, ROOT, TERMINAL, machine, pick_redis_server, start_redis, wait_events_done
+from bench.common import (
+    EVENTS,
+    HOME,
+    ROOT,
+    TERMINAL,
+    machine,
+    pick_redis_server,
+    quiet_wait,
+    start_redis,
+    wait_events_done,
+)
 from bench.run import Bench
 from bench.systems import all_systems
 from bench.systems.layer import Layer
@@ -46,19 +56,6 @@ def cpu_s(pid: int) -> float:
 def redis_cpu_s(r: redis.Redis) -> float:
     info = r.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
-def quiet_wait(r: redis.Redis, worker: object, entries: int, timeout: float) -> None:
-    """Wait until the event stream holds ``entries`` entries (each job: enqueued, started, ended),
-    with one cheap XLEN every 20 ms: following the stream while the worker drains (parsing every
-    event in this process) would take a share of the two cores that a raw engine's drain, counted
-    in the worker's memory, does not pay. The figures are read from the stream afterwards."""
-    deadline = time.monotonic() + timeout
-    while r.xlen(EVENTS) < entries:
-        worker.check()  # type: ignore[attr-defined]
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the drain did not finish within {timeout:g}s")
-        time.sleep(0.02)
 
 
 def drain_cpu(bench: Bench, system: Layer, n: int, tag: str) -> dict[str, float]:

@@ -6,7 +6,7 @@
 Each round runs the producer in a fresh subprocess per code tree (``--before``, this checkout),
 alternating the order, on one private Redis (flushed between runs), and prints jobs/s, the
 producer's CPU µs per job and Redis's CPU µs per job (``INFO cpu``). ``--profile`` writes a
-cProfile of this checkout's producer (``bench/results/bulk-<engine>.prof``).
+cProfile of this checkout's producer's timed loop (``bench/results/bulk-<engine>.prof``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -31,24 +32,26 @@ import asyncio, json, os, resource, sys, time
 from app.components.worker.api import JobRequest, WorkerClient
 from app.core.settings import load_settings
 
-async def main(url, engine, n, batch):
+async def main(url, engine, n, batch, prof):
     values = {"redis_url": url, "worker_backend": engine, "worker_key_prefix": "worker",
               "worker_queue_packages": "app.components.worker.queues"}
     client = WorkerClient(load_settings(_env_file=None, **values))
-    await client.enqueue_many([JobRequest("noop", queue="load_test")])  # warm-up: connection, scripts
+    await client.enqueue_many([JobRequest("noop", queue="load_test")])  # warm-up: connection, scripts, imports
+    if prof:  # the timed loop only
+        import cProfile
+        profile = cProfile.Profile()
+        profile.enable()
     t0, c0 = time.perf_counter(), time.process_time()
     for start in range(0, n, batch):
         await client.enqueue_many([JobRequest("noop", queue="load_test") for _ in range(min(batch, n - start))])
     t1, c1 = time.perf_counter(), time.process_time()
+    if prof:
+        profile.disable()
+        profile.dump_stats(prof)
     await client.close()
     print(json.dumps({"jobs_s": n / (t1 - t0), "cpu_us": (c1 - c0) / n * 1e6}))
 
-url, engine, n, batch, prof = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-if prof:
-    import cProfile
-    cProfile.run("asyncio.run(main(url, engine, n, batch))", prof)
-else:
-    asyncio.run(main(url, engine, n, batch))
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]))
 """
 
 
@@ -85,6 +88,7 @@ def main() -> None:
                     info0 = r.info("cpu")
                     prof = ""
                     if args.profile and tag == "after" and rnd == 0:
+                        (HOME / "bench" / "results").mkdir(parents=True, exist_ok=True)
                         prof = str(HOME / "bench" / "results" / f"bulk-{engine}.prof")
                     got = run(code.resolve(), server.url, engine, args.jobs, args.batch, prof)
                     info1 = r.info("cpu")
@@ -97,7 +101,8 @@ def main() -> None:
     finally:
         server.stop()
     print(f"\nBulk enqueue of {args.jobs} no-op jobs (enqueue_many, batches of {args.batch}), "
-          f"{args.rounds} alternating rounds, median")
+          f"{args.rounds} alternating rounds, median; ended {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, "
+          f"load average {os.getloadavg()[0]:.1f} (1 min)")
     print("| engine | " + " | ".join(f"{t} jobs/s | {t} producer µs/job | {t} Redis µs/job" for t, _ in trees) + " |")
     print("|---|" + "---:|" * (3 * len(trees)))
     for engine in args.engines.split(","):

@@ -132,7 +132,8 @@ def _p(values: list[int] | list[float], q: float) -> Any:
     return values[max(0, int(len(values) * q) - 1)] if values else None
 
 
-def measure(engine: str, url: str, code: Path, seconds: float, jobs: int, late: int, packages: Path) -> dict[str, Any]:
+def measure(engine: str, url: str, code: Path, seconds: float, jobs: int, late: int, packages: Path,
+            settle: float = 2.0) -> dict[str, Any]:
     prefix = f"idle{engine}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "WORKER_"))}
     env.update({"REDIS_URL": url, "WORKER_KEY_PREFIX": prefix, "WORKER_QUEUE_PACKAGES": "idle_queues",
@@ -141,7 +142,7 @@ def measure(engine: str, url: str, code: Path, seconds: float, jobs: int, late: 
     r = redis.Redis.from_url(url)
     try:
         _wait_beat(r, prefix, proc)
-        time.sleep(2)  # settle: startup calls are not idle cost
+        time.sleep(settle)  # startup calls are not idle cost (a reaper checks ages only after WORKER_OFFLINE_AFTER)
         before, t0 = _calls(r), time.monotonic()
         time.sleep(seconds)
         after, t1 = _calls(r), time.monotonic()
@@ -162,7 +163,8 @@ def measure(engine: str, url: str, code: Path, seconds: float, jobs: int, late: 
             "late_jobs": len(late_delay) + len(late_retry)}
 
 
-def run_all(url: str, code: Path, engines: list[str], seconds: float, jobs: int, late: int) -> list[dict[str, Any]]:
+def run_all(url: str, code: Path, engines: list[str], seconds: float, jobs: int, late: int,
+            settle: float = 2.0) -> list[dict[str, Any]]:
     """Every engine in turn on the Redis at ``url`` (each under its own key prefix)."""
     with tempfile.TemporaryDirectory() as packages:
         (Path(packages) / "idle_queues").mkdir()
@@ -170,7 +172,7 @@ def run_all(url: str, code: Path, engines: list[str], seconds: float, jobs: int,
         (Path(packages) / "idle_queues" / "idle.py").write_text(QUEUE_MODULE)
         sys.path.insert(0, packages)
         try:
-            return [measure(e, url, code.resolve(), seconds, jobs, late, Path(packages)) for e in engines]
+            return [measure(e, url, code.resolve(), seconds, jobs, late, Path(packages), settle) for e in engines]
         finally:
             sys.path.remove(packages)
 
@@ -202,13 +204,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--late", type=int, default=20, help="delayed jobs and retries whose lateness is measured")
+    parser.add_argument("--settle", type=float, default=2.0,
+                        help="seconds after the first beat before the idle window (32: past WORKER_OFFLINE_AFTER, "
+                             "the reaper's steady state)")
     args = parser.parse_args()
     sys.path.insert(0, str(args.code.resolve()))  # producer and workers run the same code
     from app.core.redis_server import RedisServer
 
     server = RedisServer().start()
     try:
-        rows = run_all(server.url, args.code, args.engines.split(","), args.seconds, args.jobs, args.late)
+        rows = run_all(server.url, args.code, args.engines.split(","), args.seconds, args.jobs, args.late,
+                       args.settle)
     finally:
         server.cleanup()
     for row in rows:

@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from app.components.worker import config as queue_config
+from app.components.worker.bulk import Bulk
 from app.components.worker.config import QueueConfig
 from app.components.worker.engine_switch import live_engine_beats
 from app.components.worker.engines import engine_class
@@ -139,6 +140,7 @@ class WorkerClient:
         self._queues: dict[str, ProducerQueue] = {}
         self._engine_checked: dict[str, float] = {}
         self._live: dict[str, dict[str, int]] = {}
+        self._bulk: Bulk | None = None
 
     def queue(self, name: str) -> ProducerQueue:
         """The producer's facts about one queue, resolved on first use."""
@@ -274,7 +276,8 @@ class WorkerClient:
         return Job(self, env.id, env.queue, env.task)
 
     async def enqueue_many(self, requests: Iterable[JobRequest]) -> list[Job | None]:
-        """Enqueue many jobs: each chunk of up to ``ENQUEUE_CHUNK`` jobs is one atomic script call.
+        """Enqueue many jobs: all are validated and encoded first, then sent in chained chunks
+        (components/worker/bulk.py), each chunk one atomic script call.
 
         Returns a handle per request, in order; ``None`` where a caller-chosen id was refused
         because that job is still queued or running (or appears earlier in the same batch).
@@ -283,38 +286,9 @@ class WorkerClient:
         memory), that chunk and the rest are not enqueued, and the error says how many earlier
         jobs were accepted (they will run).
         """
-        prepared = []
-        engines: dict[str, str] = {}  # queue -> its engine, checked once per call
-        for req in requests:
-            delay = validate_delay(req.delay) if req.delay is not None else 0.0
-            env, raw, fallback = self._envelope(
-                req.task, tuple(req.args), dict(req.kwargs), req.queue, req.job_id,
-                (req.priority, req.worker_group, req.worker_selector, req.fallback, req.tags, req.timeout,
-                 req.max_tries))
-            engine = engines.get(env.queue)
-            if engine is None:
-                await self._check_engine(env.queue)
-                engine = engines[env.queue] = self.engine_of(env.queue)
-            prepared.append(Accepting(env, raw, _delay_ms(delay), engine, req.job_id is not None, fallback))
-        hooked = {queue: self._chain(queue) for queue in engines}
-        hooked = {queue: chain for queue, chain in hooked.items() if chain.has("before_enqueue")}
-        for env, *_ in prepared if hooked else ():
-            chain = hooked.get(env.queue)
-            if chain is not None:
-                await chain.call("before_enqueue", self._hook_view(env, None), job_id=env.id)
-        flags: list[int] = []
-        try:
-            for start in range(0, len(prepared), ENQUEUE_CHUNK):
-                flags += await self._accept(prepared[start:start + ENQUEUE_CHUNK])
-        except RedisError as exc:
-            raise self._refused(exc, accepted=sum(1 for f in flags if f), total=len(prepared)) from None
-        hooked = {queue: chain for queue in engines if (chain := self._chain(queue)).has("after_enqueue")}
-        for (env, *_), ok in zip(prepared, flags, strict=True) if hooked else ():
-            chain = hooked.get(env.queue)
-            if ok and chain is not None:
-                await chain.call("after_enqueue", self._hook_view(env, None), job_id=env.id)
-        return [Job(self, env.id, env.queue, env.task) if ok else None
-                for (env, *_), ok in zip(prepared, flags, strict=True)]
+        if self._bulk is None:
+            self._bulk = Bulk(self)
+        return await self._bulk.enqueue_many(requests)
 
     async def _accept(self, jobs: list[Accepting]) -> list[int]:
         """Record jobs and make them deliverable in one script call (enqueue.lua): per job
@@ -445,7 +419,7 @@ class WorkerClient:
         await self.redis.aclose()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class JobRequest:
     """One job for ``enqueue_many``."""
 
@@ -463,9 +437,24 @@ class JobRequest:
     timeout: float | None = None
     max_tries: int | None = None
 
+    def __init__(self, task: str | Callable[..., Any], args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
+                 queue: str | None = None, job_id: str | None = None, delay: float | None = None,
+                 priority: str | None = None, worker_group: str | None = None,
+                 worker_selector: Mapping[str, str] | None = None, fallback: str | None = None,
+                 tags: Mapping[str, str] | None = None, timeout: float | None = None,
+                 max_tries: int | None = None) -> None:
+        # The dataclass's own __init__ of a frozen class sets each field through
+        # object.__setattr__: 2.7 us of the ~20 a bulk-enqueued job may cost; one update, 1 us.
+        self.__dict__.update(task=task, args=args, kwargs={} if kwargs is None else kwargs, queue=queue,
+                             job_id=job_id, delay=delay, priority=priority, worker_group=worker_group,
+                             worker_selector=worker_selector, fallback=fallback, tags=tags, timeout=timeout,
+                             max_tries=max_tries)
+
 
 class Job:
     """A handle on one job, by id."""
+
+    __slots__ = ("client", "job_id", "queue", "task")  # a bulk enqueue returns one per job
 
     def __init__(self, client: WorkerClient, job_id: str, queue: str | None = None, task: str | None = None) -> None:
         self.client = client

@@ -9,7 +9,7 @@ waits in the old engine's keys: it re-sends each waiting envelope on its own eng
 only then deletes it from the old keys (``take_over``). A crash between the two leaves a
 duplicate message, never a lost one, and the runtime skips a duplicate at claim. Foreign
 messages (not the layer's envelope) are left where they are. While it runs, the worker
-repeats this every ``SWEEP_S`` (three counts when nothing waits elsewhere), for jobs a
+repeats this every ``SWEEP_S`` (two counts when nothing waits elsewhere), for jobs a
 producer sent to the old engine during the switch.
 
 The engines' keys are read directly, a page at a time with cursors (``waiting_pages``, also
@@ -219,9 +219,12 @@ async def take_over(redis: Any, keys: Keys, settings: Settings, config: QueueCon
     ``config.engine``; returns how many envelopes moved."""
     from app.components.worker.engines import engine_class
 
+    # The counts first: on an idle queue (every sweep) they are the whole pass, two commands.
+    waiting = [e for e in ENGINES if e != config.engine and await waiting_in(redis, keys, config.name, e)]
+    if not waiting:
+        return 0
     live = await live_engine_beats(redis, keys, config.name, settings.worker_offline_after)
-    sources = [e for e in ENGINES if e != config.engine and e not in live
-               and await waiting_in(redis, keys, config.name, e)]
+    sources = [e for e in waiting if e not in live]
     if not sources:
         return 0
     lock = keys.lock(f"switch:{config.name}")

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 from app.components.worker.clock import now_ms
 from app.core.errors import PayloadError
 
-__all__ = ["DISPATCH_NAME", "Envelope", "Recovered", "new_job_id", "new_run", "now_ms", "recover_id"]
+__all__ = ["DISPATCH_NAME", "Envelope", "Recovered", "new_job_id", "new_run", "now_ms", "recover_id", "send_id"]
 
 DISPATCH_NAME = "app.run"
 
@@ -50,6 +50,11 @@ def new_job_id() -> str:
     """A random UUID4 as 32 hex digits (``uuid.uuid4().hex``, without the UUID object: a bulk
     enqueue draws one per job)."""
     return "%032x" % ((int.from_bytes(os.urandom(16)) & _UUID4_CLEAR) | _UUID4_SET)
+
+
+def send_id(job_id: str, try_: int = 1) -> str:
+    """A fresh engine-level id for one send of a delivery (``Envelope.message_id``)."""
+    return f"{job_id}.{try_}.{_SEND_PREFIX}{next(_sends):x}"
 
 
 def new_run() -> str:
@@ -166,7 +171,7 @@ class Envelope:
         """A fresh engine-level id for one send of this delivery: each read gives a new one
         (``<job id>.<try>.<token>``), so no two sends share an id, not even a hand-back of the
         same attempt (arq deletes by id when it ends a delivery)."""
-        return f"{self.id}.{self.try_}.{_SEND_PREFIX}{next(_sends):x}"
+        return send_id(self.id, self.try_)
 
     def next_try(self, attempt: int) -> Envelope:
         return replace(self, try_=attempt + 1)

@@ -107,6 +107,10 @@ class Heartbeat:
         self.failures = 0
         self.last_error = ""  # why the last beat failed, for logs (Redis cannot store it then)
         self._script = redis.register_script(scripts.source("beat"))
+        self.offline_ms = int(settings.worker_offline_after * 1000)
+        # (monotonic time, instances offline by Redis's clock) as of the last beat: the reaper
+        # of this process reads it instead of asking Redis itself every second (runtime/reaper.py)
+        self.offline_seen: tuple[float, list[str]] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -125,12 +129,16 @@ class Heartbeat:
     def beat(self, state: str | None = None) -> None:
         """One beat, stamped by Redis. The last one (``stopped``) takes the instance off the
         reaper's list only if it holds no job: a job whose hand-back failed is recovered."""
-        self._script(
+        reply = self._script(
             keys=[self.keys.heartbeat(self.queue, self.worker_id), self.keys.workers, self.keys.engines(self.queue),
                   self.keys.instances, self.keys.held(self.instance), self.keys.members(self.queue)],
             args=[json.dumps(self.payload(state)), self.ttl, f"{self.queue}|{self.worker_id}", self.engine,
-                  f"{self.queue}|{self.instance}", state or "", self.instance, self.member],
+                  f"{self.queue}|{self.instance}", state or "", self.instance, self.member,
+                  *([] if state else [self.offline_ms])],
         )
+        if isinstance(reply, list):
+            self.offline_seen = None if not isinstance(reply[1], list) else (
+                time.monotonic(), [m.decode() if isinstance(m, bytes) else m for m in reply[1]])
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)

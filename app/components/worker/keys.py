@@ -81,6 +81,11 @@ class Keys:
         process restarted under the same ``--id`` never inherits, or hides, a dead one's jobs."""
         return f"{self.prefix}:instances"
 
+    def enqueue_chain(self, token: str) -> str:
+        """Hash of one bulk enqueue's chunks (``last`` applied position, and each applied
+        position's flags), kept ten minutes: see components/worker/bulk.py."""
+        return f"{self.prefix}:enqueue:{token}"
+
     @property
     def queues(self) -> str:
         """Set of the queue names a deployment on Redis Cluster has used (workers add theirs at

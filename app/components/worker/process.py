@@ -102,7 +102,7 @@ async def serve(settings: Settings, registry: Registry, options: WorkerOptions, 
                          worker_id=worker_id, waiter=async_client(settings),
                          listen=min(LISTEN_S, settings.redis_socket_timeout / 2), on_ready=admitter.wake,
                          group=config.group)
-    reaper = Reaper(redis, keys, runtime, adapter, settings.worker_offline_after)
+    reaper = Reaper(redis, keys, runtime, adapter, settings.worker_offline_after, heartbeat)
     orphans = OrphanSweep(redis, keys, runtime, settings.worker_offline_after, adapter)  # writes lost in a failover
 
     if spec.on_startup is not None:

@@ -12,6 +12,13 @@
 -- wake-up token, see requeue.lua), measured on its own host's monotonic clock: a duration.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- The earliest entry first: when none is due (an idle queue), that one read is the whole pass.
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if not first[2] then
+  return {{}, -1}
+elseif tonumber(first[2]) > now then
+  return {{}, math.ceil(tonumber(first[2]) - now)}
+end
 local items = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now), 'LIMIT', 0, tonumber(ARGV[1]))
 -- The taken entries are the lowest-ranked ones, so the next is the one ranked right after them.
 local after = redis.call('ZRANGE', KEYS[1], #items, #items, 'WITHSCORES')

@@ -5,6 +5,13 @@
 -- nor a message without a record.
 -- One call takes a whole batch (enqueue_many) or a single job: one round trip either way.
 -- KEYS[1] events stream
+-- KEYS[2] (optional) the chain of one bulk call sent in several script calls (Keys.enqueue_chain,
+--   see components/worker/bulk.py): then the last ARGV is this call's position in it (1, 2, ...).
+--   A position already applied returns its flags again (as 2, or 0) and writes nothing (a resend
+--   after a lost reply); a position whose predecessor was not applied (Redis refused it) returns
+--   nil and writes nothing, so the chunks of a call apply in order, each only after the one
+--   before. Jobs with fresh ids skip their record check: such an id cannot be taken, and the
+--   chain recognises a resend.
 -- ARGV[1] events maxlen   ARGV[2] job key prefix (job key = prefix .. id)   ARGV[3] result key prefix
 -- ARGV[4] instances zset (who beats: for a target's fallback)
 -- ARGV[5] number of shapes: what jobs of one call usually share, sent once, then per shape:
@@ -39,6 +46,21 @@
 -- Under maxmemory (noeviction) the first write of the call is a denyoom command (XADD), so an
 -- out-of-memory Redis refuses the whole call before anything is written; once a script has
 -- written, Redis lets it finish, so a call is never half applied.
+local chain, position = KEYS[2], nil
+if chain then
+  position = ARGV[#ARGV]
+  local done = redis.call('HGET', chain, position)
+  if done then
+    local again = {}
+    for c in string.gmatch(done, '%d') do
+      if c == '0' then table.insert(again, 0) else table.insert(again, 2) end
+    end
+    return again
+  end
+  if position ~= '1' and redis.call('HGET', chain, 'last') ~= tostring(tonumber(position) - 1) then
+    return false
+  end
+end
 local t = redis.call('TIME')
 local now_n = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local now = string.format('%.0f', now_n)
@@ -113,6 +135,7 @@ local function event(kind, queue, engine, id, task, error, tags)
   end
 end
 
+local FRESH = {false, false}  -- the record of a fresh id in a chained call: none
 local engine_queues = {}  -- queue prefix -> true when its batched jobs go to the engine
 local route_flags = {}  -- queue prefix -> {paused, routed}: read once per call
 local shapes = {}
@@ -132,7 +155,7 @@ for _ = 1, njobs do
   local priority, group, selector, limited, fallback = shape[9], shape[10], shape[11], shape[12], shape[13]
   local healthy_ms, keep, dead_ttl = tonumber(shape[14]), tonumber(shape[15]), tonumber(shape[16])
   local tags, chosen = shape[17], shape[18] == '1'
-  local job_key, result_key = ARGV[2] .. id, ARGV[3] .. id
+  local job_key, result_key = ARGV[2] .. id, nil  -- result_key: only where a result is replaced or written
   local cmds = nil  -- a job's own engine commands (a caller-chosen id): read only when there are some
   if ncmds > 0 then
     cmds = {}
@@ -140,15 +163,17 @@ for _ = 1, njobs do
       cmds[c], i = read_command(i)
     end
   end
-  local job = redis.call('HMGET', job_key, 'status', 'run')
+  local job = FRESH
+  if chosen or not chain then job = redis.call('HMGET', job_key, 'status', 'run') end
   local status = job[1]
   if job[2] == run then
-    table.insert(out, 2)
+    out[#out + 1] = 2
   elseif status == 'queued' or status == 'delayed' or status == 'running' then
-    table.insert(out, 0)
+    out[#out + 1] = 0
   else
     event('job.enqueued', queue, engine, id, task, '', tags)
     if status or chosen then  -- a fresh id has no old record or result to replace
+      result_key = ARGV[3] .. id
       redis.call('DEL', job_key, result_key)
     end
     local flags = route_flags[qp]
@@ -169,6 +194,7 @@ for _ = 1, njobs do
       ended = fallback
     end
     if ended then
+      result_key = ARGV[3] .. id
       local target = "group '" .. group .. "'"
       if selector ~= '' then target = "labels " .. selector end
       local status_end, kind = 'failed', 'NoWorker'
@@ -187,7 +213,7 @@ for _ = 1, njobs do
         attempts = 0, engine = engine, enqueued_at = now_n, finished_at = now_n, error_type = kind,
         error = reason}), 'EX', keep)
       event('job.failed', queue, engine, id, task, kind .. ': ' .. reason, tags)
-      table.insert(out, 3)
+      out[#out + 1] = 3
     else
       local new_status = 'queued'
       if delay > 0 then new_status = 'delayed' end
@@ -212,7 +238,7 @@ for _ = 1, njobs do
         end
         if batched then engine_queues[qp] = true end
       end
-      table.insert(out, 1)
+      out[#out + 1] = 1
     end
   end
 end
@@ -227,5 +253,9 @@ for _ = 1, nblocks do
     if run then redis.call(unpack(ARGV, i + 1, i + nwords)) end
     i = i + 1 + nwords
   end
+end
+if chain then
+  redis.call('HSET', chain, position, table.concat(out), 'last', position)
+  redis.call('PEXPIRE', chain, 600000)
 end
 return out

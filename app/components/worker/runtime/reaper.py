@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 class Reaper:
     def __init__(
         self, redis: aioredis.Redis, keys: Keys, runtime: JobRuntime, adapter: EngineAdapter,
-        offline_after: float,
+        offline_after: float, heartbeat: Any = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -53,6 +54,9 @@ class Reaper:
         self._offline = redis.register_script(scripts.source("offline"))
         self._forget = redis.register_script(scripts.source("forget"))
         self._connected_since = time.monotonic()
+        # This process's Heartbeat: each beat also lists the offline instances (beat.lua), so
+        # while its beats are fresh and list none of this queue, a pass sends nothing.
+        self.heartbeat = heartbeat
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -64,7 +68,13 @@ class Reaper:
                 # Heartbeat ages mean something only once this process has itself been
                 # connected for a full offline threshold: after a Redis outage every beat
                 # is old, and live workers need a moment to beat again.
-                if time.monotonic() - self._connected_since >= self.offline_after:
+                seen = self._seen_by_beat()
+                if seen is not None:
+                    # The beat reached Redis moments ago (connected), and says who is offline.
+                    others = [m for m in seen if m.startswith(f"{self.queue}|") and m != f"{self.queue}|{self.me}"]
+                    if others and time.monotonic() - self._connected_since >= self.offline_after:
+                        await self.reap_once()  # asks Redis again: the list is up to a beat old
+                elif time.monotonic() - self._connected_since >= self.offline_after:
                     await self.reap_once()
                 else:
                     await self.redis.ping()
@@ -74,6 +84,19 @@ class Reaper:
                 self._connected_since = time.monotonic()
                 logger.warning("queue %s: crash recovery pass failed (%s)", self.queue, exc)
             await asyncio.sleep(self.interval)
+
+    def _seen_by_beat(self) -> list[str] | None:
+        """The offline instances the last beat listed, if it is fresh (at most two beats and a
+        second old) and beats come at least as often as this reaper's passes; else None: the
+        reaper asks Redis itself."""
+        heartbeat = self.heartbeat
+        seen = getattr(heartbeat, "offline_seen", None)
+        if seen is None or heartbeat.interval > self.interval:
+            return None
+        at, members = seen
+        if time.monotonic() - at > 2 * heartbeat.interval + 1:
+            return None
+        return members
 
     async def reap_once(self) -> int:
         offline_ms = int(self.offline_after * 1000)
