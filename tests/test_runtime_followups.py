@@ -37,6 +37,7 @@ from tests.conftest import until
 ENGINES = ["arq", "dramatiq", "taskiq"]
 TERMINAL = ("job.completed", "job.failed")
 TIMEOUT = 30
+STRANDED_WAIT = 20  # below the delayed mover's 30 s lease: a job stranded under one fails, not slows, the test
 
 
 
@@ -150,7 +151,9 @@ async def test_a_stop_without_grace_mid_delivery_strands_no_job(
 ) -> None:
     """SIGTERM with ``WORKER_SHUTDOWN_TIMEOUT=0`` while a burst of short jobs is being
     delivered (deliveries claiming, running and handing back at the moment of the stop), then
-    a fresh worker: every job ends with exactly one terminal event."""
+    a fresh worker: every job ends with exactly one terminal event, promptly: nothing the stop
+    gave back may wait for a lease or the offline threshold (the fresh worker's is 300 s, and
+    the stopping mover's lease is 30 s, longer than the wait here)."""
     worker = start_worker("contract", engine, "--threads", "16", worker_shutdown_timeout="0")
     jobs = await client.enqueue_many([JobRequest("add", (i, 1)) for i in range(300)])
     ids = {j.job_id for j in jobs}
@@ -160,7 +163,7 @@ async def test_a_stop_without_grace_mid_delivery_strands_no_job(
 
     await until(some_done, what="the first jobs")
     assert worker.stop(signal.SIGTERM) == 0
-    fresh = start_worker("contract", engine, "--threads", "16")
+    fresh = start_worker("contract", engine, "--threads", "16", worker_offline_after="300")
 
     async def terminal() -> Counter[str]:
         return Counter([e["job_id"] async for e in read_events(client.redis, client.keys) if e["type"] in TERMINAL])
@@ -169,11 +172,15 @@ async def test_a_stop_without_grace_mid_delivery_strands_no_job(
         return ids <= set(await terminal())
 
     try:
-        await until(all_ended, what="a terminal event for every job")
+        await until(all_ended, timeout=STRANDED_WAIT, what="a terminal event for every job")
     except AssertionError:
         missing = sorted(ids - set(await terminal()))
         states = [(m, await client.redis.hgetall(client.keys.job(m))) for m in missing[:3]]
-        raise AssertionError(f"{len(missing)} jobs never ended: {states}") from None
+        now_s, now_us = await client.redis.time()
+        leased = [(Envelope.decode(raw).id, round(score - (now_s * 1000 + now_us // 1000)))
+                  for raw, score in await client.redis.zrange(client.keys.delayed("contract"), 0, -1, withscores=True)]
+        raise AssertionError(f"{len(missing)} jobs never ended: {states}; delayed entries (job, ms until due): "
+                             f"{leased[:5]}") from None
     counts = await terminal()
     assert {job_id: n for job_id, n in counts.items() if n != 1} == {}
     assert {await j.status() for j in jobs} == {"completed"}
@@ -181,6 +188,65 @@ async def test_a_stop_without_grace_mid_delivery_strands_no_job(
 
 
 # The delayed mover ---------------------------------------------------------------------------
+
+
+async def _handed_back(local: InProcess, job_id: str) -> None:
+    """A job claimed by this runtime's instance and given back, as a stopping worker does with
+    a delivery prefetched before its stop: due at once in the delayed set."""
+    env = Envelope.decode(await local.accept(job_id, "add", 1, 1))
+    assert await local.runtime.store.claim(env, "rt@1", "rt@1~x", local.engine, "rt@1~x:0") == (True, 1)
+    assert await local.runtime.store.requeue(env, "rt@1~x", 1, record_attempt=0, delay_ms=0)
+
+
+@pytest.mark.parametrize("engine", ["arq"])
+async def test_a_stop_lets_the_movers_pass_end_so_nothing_it_took_stays_leased(engine: str, local: InProcess) -> None:
+    """The bug: a stopping worker's hand-backs woke its own mover, which leased them (30 s)
+    and was cancelled mid-send by the stop; nobody could move them until the lease ran out."""
+    sending, release = asyncio.Event(), asyncio.Event()
+    sent: list[str] = []
+
+    async def send(messages: list[tuple[str, str]]) -> None:
+        sent.extend(Envelope.decode(raw).id for _, raw in messages)
+        sending.set()
+        await release.wait()
+
+    await _handed_back(local, "given-back")
+    mover = DelayedMover(local.runtime.store, "contract", send, 3600.0)
+    mover.start()
+    await asyncio.wait_for(sending.wait(), TIMEOUT)
+    stopping = asyncio.create_task(mover.stop())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not stopping.done(), "the stop did not wait for the pass under way"
+    release.set()
+    await asyncio.wait_for(stopping, TIMEOUT)
+    assert sent == ["given-back"]
+    assert await local.client.redis.zcard(local.client.keys.delayed("contract")) == 0
+
+
+@pytest.mark.parametrize("engine", ["arq"])
+async def test_a_pass_that_cannot_end_does_not_hold_the_stop(
+    engine: str, local: InProcess, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pass stuck in its send (Redis gone) is cancelled after ``STOP_WAIT_S``: the stop ends,
+    and the lease returns what it took (the crash path)."""
+    from app.components.worker.runtime import delayed
+
+    monkeypatch.setattr(delayed, "STOP_WAIT_S", 0.05)
+    sending = asyncio.Event()
+
+    async def send(messages: list[tuple[str, str]]) -> None:
+        sending.set()
+        await asyncio.Event().wait()
+
+    await _handed_back(local, "stuck")
+    mover = DelayedMover(local.runtime.store, "contract", send, 3600.0)
+    mover.start()
+    await asyncio.wait_for(sending.wait(), TIMEOUT)
+    await asyncio.wait_for(mover.stop(), TIMEOUT)
+    [(_, due)] = await local.client.redis.zrange(local.client.keys.delayed("contract"), 0, -1, withscores=True)
+    now_s, now_us = await local.client.redis.time()
+    assert due > now_s * 1000 + now_us // 1000  # leased: another mover sends it once the lease runs out
 
 
 @pytest.mark.parametrize("engine", ["arq"])

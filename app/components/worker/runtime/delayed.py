@@ -20,6 +20,13 @@ An entry that cannot be decoded (not UTF-8, not an envelope) is poison: left in 
 lowest score it would come back first on every pass and trap the jobs behind it. It is
 removed with a ``job.failed`` event (``MalformedMessage``, with the job id when one can be
 read), and the rest move on.
+
+A stop lets the pass under way end (up to ``STOP_WAIT_S``) instead of cancelling it: a pass
+leases what it takes for ``LEASE_MS`` before sending it, so one cut between the two would hide
+those entries from every mover until the lease ran out. A stopping worker makes such entries
+itself: the deliveries it gives back (prefetched before the stop) land here, wake its own mover,
+and that mover was cancelled right after taking them, so a stop with no grace left jobs waiting
+30 s for nothing.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ LEASE_MS = 30_000
 BATCH = 200
 POISON_KEEP_S = 24 * 3600  # how long the failed record of a poisoned job stays readable
 LISTEN_S = 5.0  # longest single BLPOP of the wake-up listener (kept below the socket timeout)
+STOP_WAIT_S = 5.0  # how long a stop waits for the pass under way (Redis gone: its lease returns the entries)
 
 
 def _job_id_of(raw: bytes) -> str:
@@ -81,6 +89,7 @@ class DelayedMover:
         self.passes = 0
         self.next_due: float | None = None  # seconds from the last pass to the earliest entry left
         self._woken = asyncio.Event()
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
 
@@ -127,27 +136,24 @@ class DelayedMover:
 
     async def _run(self) -> None:
         backoff = 1.0
-        while True:
+        while not self._stopping:
             try:
                 self._woken.clear()  # before the pass: a token that comes during it means "again"
                 moved = await self.move_due()
                 backoff = 1.0
                 if moved < BATCH:
-                    await self._sleep()
+                    await self._sleep(self.poll if self.next_due is None else min(self.next_due, self.poll))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - keep moving once Redis is back
                 logger.warning("queue %s: moving delayed jobs failed (%s); retry in %.1fs", self.queue, exc, backoff)
-                await asyncio.sleep(backoff)
+                await self._sleep(backoff)
                 backoff = min(backoff * 2, 60.0)
 
-    async def _sleep(self) -> None:
-        """Until the earliest entry is due, a wake-up, or ``poll``, whichever comes first."""
-        timeout = self.poll if self.next_due is None else min(self.next_due, self.poll)
-        if timeout <= 0:
-            return
-        if self.waiter is None:
-            await asyncio.sleep(timeout)
+    async def _sleep(self, timeout: float) -> None:
+        """Until ``timeout`` (the earliest entry is due, or ``poll``), a wake-up token (when
+        listening) or a stop, whichever comes first."""
+        if timeout <= 0 or self._stopping:
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
@@ -173,9 +179,20 @@ class DelayedMover:
                 backoff = min(backoff * 2, 60.0)
 
     async def stop(self) -> None:
-        for task in (self._listener, self._task):
-            if task:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        """End the pass under way, if any (see the module's docstring), then stop. A pass
+        that cannot end within ``STOP_WAIT_S`` is cancelled: what it leased returns when the
+        lease runs out."""
+        self._stopping = True
+        self._woken.set()  # out of its sleep
+        if self._listener:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+        if self._task:
+            done, _ = await asyncio.wait({self._task}, timeout=STOP_WAIT_S)
+            if not done:
+                logger.warning("queue %s: a pass of the delayed mover did not end within %gs; its entries return "
+                               "after their %gs lease", self.queue, STOP_WAIT_S, LEASE_MS / 1000)
+                self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
         if self.waiter is not None:
             await self.waiter.aclose()

@@ -230,7 +230,7 @@ class JobRuntime:
     async def _run_claimed(self, env: Envelope, attempt: int) -> None:
         if self.stopping:
             # A message prefetched before the stop: give it back rather than start it now.
-            await self._hand_back(env, attempt)
+            await self._hand_back(env, attempt, "delivered during the stop, not started")
             return
         spec = self.queue.tasks.get(env.task)
         policy = self._policy(spec, env)
