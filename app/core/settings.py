@@ -135,9 +135,6 @@ class Settings(BaseSettings):
         if self.redis_cluster and self.redis_sentinels:
             raise ValueError("REDIS_CLUSTER and REDIS_SENTINELS exclude each other (a Redis Cluster fails over by "
                              "itself): set one of them")
-        if self.redis_cluster and self.redis_wait_replicas:
-            raise ValueError("REDIS_WAIT_REPLICAS is not supported with REDIS_CLUSTER yet (WAIT must go to the "
-                             "master of each queue's slot): unset it, or use Sentinel for acknowledged failover")
         return self
 
     @property

@@ -14,7 +14,18 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from hiredis import pack_command
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ConnectionError,
+    MovedError,
+    NoScriptError,
+    ResponseError,
+    TimeoutError,
+    TryAgainError,
+)
+
+from app.core.redis_cluster import is_cluster
 
 Call = tuple[str, list[str], list[Any], "asyncio.Future[Any]"]
 MAX_DEFER = 4  # loop iterations a flush waits at most for other ready callbacks (asyncio's ready queue)
@@ -135,29 +146,48 @@ async def call_script(script: Any, keys: list[Any], args: list[Any], *, then: tu
     """One call of a script registered on an asyncio client (``register_script``), packed by
     hiredis: for a call of many arguments (a bulk enqueue) redis-py's packing costs more than
     the script's own run in Redis. Loads the script on NOSCRIPT (a Redis restart) and retries
-    on a dropped connection like redis-py's own call; any other client (a cluster's) calls the
-    script through a pipeline.
+    on a dropped connection like redis-py's own call; a cluster client without ``then`` calls
+    the script through its own routing.
 
     ``then``: one more command sent right after the script on the same connection (``WAIT``,
     which only counts that connection's writes and cannot run inside a script); the replies
-    of both are returned as a pair."""
+    of both are returned as a pair. On Redis Cluster that connection is one of the master
+    serving the slot of ``keys[0]`` (see ``_on_slot_master``)."""
     client = script.registered_client
-    pool = getattr(client, "connection_pool", None)
-    if not isinstance(pool, aioredis.ConnectionPool):
-        if then is None:
-            return await script(keys=keys, args=args)
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)  # a cluster pipeline refuses .evalsha()
-            pipe.execute_command(*then)
-            return tuple(await pipe.execute())
     commands = [("EVALSHA", script.sha, len(keys), *keys, *args)] + ([then] if then is not None else [])
+    pool = getattr(client, "connection_pool", None)
+    if isinstance(pool, aioredis.ConnectionPool):
+        conn = await pool.get_connection()
+        try:
+            replies = await _exchange(conn, script, commands)
+        finally:
+            await pool.release(conn)
+    elif is_cluster(client) and then is not None:
+        replies = await _on_slot_master(client, script, commands, keys[0])
+    elif then is None:
+        return await script(keys=keys, args=args)
+    else:  # another client: its own pipeline
+        async with client.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            return tuple(await pipe.execute())
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies[0] if then is None else tuple(replies)
+
+
+async def _exchange(conn: Any, script: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """``commands`` as one write on ``conn``, every reply read (an error reply too, so none is
+    left on the connection); on NOSCRIPT the script is loaded on that same connection (hence
+    on the server that refused it) and the commands sent again. A dropped connection is
+    retried by its own ``retry``; what that cannot mend is raised."""
     packed = [pack_command(command) for command in commands]
-    conn = await pool.get_connection()
 
     async def once() -> list[Any]:
         await conn.send_packed_command(packed)
         replies: list[Any] = []
-        for _ in packed:  # every reply is read, an error one too, so none is left on the connection
+        for _ in packed:
             try:
                 replies.append(await conn.read_response())
             except ResponseError as exc:
@@ -167,14 +197,72 @@ async def call_script(script: Any, keys: list[Any], args: list[Any], *, then: tu
     async def dropped(_: BaseException) -> None:
         await conn.disconnect()
 
-    try:
-        replies = await conn.retry.call_with_retry(once, dropped)
-        if isinstance(replies[0], NoScriptError):
-            await client.script_load(script.script)
-            replies = await conn.retry.call_with_retry(once, dropped)
-    finally:
-        await pool.release(conn)
-    for reply in replies:
-        if isinstance(reply, Exception):
-            raise reply
-    return replies[0] if then is None else tuple(replies)
+    replies = await conn.retry.call_with_retry(once, dropped)
+    if any(isinstance(reply, NoScriptError) for reply in replies):
+
+        async def load() -> list[Any]:
+            await conn.send_packed_command([pack_command(("SCRIPT", "LOAD", script.script))])
+            await conn.read_response()
+            return await once()
+
+        replies = await conn.retry.call_with_retry(load, dropped)
+    return replies
+
+
+CLUSTER_TRIES = 4  # tries of the script + WAIT pair on Cluster (each after a fresh look at the slot map)
+
+
+async def _on_slot_master(client: Any, script: Any, commands: list[tuple[Any, ...]], key: Any) -> list[Any]:
+    """Redis Cluster: ``commands`` (the script and WAIT) on one connection of the master that
+    serves ``key``'s slot, as WAIT counts only that connection's writes on that master.
+
+    redis-py's cluster client routes one command at a time, so the pair goes out here on a
+    connection of the slot's ``ClusterNode``, following the client's own redirections: MOVED
+    (the slot moved: the slot map is patched the way redis-py does, or reloaded every few
+    times) and ASK (the slot is migrating: the pair is sent again to the importing node after
+    ASKING), CLUSTERDOWN / TRYAGAIN (a failover or a migration under way: a short pause, then
+    the slot map is reloaded), and a connection that stays down after its own retries (the
+    map is reloaded, as a replica may have been promoted). A resent script call is recognised
+    by its run tokens (flag 2), so trying again never enqueues twice."""
+    slot = client.keyslot(key)
+    asking: Any = None
+    error: Exception | None = None
+    for _ in range(CLUSTER_TRIES):
+        await client.initialize()  # a no-op unless the slot map was dropped
+        node = asking or client.nodes_manager.get_node_from_slot(slot)
+        sent = ([("ASKING",)] if asking else []) + commands
+        asking = None
+        conn = node.acquire_connection()
+        try:
+            replies = await _exchange(conn, script, sent)
+        except (ConnectionError, TimeoutError) as exc:
+            error = exc
+            await conn.disconnect()
+            client.nodes_manager.startup_nodes.pop(node.name, None)  # as redis-py does for a dead node
+            await client.aclose()  # the slot map is read again on the next try
+            continue
+        finally:
+            node._free.append(conn)  # ClusterNode's own way to hand a connection back
+        replies = replies[len(sent) - len(commands):]
+        first = replies[0]
+        if isinstance(first, MovedError):
+            error = first
+            client.reinitialize_counter += 1
+            if client.reinitialize_steps and client.reinitialize_counter % client.reinitialize_steps == 0:
+                client.reinitialize_counter = 0
+                await client.aclose()
+            else:
+                client.nodes_manager._moved_exception = first  # patched on the next get_node_from_slot
+        elif isinstance(first, AskError):
+            error = first
+            asking = client.get_node(host=first.host, port=first.port)
+            if asking is None:  # a node the map does not know yet
+                await client.aclose()
+        elif isinstance(first, (ClusterDownError, TryAgainError)):
+            error = first
+            await asyncio.sleep(0.25 if isinstance(first, ClusterDownError) else 0.05)
+            await client.aclose()
+        else:
+            return replies
+    assert error is not None
+    raise error
