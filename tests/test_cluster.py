@@ -24,7 +24,7 @@ import redis
 
 from app.components.worker.api import JobRequest, WorkerClient
 from app.components.worker.events import read_events_of
-from app.core.errors import ConfigError, JobFailed
+from app.core.errors import ConfigError, JobFailed, NotReplicated
 from app.core.settings import load_settings
 from tests.cluster import Cluster, redis_cluster  # noqa: F401 - the session fixture
 from tests.conftest import BASE_ENV, ROOT, WorkerProcess, until, wait_until
@@ -256,7 +256,6 @@ def test_unreachable_cluster_is_one_line(cenv: dict[str, str]) -> None:
 
 @pytest.mark.parametrize(("extra", "says"), [
     ({"REDIS_SENTINELS": "127.0.0.1:1", "REDIS_SENTINEL_MASTER": "m"}, "REDIS_CLUSTER and REDIS_SENTINELS exclude"),
-    ({"REDIS_WAIT_REPLICAS": "1"}, "REDIS_WAIT_REPLICAS is not supported with REDIS_CLUSTER"),
 ])
 def test_cluster_with_sentinel_or_wait_is_one_line(cenv: dict[str, str], extra: dict[str, str], says: str) -> None:
     done = app(cenv, "queues", **extra)
@@ -289,3 +288,56 @@ async def test_schedules_fire_on_cluster(cenv: dict[str, str], start: Any, tmp_p
         await client.close()
     listed = app(cenv, "schedules", WORKER_SCHEDULES_FILE=str(schedules))
     assert listed.returncode == 0 and "tick" in listed.stdout, listed.stderr
+
+
+def _replica_of(cluster: Cluster, queue: str) -> Any:
+    """The RedisServer replicating the master that serves ``queue``'s slot (CLUSTER SLOTS, raw)."""
+    with redis.Redis(port=cluster.servers[0].port) as plain:
+        slot = int(plain.execute_command("CLUSTER", "KEYSLOT", f"{{{queue}}}"))
+        ranges = plain.execute_command("CLUSTER", "SLOTS")
+    low, high, master, *replicas = next(r for r in ranges if int(r[0]) <= slot <= int(r[1]))
+    assert len(replicas) == 1, ranges
+    return next(server for server in cluster.servers if server.port == int(replicas[0][1]))
+
+
+@pytest.mark.parametrize("engine", CLUSTER_ENGINES)
+async def test_wait_replicas_goes_to_each_queues_master(
+    engine: str, cenv: dict[str, str], start: Any, redis_cluster: Cluster,  # noqa: F811
+) -> None:
+    """REDIS_WAIT_REPLICAS on Cluster: the script and WAIT go to the master of the queue's slot.
+    WAIT 1 confirms enqueues on all three masters; with the replica of one master stopped
+    (SIGSTOP), WAIT 1 there says not confirmed while the other queues still confirm, so the WAIT
+    went to that master; WAIT 2 (one replica per master) names the jobs. Every job runs."""
+    for queue in QUEUES:
+        start(queue, engine)
+    waiting = WorkerClient(_settings(cenv, worker_backend=engine, redis_wait_replicas=1, redis_wait_timeout_ms=2000))
+    short = WorkerClient(_settings(cenv, worker_backend=engine, redis_wait_replicas=2, redis_wait_timeout_ms=100))
+    try:
+        jobs = [await waiting.enqueue("add", n, 1, _queue=queue) for n, queue in enumerate(QUEUES)]
+        many = await waiting.enqueue_many([JobRequest("add", (n, 10), queue=queue) for n, queue in enumerate(QUEUES * 2)])
+        with pytest.raises(NotReplicated) as two:
+            await short.enqueue("add", 40, 1, _queue="images")
+        assert "only 1 of 2 replicas" in str(two.value) and "\n" not in str(two.value), two.value
+        with pytest.raises(NotReplicated) as two_many:
+            await short.enqueue_many([JobRequest("add", (50, 1), queue="mail"), JobRequest("add", (60, 1), queue="mail")])
+        assert len(two_many.value.job_ids) == 2
+
+        replica = _replica_of(redis_cluster, "billing")
+        stopped = WorkerClient(_settings(cenv, worker_backend=engine, redis_wait_replicas=1, redis_wait_timeout_ms=100))
+        replica.process.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(NotReplicated) as frozen:
+                await stopped.enqueue("add", 70, 1, _queue="billing")
+            assert "only 0 of 1" in str(frozen.value), frozen.value
+            fine = await stopped.enqueue("add", 80, 1, _queue="mail")
+        finally:
+            replica.process.send_signal(signal.SIGCONT)
+            await stopped.close()
+
+        assert [await waiting.job(job.job_id).result(TIMEOUT) for job in jobs] == [1, 2, 3]
+        assert [await waiting.job(job.job_id).result(TIMEOUT) for job in many if job] == [10, 11, 12, 13, 14, 15]
+        late = [two.value.job_ids[0], *two_many.value.job_ids, frozen.value.job_ids[0], fine.job_id]
+        assert [await waiting.job(job_id).result(TIMEOUT) for job_id in late] == [41, 51, 61, 71, 81]
+    finally:
+        await waiting.close()
+        await short.close()
