@@ -308,6 +308,9 @@ async def test_wait_replicas_goes_to_each_queues_master(
     WAIT 1 confirms enqueues on all three masters; with the replica of one master stopped
     (SIGSTOP), WAIT 1 there says not confirmed while the other queues still confirm, so the WAIT
     went to that master; WAIT 2 (one replica per master) names the jobs. Every job runs."""
+    for server in redis_cluster.servers:  # the first enqueues meet NOSCRIPT (as after a promotion)
+        with redis.Redis(port=server.port) as node:
+            node.script_flush()
     for queue in QUEUES:
         start(queue, engine)
     waiting = WorkerClient(_settings(cenv, worker_backend=engine, redis_wait_replicas=1, redis_wait_timeout_ms=2000))
