@@ -344,3 +344,51 @@ async def test_wait_replicas_goes_to_each_queues_master(
     finally:
         await waiting.close()
         await short.close()
+
+
+async def test_wait_follows_ask_and_moved(redis_cluster: Cluster) -> None:  # noqa: F811
+    """The script + WAIT pair follows a slot on the move: ASK while it migrates (sent again with
+    ASKING to the importing master), MOVED once it moved (the slot map patched); WAIT each time
+    on the master that took the write. The empty slot is moved by hand and moved back."""
+    from app.components.worker.runtime.batch import call_script
+    from app.core.redis_cluster import AsyncCluster
+
+    tag = f"{{w{uuid.uuid4().hex[:6]}}}"
+    client = AsyncCluster(host="127.0.0.1", port=redis_cluster.servers[0].port)
+    await client.initialize()
+    script = client.register_script("return redis.call('SET', KEYS[1], ARGV[1])")
+    slot = client.keyslot(f"{tag}:k")
+    masters = {int(node.port): redis.Redis(port=int(node.port)) for node in client.get_primaries()}
+    source = int(client.get_node_from_key(f"{tag}:k").port)
+    target = next(port for port in masters if port != source)
+    ids = {port: masters[port].execute_command("CLUSTER", "MYID") for port in (source, target)}
+
+    def move(a: int, b: int, finish: bool) -> None:
+        if not finish:
+            masters[b].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[a])
+            masters[a].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[b])
+            return
+        for port in (b, a):
+            masters[port].execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[b])
+
+    def asking(port: int, *command: Any) -> Any:  # a command on a master that imports the slot
+        with masters[port].pipeline(transaction=False) as pipe:
+            pipe.execute_command("ASKING")
+            pipe.execute_command(*command)
+            return pipe.execute()[1]
+
+    try:
+        move(source, target, finish=False)  # the key is not on the source: it answers ASK
+        assert await call_script(script, [f"{tag}:k"], ["1"], then=("WAIT", 1, 2000)) == (b"OK", 1)
+        assert asking(target, "GET", f"{tag}:k") == b"1"
+        move(source, target, finish=True)  # the client's map still says source: MOVED
+        assert await call_script(script, [f"{tag}:k"], ["2"], then=("WAIT", 1, 2000)) == (b"OK", 1)
+        assert masters[target].get(f"{tag}:k") == b"2"
+        assert int(client.get_node_from_key(f"{tag}:k").port) == target
+    finally:
+        asking(target, "DEL", f"{tag}:k")
+        for port in (source, target):  # back as it was (also after a failure half way)
+            masters[port].execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[source])
+        for link in masters.values():
+            link.close()
+        await client.aclose()

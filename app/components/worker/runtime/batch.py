@@ -242,8 +242,11 @@ async def _on_slot_master(client: Any, script: Any, commands: list[tuple[Any, ..
             client.nodes_manager.startup_nodes.pop(node.name, None)  # as redis-py does for a dead node
             await client.aclose()  # the slot map is read again on the next try
             continue
+        except BaseException:  # cancelled mid-exchange: replies may be left unread on it
+            await conn.disconnect()
+            raise
         finally:
-            node._free.append(conn)  # ClusterNode's own way to hand a connection back
+            node._free.append(conn)  # ClusterNode's own way to hand a connection back (it checks nothing)
         replies = replies[len(sent) - len(commands):]
         first = replies[0]
         if isinstance(first, MovedError):
