@@ -7,12 +7,15 @@ joined with ``redis-cli --cluster create --cluster-replicas 1``; ready once ever
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -134,3 +137,49 @@ def redis_cluster() -> Iterator[Cluster]:
     cluster = Cluster().start()
     yield cluster
     cluster.stop()
+
+
+def cluster_env(cluster: Cluster, prefix: str, **extra: str) -> dict[str, str]:
+    """The environment of an ``app`` process on ``cluster`` under ``prefix`` (REDIS_CLUSTER on)."""
+    from tests.conftest import BASE_ENV, ROOT
+
+    out = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "REDIS_"))}
+    out.update(BASE_ENV)
+    out.update({"REDIS_URL": cluster.url, "REDIS_CLUSTER": "true", "WORKER_KEY_PREFIX": prefix,
+                "PYTHONPATH": str(ROOT), "WORKFLOW_RECONCILER": "false", **extra})
+    return out
+
+
+class ClusterWorkers:
+    """Starts ``app worker QUEUE --backend ENGINE`` on a cluster and waits for its heartbeat
+    under the queue's hash tag; ``stop_all`` stops every worker it started (SIGTERM)."""
+
+    def __init__(self, cluster: Cluster, env: dict[str, str], prefix: str) -> None:
+        self.env, self.prefix = env, prefix
+        self.client = redis.RedisCluster(host="127.0.0.1", port=cluster.servers[0].port)
+        self.started: list[Any] = []  # tests.conftest.WorkerProcess
+
+    def start(self, queue: str, engine: str, *extra: str, wait: bool = True, **env_extra: str) -> Any:  # a tests.conftest.WorkerProcess
+        from tests.conftest import WorkerProcess, wait_until
+
+        worker = WorkerProcess([queue, "--backend", engine, *extra],
+                               {**self.env, **{k.upper(): str(v) for k, v in env_extra.items()}})
+        self.started.append(worker)
+        if wait:
+            beat = f"{self.prefix}:{{{queue}}}:heartbeat:{queue}:{socket.gethostname()}@{worker.proc.pid}"
+
+            def beating() -> bool:
+                if worker.proc.poll() is not None:
+                    raise AssertionError(f"worker exited with {worker.proc.returncode}")
+                return bool(self.client.exists(beat))
+
+            wait_until(beating, 30, what=f"{engine} worker heartbeat on {queue}")
+        return worker
+
+    def stop_all(self) -> None:
+        for worker in self.started:
+            if worker.proc.poll() is None:
+                worker.proc.send_signal(signal.SIGTERM)
+        for worker in self.started:
+            worker.stop(sig=None)
+        self.client.close()

@@ -9,7 +9,6 @@ SIGKILLed worker's job comes back through another worker; arq is refused in one 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -26,8 +25,8 @@ from app.components.worker.api import JobRequest, WorkerClient
 from app.components.worker.events import read_events_of
 from app.core.errors import ConfigError, JobFailed, NotReplicated
 from app.core.settings import load_settings
-from tests.cluster import Cluster, redis_cluster  # noqa: F401 - the session fixture
-from tests.conftest import BASE_ENV, ROOT, WorkerProcess, until, wait_until
+from tests.cluster import Cluster, ClusterWorkers, cluster_env, redis_cluster  # noqa: F401 - the session fixture
+from tests.conftest import ROOT, WorkerProcess, until
 
 QUEUES = ("mail", "images", "billing")  # tags {mail} {images} {billing}: slots 4247, 9450, 12682
 CLUSTER_ENGINES = ["taskiq", "dramatiq"]
@@ -42,11 +41,7 @@ def cprefix() -> str:
 
 @pytest.fixture
 def cenv(redis_cluster: Cluster, cprefix: str) -> dict[str, str]:  # noqa: F811
-    out = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "REDIS_"))}
-    out.update(BASE_ENV)
-    out.update({"REDIS_URL": redis_cluster.url, "REDIS_CLUSTER": "true", "WORKER_KEY_PREFIX": cprefix,
-                "WORKER_QUEUE_PACKAGES": "tests.cluster_queues", "PYTHONPATH": str(ROOT), "WORKFLOW_RECONCILER": "false"})
-    return out
+    return cluster_env(redis_cluster, cprefix, WORKER_QUEUE_PACKAGES="tests.cluster_queues")
 
 
 @pytest.fixture
@@ -70,29 +65,11 @@ async def cclient(cenv: dict[str, str], engine: str) -> Any:
 
 
 @pytest.fixture
-def start(cenv: dict[str, str], cprefix: str, cluster_client: redis.RedisCluster) -> Iterator[Callable[..., WorkerProcess]]:
+def start(redis_cluster: Cluster, cenv: dict[str, str], cprefix: str) -> Iterator[Callable[..., WorkerProcess]]:  # noqa: F811
     """Start ``app worker QUEUE --backend ENGINE`` on the cluster; wait for its heartbeat."""
-    started: list[WorkerProcess] = []
-
-    def run(queue: str, engine: str, *extra: str, **extra_env: str) -> WorkerProcess:
-        worker = WorkerProcess([queue, "--backend", engine, *extra], {**cenv, **extra_env})
-        started.append(worker)
-        beat = f"{cprefix}:{{{queue}}}:heartbeat:{queue}:{socket.gethostname()}@{worker.proc.pid}"
-
-        def beating() -> bool:
-            if worker.proc.poll() is not None:
-                raise AssertionError(f"worker exited with {worker.proc.returncode}")
-            return bool(cluster_client.exists(beat))
-
-        wait_until(beating, 30, what=f"{engine} worker heartbeat on {queue}")
-        return worker
-
-    yield run
-    for worker in started:
-        if worker.proc.poll() is None:
-            worker.proc.send_signal(signal.SIGTERM)
-    for worker in started:
-        worker.stop(sig=None)
+    workers = ClusterWorkers(redis_cluster, cenv, cprefix)
+    yield workers.start
+    workers.stop_all()
 
 
 def app(cenv: dict[str, str], *args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:

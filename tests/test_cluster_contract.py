@@ -10,16 +10,12 @@ foreign messages written into the engine's keys). The cluster's own cases are in
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 from collections.abc import Callable, Iterator
 
 import pytest
-import redis
 
-from tests.cluster import Cluster, redis_cluster  # noqa: F401 - the session fixture
-from tests.conftest import BASE_ENV, ROOT, WorkerProcess, wait_until
+from tests.cluster import Cluster, ClusterWorkers, cluster_env, redis_cluster  # noqa: F401 - the session fixture
+from tests.conftest import WorkerProcess
 from tests.test_contract import (  # noqa: F401 - collected here, run with this module's fixtures
     test_a_jobs_own_timeout_and_max_tries_win_over_the_tasks,
     test_async_and_sync_tasks_round_trip_json,
@@ -47,38 +43,17 @@ def redis_url(redis_cluster: Cluster) -> str:  # noqa: F811
 
 
 @pytest.fixture
-def env(redis_url: str, prefix: str) -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "REDIS_"))}
-    out.update(BASE_ENV)
-    out.update({"REDIS_URL": redis_url, "REDIS_CLUSTER": "true", "WORKER_KEY_PREFIX": prefix,
-                "PYTHONPATH": str(ROOT), "WORKFLOW_RECONCILER": "false"})
-    return out
+def env(redis_cluster: Cluster, prefix: str) -> dict[str, str]:  # noqa: F811
+    return cluster_env(redis_cluster, prefix)
 
 
 @pytest.fixture
 def start_worker(env: dict[str, str], redis_cluster: Cluster, prefix: str) -> Iterator[Callable[..., WorkerProcess]]:  # noqa: F811
-    started: list[WorkerProcess] = []
-    client = redis.RedisCluster(host="127.0.0.1", port=redis_cluster.servers[0].port)
+    workers = ClusterWorkers(redis_cluster, env, prefix)
 
     def start(queue: str = "contract", engine: str = "taskiq", *extra: str, wait: bool = True,
               **env_extra: str) -> WorkerProcess:
-        worker = WorkerProcess([queue, "--backend", engine, *extra], {**env, **{k.upper(): str(v) for k, v in env_extra.items()}})
-        started.append(worker)
-        if wait:
-            beat = f"{prefix}:{{{queue}}}:heartbeat:{queue}:{socket.gethostname()}@{worker.proc.pid}"
-
-            def beating() -> bool:
-                if worker.proc.poll() is not None:
-                    raise AssertionError(f"worker exited with {worker.proc.returncode}")
-                return bool(client.exists(beat))
-
-            wait_until(beating, 30, what=f"{engine} worker heartbeat")
-        return worker
+        return workers.start(queue, engine, *extra, wait=wait, **env_extra)
 
     yield start
-    for worker in started:
-        if worker.proc.poll() is None:
-            worker.proc.send_signal(signal.SIGTERM)
-    for worker in started:
-        worker.stop(sig=None)
-    client.close()
+    workers.stop_all()

@@ -13,7 +13,6 @@ met again) no returned enqueue is lost.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import uuid
 from collections import Counter
@@ -24,8 +23,8 @@ import redis
 
 from app.components.worker.api import WorkerClient
 from app.core.settings import load_settings
-from tests.cluster import Cluster
-from tests.conftest import BASE_ENV, ROOT, WorkerProcess, wait_until
+from tests.cluster import Cluster, cluster_env
+from tests.conftest import WorkerProcess, wait_until
 from tests.faults import Producer
 
 ENGINES = ["taskiq", "dramatiq"]
@@ -40,12 +39,7 @@ def cluster() -> Iterator[Cluster]:
 
 
 def _env(cluster: Cluster, prefix: str) -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "REDIS_"))}
-    out.update(BASE_ENV)
-    out.update({"REDIS_URL": cluster.url, "REDIS_CLUSTER": "true", "WORKER_KEY_PREFIX": prefix,
-                "WORKER_QUEUE_PACKAGES": "tests.cluster_queues", "PYTHONPATH": str(ROOT),
-                "WORKFLOW_RECONCILER": "false", **FAST})
-    return out
+    return cluster_env(cluster, prefix, WORKER_QUEUE_PACKAGES="tests.cluster_queues", **FAST)
 
 
 def _client(env: dict[str, str], engine: str) -> WorkerClient:
